@@ -1,0 +1,35 @@
+# fashion-distill: every target is one CLI call. CONFIG picks the run (default: the CPU demo); ARGS="key=value ..."
+# overrides any config key. The environment lives in .venv/ and is created on first use.
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
+
+.PHONY: setup demo prepare finetune distill students report submit status test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@command -v java >/dev/null || echo "WARNING: java not found; METEOR needs it (Debian: apt-get install default-jre-headless)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(call STAGE,demo)
+
+prepare: $(STAMP)
+	$(call STAGE,prepare)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf runs/demo

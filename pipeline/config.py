@@ -1,0 +1,248 @@
+"""Typed, validated pipeline configuration: YAML files plus dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo fails loudly with the dotted key that caused it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import PipelineError
+
+
+class ConfigError(PipelineError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticData(Section):
+    """DeepFashion-lite: rendered images for real DeepFashion-MultiModal captions."""
+
+    num_images: int = Field(2000, gt=0)
+    image_size: int = Field(96, ge=32, le=1024)
+    layout: Literal["single", "split"] = "single"
+    captions: Path | None = None  # folder with train/test_captions.json; None = the bundled copy
+
+
+class SplitConfig(Section):
+    test: float = Field(0.2, gt=0.0, lt=1.0)  # share of images held out for test (single captions.json layout)
+    val: float = Field(0.1, gt=0.0, lt=1.0)  # share of the train split carved out for validation
+
+
+class DataConfig(Section):
+    root: Path
+    layout: Literal["auto", "single", "split"] = "auto"
+    split: SplitConfig = SplitConfig()
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    check_images: Literal["header", "decode"] = "decode"  # decode = full pixel decode per image
+    workers: int = Field(2, ge=1)
+    synthetic: SyntheticData | None = None  # when set, DeepFashion-lite is generated into data.root if missing
+
+
+class TinyTeacher(Section):
+    """Shape of the small LLaVA the demo builds from scratch (Llama text model + CLIP vision tower)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 64
+    patch_size: int = 16
+    vocab_extra: int = 0  # spare rows in the embedding matrix
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    train_projector: bool = True  # multi_modal_projector fully trainable (saved via peft modules_to_save)
+
+
+class TeacherTrain(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_batch_size: int = Field(16, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    projector_learning_rate: float | None = None
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    max_length: int = Field(2048, gt=0)
+    gradient_checkpointing: bool = True
+    bf16: bool = False
+    fp16: bool = False
+    tf32: bool = False
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    max_val_samples: int | None = None
+    deepspeed: Path | None = None  # a ZeRO config JSON, e.g. configs/deepspeed/zero2.json
+    resume: bool = True
+    merge: bool = False  # also write the merged model (merge_and_unload) in llava layout
+    eval_generation_samples: int = 64  # held-out images captioned before/after training to show it learned
+
+
+class TeacherConfig(Section):
+    model: Path  # base checkpoint folder in llava-hf layout
+    tiny: TinyTeacher | None = None  # when set and `model` is missing, build a tiny LLaVA there
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    quantization: Literal["none", "4bit"] = "none"
+    lora: LoraConfig = LoraConfig()
+    train: TeacherTrain = TeacherTrain()
+
+
+class DistillConfig(Section):
+    temperature: float = Field(0.2, ge=0.0)
+    name: str | None = None  # dataset name; default "precise" for T<0.5, else "creative"
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(200, gt=0)
+    batch_size: int = Field(16, gt=0)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    temperatures: dict[str, float] = {"precise": 0.2, "creative": 0.9}  # what `make demo` / `make submit` run
+
+    @property
+    def dataset_name(self) -> str:
+        if self.name:
+            return self.name
+        return "precise" if self.temperature < 0.5 else "creative"
+
+
+class EncoderSettings(Section):
+    pretrained: bool = False  # ImageNet weights from the local torch cache or `weights_dir`
+    weights_dir: Path | None = None
+    finetune: bool = False  # train the encoder too (then features are not cached)
+    width: float = Field(1.0, gt=0)  # demo: scale of the randomly initialised small encoders
+    image_size: int = 224
+
+
+class StudentsConfig(Section):
+    archs: list[str] = ["vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer"]
+    sources: list[str] | None = None  # caption sources; None = gt + every distilled dataset in the run
+    encoder: EncoderSettings = EncoderSettings()
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = Field(0.5, ge=0, lt=1)
+    min_word_count: int = Field(5, ge=1)
+    max_length: int = Field(100, gt=1)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    encoder_lr: float = 1e-5
+    decoder_lr: float = 5e-4
+    grad_clip: float = 5.0
+    attention_reg: float = 1.0  # doubly-stochastic attention regulariser weight
+    beam_size: int = Field(5, gt=0)
+    val_every_epochs: int = Field(1, gt=0)
+    val_beam_size: int = Field(1, gt=0)
+    early_stop_patience: int = Field(3, gt=0)
+    transformer_layers: int = 3
+    transformer_heads: int = 8
+    num_workers: int = 0
+
+
+class ReportConfig(Section):
+    gallery_size: int = Field(12, gt=0)
+
+
+class SlurmConfig(Section):
+    partition: str | None = None
+    account: str | None = None
+    time: dict[str, str] = {"default": "04:00:00"}
+    gpus_per_node: int = 1
+    nodes: dict[str, int] = {"finetune": 1}
+    cpus_per_task: int = 2
+    mem: str | None = None
+    distill_shards: int = 1
+    setup: list[str] = []  # shell lines before each job: `module load ...`, venv activation
+    extra_args: list[str] = []
+
+
+class Config(Section):
+    run_dir: Path
+    seed: int = 0
+    data: DataConfig
+    teacher: TeacherConfig
+    distill: DistillConfig = DistillConfig()
+    students: StudentsConfig = StudentsConfig()
+    report: ReportConfig = ReportConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.teacher.train.bf16 and self.teacher.train.fp16:
+            raise ValueError("teacher.train.bf16 and teacher.train.fp16 are both true; choose one")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and YAML-typed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, and validate the result."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, str(path))) from None
+
+
+def config_slice(cfg: Config, *sections: str) -> dict[str, Any]:
+    """JSON-ready copy of the named top-level sections (recorded in stage manifests)."""
+    dumped = cfg.model_dump(mode="json")
+    return {name: dumped[name] for name in sections}

@@ -1,0 +1,94 @@
+"""The caption dataset schema and its exports: HF `datasets` on disk, LLaVA conversations, Karpathy JSON, stats."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.text import tokenize
+
+INSTRUCTION = "Please describe this image in deepfashion dataset style."
+SPLITS = ("train", "val", "test")
+COLUMNS = ("image_id", "image_path", "caption", "split", "source")
+
+
+def to_hf_dataset(rows: Sequence[dict[str, Any]]):
+    """A `datasets.DatasetDict` with the columns in COLUMNS and one entry per non-empty split of SPLITS.
+
+    Empty splits are left out: `datasets` cannot reload a zero-row split saved to disk.
+    """
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    features = Features({c: Value("string") for c in COLUMNS})
+    by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
+    return DatasetDict({
+        split: Dataset.from_dict({c: [r[c] for r in part] for c in COLUMNS}, features=features)
+        for split, part in by_split.items() if part
+    })
+
+
+def split_rows(dataset, split: str) -> list[dict[str, Any]]:
+    """Rows of one split of a caption DatasetDict as plain dicts ([] when the split is empty)."""
+    return dataset[split].to_list() if split in dataset else []
+
+
+def load_captions(folder: str | Path):
+    """Load a caption dataset written by `prepare` or `distill` (a `datasets.DatasetDict`)."""
+    from datasets import load_from_disk
+
+    return load_from_disk(str(folder))
+
+
+def llava_conversations(rows: Iterable[dict[str, Any]], image_root: Path) -> list[dict[str, Any]]:
+    """Records in the original LLaVA repo's fine-tuning format; `image` is relative to `image_root`."""
+    out = []
+    for r in rows:
+        out.append({
+            "id": r["image_id"],
+            "image": Path(r["image_path"]).relative_to(image_root).as_posix(),
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{INSTRUCTION}"},
+                {"from": "gpt", "value": r["caption"]},
+            ],
+        })
+    return out
+
+
+def karpathy_json(rows: Sequence[dict[str, Any]], dataset: str = "deepfashion") -> dict[str, Any]:
+    """The Karpathy/flickr8k layout the seed project trained from (one sentence per image)."""
+    images = []
+    for imgid, r in enumerate(rows):
+        images.append({
+            "filename": Path(r["image_path"]).name,
+            "filepath": str(Path(r["image_path"]).parent),
+            "imgid": imgid,
+            "image_id": r["image_id"],
+            "split": r["split"],
+            "sentids": [imgid],
+            "sentences": [{"raw": r["caption"], "tokens": tokenize(r["caption"], keep_punct=False),
+                           "imgid": imgid, "sentid": imgid}],
+        })
+    return {"dataset": dataset, "images": images}
+
+
+def caption_stats(rows: Sequence[dict[str, Any]], min_word_count: int = 5) -> dict[str, Any]:
+    """Counts per split, caption length distribution (words) and vocabulary size."""
+    lengths = [len(tokenize(r["caption"], keep_punct=False)) for r in rows]
+    words = Counter(w for r in rows if r["split"] == "train" for w in tokenize(r["caption"], keep_punct=False))
+    out: dict[str, Any] = {
+        "counts": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+        "total": len(rows),
+        "vocabulary": {"train_words": len(words),
+                       f"train_words_min_count_{min_word_count}": sum(c >= min_word_count for c in words.values())},
+    }
+    if lengths:
+        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
+        out["caption_length_words"] = {
+            "mean": round(statistics.fmean(lengths), 3), "min": min(lengths), "max": max(lengths),
+            "p5": q[0], "p50": statistics.median(lengths), "p95": q[-1],
+            "histogram": dict(sorted(Counter(lengths).items())),
+        }
+    return out

@@ -1,0 +1,99 @@
+"""`prepare`: raw DeepFashion-MultiModal (real or DeepFashion-lite) -> validated caption dataset + exports.
+
+Outputs in ``<run_dir>/data/``: ``captions/`` (HF datasets, splits train/val/test), ``llava_train.json``,
+``karpathy.json``, ``stats.json``, ``skipped.json`` and ``manifest.json`` (last). The folder is published in one
+rename, so a killed run never leaves a readable partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import Config, config_slice
+from pipeline.data import synthetic
+from pipeline.data.deepfashion import IMAGE_DIR, DataError, detect_layout, problems_as_dicts, read_dataset
+from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, to_hf_dataset
+from pipeline.rundir import (RunDir, atomic_write_json, fingerprint_tree, is_up_to_date, publish_dir, sha256_file,
+                             write_manifest)
+from stages.cli import stage_main
+
+log = logging.getLogger("prepare")
+
+
+def ensure_raw_data(cfg: Config) -> None:
+    """Generate DeepFashion-lite into ``data.root`` when configured and not already there with these settings."""
+    syn = cfg.data.synthetic
+    if syn is None:
+        return
+    readme = cfg.data.root / "README.json"
+    wanted = {"dataset": "DeepFashion-lite", "seed": cfg.seed, **syn.model_dump(mode="json")}
+    if readme.is_file():
+        have = json.loads(readme.read_text())
+        if {k: have.get(k) for k in wanted} == wanted:
+            return
+        log.info("DeepFashion-lite settings changed; regenerating %s", cfg.data.root)
+    elif cfg.data.root.exists() and any(cfg.data.root.iterdir()):
+        raise DataError(f"data.root {cfg.data.root} exists and is not DeepFashion-lite; refusing to overwrite it "
+                        "(unset data.synthetic to read it as a real dataset)")
+    synthetic.generate(cfg.data.root, syn, cfg.seed, workers=cfg.data.workers)
+
+
+def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
+    files = ["captions.json"] if layout == "single" else ["train_captions.json", "test_captions.json"]
+    out = {f: sha256_file(root / f) for f in files}
+    out[IMAGE_DIR] = fingerprint_tree(root / IMAGE_DIR) if (root / IMAGE_DIR).is_dir() else "missing"
+    return out
+
+
+def run(cfg: Config, args: argparse.Namespace) -> Path:
+    started = time.time()
+    rd = RunDir(cfg.run_dir)
+    ensure_raw_data(cfg)
+    layout = detect_layout(cfg.data.root, cfg.data.layout)
+    config = {"seed": cfg.seed, "data": config_slice(cfg, "data")["data"]}
+    inputs = raw_fingerprints(cfg.data.root, layout)
+    if not args.force and is_up_to_date(rd.data, config, inputs):
+        log.info("%s is up to date (use --force to rerun)", rd.data)
+        return rd.data
+
+    records, problems = read_dataset(cfg.data.root, layout, seed=cfg.seed, test_fraction=cfg.data.split.test,
+                                     val_fraction=cfg.data.split.val, check_images=cfg.data.check_images,
+                                     workers=cfg.data.workers)
+    if problems and cfg.data.on_bad_record == "fail":
+        p = problems[0]
+        raise DataError(f"{cfg.data.root / p.file}: record {p.record!r}: {p.reason} "
+                        f"({len(problems)} bad record(s); data.on_bad_record=skip skips them with a report)")
+    if not records:
+        raise DataError(f"{cfg.data.root}: no valid records ({len(problems)} rejected)")
+    for p in problems[:10]:
+        log.warning("skipped %s: %s", p.record, p.reason)
+    if len(problems) > 10:
+        log.warning("... %d more skipped records, all listed in skipped.json", len(problems) - 10)
+
+    rows = [{**asdict(r), "source": "gt"} for r in records]
+    stats = caption_stats(rows, cfg.students.min_word_count)
+    stats["layout"] = layout
+    stats["skipped"] = len(problems)
+    with publish_dir(rd.data) as tmp:
+        to_hf_dataset(rows).save_to_disk(str(tmp / "captions"))
+        train = [r for r in rows if r["split"] == "train"]
+        atomic_write_json(tmp / "llava_train.json", llava_conversations(train, (cfg.data.root / IMAGE_DIR).resolve()))
+        atomic_write_json(tmp / "karpathy.json", karpathy_json(rows))
+        atomic_write_json(tmp / "stats.json", stats)
+        atomic_write_json(tmp / "skipped.json", problems_as_dicts(problems))
+        write_manifest(tmp, stage="prepare", config=config, inputs=inputs, started=started, seed=cfg.seed,
+                       figures={"counts": stats["counts"], "skipped": len(problems),
+                                "image_folder": str((cfg.data.root / IMAGE_DIR).resolve())})
+    log.info("%s -> %s (train %d, val %d, test %d; %d skipped)", cfg.data.root, rd.data,
+             *(stats["counts"][s] for s in ("train", "val", "test")), len(problems))
+    return rd.data
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("prepare", run))

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from pipeline.data.attributes import parse_caption
+from pipeline.data.render import render_outfit
+from pipeline.data.synthetic import load_caption_pool
+
+
+def test_parses_every_real_caption_fully():
+    pool = load_caption_pool()
+    captions = [c for split in pool.values() for c in split.values()]
+    assert len(captions) == 12693
+    full = sum(parse_caption(c).fully_parsed for c in captions)
+    assert full / len(captions) >= 0.999, f"fully parsed {full}/{len(captions)}"
+
+
+def test_parse_examples():
+    o = parse_caption("The lady is wearing a long-sleeve sweater with plaid patterns and a three-point skirt. "
+                      "The sweater is with knitting fabric and its neckline is lapel. The skirt is with denim "
+                      "fabric and floral patterns. There is a hat in her head. This lady wears a pair of sunglasses. "
+                      "There is an accessory on her wrist. There is a belt on her waist. This lady wears socks in "
+                      "shoes.")
+    assert o.gender == "female" and o.sleeve == "long" and o.neckline == "lapel"
+    assert (o.upper.kind, o.upper.fabric, o.upper.pattern) == ("sweater", "knitting", "lattice")
+    assert (o.lower.kind, o.lower.fabric, o.lower.pattern, o.lower_length) == ("skirt", "denim", "floral",
+                                                                               "three-point")
+    assert o.hat and o.glasses == "sunglasses" and o.wrist and o.waist == "belt" and o.socks
+    assert not o.ring and not o.neckwear and o.outer is None and o.fully_parsed
+
+
+def test_context_sentence_attaches_to_previous_garment():
+    o = parse_caption("The upper clothing has short sleeves, cotton fabric and solid color patterns. The lower "
+                      "clothing is of long length. The fabric is denim and it has striped patterns. This man also "
+                      "wears an outer clothing, with leather fabric and complicated patterns.")
+    assert o.gender == "male" and o.upper.fabric == "cotton"
+    assert (o.lower.fabric, o.lower.pattern, o.lower_length) == ("denim", "striped", "long")
+    assert (o.outer.fabric, o.outer.pattern) == ("leather", "mixed")
+
+
+def test_unreadable_sentence_is_reported():
+    o = parse_caption("The upper clothing has long sleeves, cotton fabric and solid color patterns. "
+                      "It glows in the dark.")
+    assert o.unparsed == ["it glows in the dark."] and not o.fully_parsed
+
+
+BASE = ("Her t-shirt has {sleeve} sleeves, cotton fabric and solid color patterns. The woman wears a long pants. "
+        "The pants are with denim fabric and solid color patterns.{extra}")
+
+
+def _pixels(caption: str, seed: int = 3) -> np.ndarray:
+    return np.asarray(render_outfit(parse_caption(caption), 128, seed), dtype=np.int16)
+
+
+def test_render_is_deterministic_for_a_seed():
+    cap = BASE.format(sleeve="long", extra="")
+    assert np.array_equal(_pixels(cap, 1), _pixels(cap, 1))
+    assert not np.array_equal(_pixels(cap, 1), _pixels(cap, 2))
+
+
+@pytest.mark.parametrize("extra, box", [
+    (" There is a hat in her head.", (2, 50, 13, 78)),
+    (" There is a belt on her waist.", (69, 47, 74, 81)),
+    (" There is an accessory on her wrist.", (70, 37, 74, 48)),
+    (" This lady wears a pair of sunglasses.", (15, 56, 19, 72)),
+])
+def test_stated_accessories_are_visible(extra, box):
+    y0, x0, y1, x1 = box
+    plain, dressed = _pixels(BASE.format(sleeve="short", extra="")), _pixels(BASE.format(sleeve="short", extra=extra))
+    diff = np.abs(plain - dressed)[y0:y1, x0:x1].mean()
+    assert diff > 20, f"{extra!r} barely changes its region (mean abs diff {diff:.1f})"
+
+
+def test_sleeve_length_is_visible():
+    lower_arm = (slice(62, 74), slice(38, 47))  # long sleeves cover it, short ones leave skin
+    long_, short = _pixels(BASE.format(sleeve="long", extra="")), _pixels(BASE.format(sleeve="short", extra=""))
+    assert np.abs(long_ - short)[lower_arm].mean() > 20
