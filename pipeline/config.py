@@ -67,6 +67,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     train_projector: bool = True  # multi_modal_projector fully trainable (saved via peft modules_to_save)
+    modules_to_save: list[str] = []  # further fully trained modules, e.g. [lm_head, embed_tokens] for a random base
 
 
 class TeacherTrain(Section):

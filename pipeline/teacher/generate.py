@@ -1,0 +1,85 @@
+"""Batched caption generation with per-image seeds: a caption depends on (seed, image id), not on the batch.
+
+HF ``generate`` draws every row of a batch from one global RNG, so a sample would change with batch composition,
+sharding or resume. :class:`PerRowSampler` instead applies temperature and top-p itself and draws each row from its
+own ``torch.Generator`` seeded from (run seed, image id); ``generate`` then runs greedily over the one-hot result and
+keeps doing what it does well (KV cache, stopping, padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from pipeline.teacher.collator import build_prompt
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{image_id}".encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+class PerRowSampler(LogitsProcessor):
+    """Temperature + top-p sampling with one generator per row; returns logits that select the drawn token."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest prefix reaching top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, chosen.to(scores.device), 0.0)
+
+
+@dataclass
+class Generation:
+    caption: str
+    num_tokens: int
+    truncated: bool  # stopped by max_new_tokens, not by the end-of-sequence token
+
+
+def clean_caption(text: str) -> str:
+    """Strip a prompt echo and surrounding whitespace; collapse inner whitespace."""
+    text = text.strip()
+    for marker in ("ASSISTANT:", "Assistant:"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return " ".join(text.split())
+
+
+@torch.inference_mode()
+def generate_captions(model, processor, images: Sequence, image_ids: Sequence[str], *, seed: int,
+                      temperature: float, top_p: float, max_new_tokens: int) -> list[Generation]:
+    """One caption per image; greedy at ``temperature == 0``, per-image-seeded sampling otherwise."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    enc = processor(images=list(images), text=[build_prompt(processor)] * len(images), return_tensors="pt",
+                    padding=True)
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    enc = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        processors.append(PerRowSampler([image_seed(seed, i) for i in image_ids], temperature, top_p))
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_beams=1,
+                         temperature=None, top_p=None, top_k=None)
+    new = out[:, enc["input_ids"].shape[1]:].cpu()
+    results = []
+    for row in new:
+        ended = (row == tok.eos_token_id).nonzero()
+        length = int(ended[0]) if len(ended) else len(row)
+        text = tok.decode(row[:length], skip_special_tokens=True)
+        results.append(Generation(clean_caption(text), length, truncated=not len(ended)))
+    return results

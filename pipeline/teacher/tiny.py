@@ -1,0 +1,88 @@
+"""Build a tiny LLaVA (small Llama + small CLIP vision tower) saved in llava-hf layout, with no hub access.
+
+The tokenizer is a byte-level BPE trained here on the training captions; the processor pairs it with a CLIP image
+processor and llava-1.5-hf's chat template, so the demo and the tests load this checkpoint through exactly the code
+path a downloaded ``llava-1.5-13b-hf`` takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.config import TinyTeacher
+from pipeline.rundir import publish_dir
+
+log = logging.getLogger(__name__)
+
+# llava-1.5-hf's own chat template ("USER: <image>\n... ASSISTANT:"), with the answer marked for generation.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer (Llama-style specials, BOS prepended) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="right", model_max_length=4096)
+
+
+def build_tiny_llava(out_dir: str | Path, cfg: TinyTeacher, texts: list[str], seed: int = 0) -> Path:
+    """Write a randomly initialised tiny LlavaForConditionalGeneration + processor to ``out_dir`` (atomically)."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = train_tokenizer(texts)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer) + cfg.vocab_extra, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size, intermediate_size=cfg.vision_hidden_size * 4,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
+        patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden_size,
+    )
+    num_image_tokens = (cfg.image_size // cfg.patch_size) ** 2  # "default" strategy drops CLS
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
+                         image_seq_length=num_image_tokens, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = CLIPImageProcessor(size={"shortest_edge": cfg.image_size},
+                                         crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)
+    with publish_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built tiny LLaVA (%.2fM parameters, %d image tokens, vocab %d) in %s", n_params / 1e6,
+             num_image_tokens, len(tokenizer), out_dir)
+    return Path(out_dir)

@@ -1,0 +1,183 @@
+"""LoRA / QLoRA fine-tuning of a LLaVA teacher with the HF Trainer (optionally under DeepSpeed ZeRO-2/3).
+
+Only the language model's linear layers get LoRA adapters (the CLIP tower has same-named projections, so targets are
+matched by a regex anchored at ``language_model``); the multimodal projector is optionally fully trainable and
+saved through peft's ``modules_to_save``, so every checkpoint holds everything that was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from pipeline.config import TeacherConfig
+from pipeline.teacher.collator import CaptionCollator, answer_ids, prompt_length
+from pipeline.rundir import atomic_write_json
+from pipeline.teacher.loading import load_base_model
+
+log = logging.getLogger(__name__)
+PROJECTOR = "multi_modal_projector"
+
+
+class CaptionImages(torch.utils.data.Dataset):
+    """Rows with image_path/caption/image_id -> {"image", "caption", "image_id"} (images read lazily)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rows[i]
+        with Image.open(r["image_path"]) as im:
+            return {"image": im.convert("RGB"), "caption": r["caption"], "image_id": r["image_id"]}
+
+
+def split_too_long(rows: list[dict[str, Any]], processor, max_length: int) -> tuple[list, list[dict[str, Any]]]:
+    """Rows that fit ``max_length`` whole (prompt + image tokens + caption + EOS), and a report of those that don't."""
+    if not rows:
+        return [], []
+    with Image.open(rows[0]["image_path"]) as im:
+        n_prompt = prompt_length(processor, im.convert("RGB"))
+    keep, too_long = [], []
+    for r in rows:
+        n = n_prompt + len(answer_ids(processor, r["caption"]))
+        (keep if n <= max_length else too_long).append(r if n <= max_length else {"image_id": r["image_id"],
+                                                                                 "tokens": n})
+    return keep, too_long
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    return rf".*language_model.*\.({'|'.join(map(re.escape, modules))})"
+
+
+def build_peft_model(cfg: TeacherConfig, model):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization == "4bit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
+                      target_modules=lora_target_regex(cfg.lora.target_modules), task_type="CAUSAL_LM",
+                      modules_to_save=([PROJECTOR] if cfg.lora.train_projector else []) + cfg.lora.modules_to_save
+                      or None)
+    model = get_peft_model(model, lora)
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # else "element 0 of tensors does not require grad" with frozen embeds
+    return model
+
+
+class TeacherTrainer(Trainer):
+    """HF Trainer with an optional separate learning rate for the multimodal projector (LLaVA-1.5's recipe)."""
+
+    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+
+    def create_optimizer(self, model=None):
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((PROJECTOR in name, name in decay), []).append(p)
+        param_groups = [{"params": ps, "weight_decay": self.args.weight_decay if dec else 0.0,
+                         **({"lr": self.projector_lr} if proj else {})} for (proj, dec), ps in groups.items()]
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = cls(param_groups, **kwargs)
+        return self.optimizer
+
+
+def training_arguments(cfg: TeacherConfig, output_dir: Path, seed: int, has_val: bool) -> TrainingArguments:
+    t = cfg.train
+    use_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir), seed=seed, data_seed=seed,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size, per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        bf16=t.bf16 and (use_cuda or cfg.precision == "bf16"), fp16=t.fp16 and use_cuda,
+        tf32=t.tf32 if use_cuda else None,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
+        report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
+        deepspeed=str(t.deepspeed) if t.deepspeed else None,
+        use_cpu=not use_cuda, disable_tqdm=False,
+    )
+
+
+def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], out_dir: Path, seed: int) -> dict:
+    """Train LoRA adapters; returns figures (losses, throughput). Checkpoints go to ``out_dir/checkpoints``."""
+    from transformers import set_seed
+
+    from pipeline.teacher.loading import load_processor
+
+    set_seed(seed)
+    processor = load_processor(cfg.model)
+    train_rows, too_long = split_too_long(train_rows, processor, cfg.train.max_length)
+    val_rows, val_too_long = split_too_long(val_rows, processor, cfg.train.max_length)
+    if too_long or val_too_long:
+        log.warning("%d train / %d val samples exceed teacher.train.max_length=%d and are left out (not cut): %s",
+                    len(too_long), len(val_too_long), cfg.train.max_length, (too_long + val_too_long)[:5])
+    if cfg.train.max_val_samples is not None:
+        val_rows = val_rows[: cfg.train.max_val_samples]
+
+    model = load_base_model(cfg.model, cfg.precision, cfg.attn_implementation, cfg.quantization)
+    model.config.use_cache = False
+    model = build_peft_model(cfg, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+
+    ckpt_dir = out_dir / "checkpoints"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
+    args = training_arguments(cfg, ckpt_dir, seed, has_val=bool(val_rows))
+    trainer = TeacherTrainer(model=model, args=args, train_dataset=CaptionImages(train_rows),
+                             eval_dataset=CaptionImages(val_rows) if val_rows else None,
+                             data_collator=CaptionCollator(processor, cfg.train.max_length),
+                             projector_lr=cfg.train.projector_learning_rate)
+    last = get_last_checkpoint(str(ckpt_dir)) if cfg.train.resume and ckpt_dir.is_dir() else None
+    initial = ckpt_dir / "initial_eval.json"
+    if last:
+        log.info("resuming from %s", last)
+    elif val_rows:
+        loss = trainer.evaluate()["eval_loss"]
+        if trainer.is_world_process_zero():
+            atomic_write_json(initial, {"eval_loss": loss})
+    result = trainer.train(resume_from_checkpoint=last)
+    final_eval = trainer.evaluate()["eval_loss"] if val_rows else None
+    adapter_dir = out_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(adapter_dir)
+    # evaluations during training (restored from the checkpoint on resume), after the one before training
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    if initial.is_file():
+        evals.insert(0, json.loads(initial.read_text())["eval_loss"])
+    return {
+        "train_samples": len(train_rows), "val_samples": len(val_rows),
+        "too_long": too_long + val_too_long, "resumed_from": Path(last).name if last else None,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "train_loss": result.training_loss, "global_steps": trainer.state.global_step,
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "first_eval_loss": evals[0] if evals else None, "final_eval_loss": final_eval, "eval_losses": evals,
+        "is_main_process": trainer.is_world_process_zero(),
+    }
+

@@ -1,0 +1,138 @@
+"""`finetune`: LoRA fine-tune the LLaVA teacher on the prepared train split (multi-GPU via deepspeed/torchrun).
+
+Outputs in ``<run_dir>/teacher/``: ``adapter/`` (LoRA + projector, safetensors, with the processor), ``merged/``
+(optional, llava-hf layout), ``checkpoints/`` (trainer state, for resume), ``tensorboard/``,
+``eval_generations.json`` (captions of held-out images before/after) and ``manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Config, config_slice
+from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
+from pipeline.rundir import (RunDir, atomic_write_json, fingerprint, fingerprint_tree, is_up_to_date, read_manifest,
+                             require_stage, write_manifest)
+from stages.cli import stage_main
+
+log = logging.getLogger("finetune")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def ensure_base_model(cfg: Config, train_captions: list[str]) -> Path:
+    """Build the tiny demo teacher at ``teacher.model`` if configured and missing (rank 0 builds, others wait)."""
+    path = cfg.teacher.model
+    if (path / "config.json").is_file() or cfg.teacher.tiny is None:
+        return path
+    if rank() == 0:
+        from pipeline.teacher.tiny import build_tiny_llava
+
+        build_tiny_llava(path, cfg.teacher.tiny, train_captions + [INSTRUCTION, "USER: ASSISTANT:"], seed=cfg.seed)
+    else:
+        while not (path / "config.json").is_file():
+            time.sleep(1)
+    return path
+
+
+def teacher_inputs(cfg: Config, rd: RunDir) -> dict[str, str]:
+    data = require_stage(rd.data, "prepare")
+    return {"data": data["fingerprint"], "base_model": fingerprint_tree(cfg.teacher.model, "*.json", content=True)}
+
+
+def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict:
+    """Greedy captions for held-out images and their BLEU-4 / CIDEr-D against the ground truth."""
+    from PIL import Image
+
+    from pipeline.metrics import CaptionScorer
+    from pipeline.teacher.generate import generate_captions
+    from pipeline.teacher.loading import load_processor, load_teacher
+
+    processor = load_processor(adapter or cfg.teacher.model)
+    model = load_teacher(cfg.teacher.model, adapter, precision=cfg.teacher.precision,
+                         attn_implementation=cfg.teacher.attn_implementation)
+    captions: dict[str, str] = {}
+    bs = cfg.distill.batch_size
+    for i in range(0, len(rows), bs):
+        chunk = rows[i: i + bs]
+        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+        gens = generate_captions(model, processor, images, [r["image_id"] for r in chunk], seed=cfg.seed,
+                                 temperature=0.0, top_p=1.0, max_new_tokens=cfg.distill.max_new_tokens)
+        captions.update({r["image_id"]: g.caption for r, g in zip(chunk, gens)})
+    with CaptionScorer(meteor=False) as scorer:
+        scores = scorer.score({r["image_id"]: [r["caption"]] for r in rows}, captions)
+    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"], "captions": captions}
+
+
+def merge_adapter(cfg: Config, adapter: Path, out: Path) -> None:
+    from pipeline.rundir import publish_dir
+    from pipeline.teacher.loading import load_processor, load_teacher
+
+    model = load_teacher(cfg.teacher.model, adapter, precision=cfg.teacher.precision)
+    merged = model.merge_and_unload()
+    with publish_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        load_processor(adapter).save_pretrained(tmp)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> Path:
+    from pipeline.teacher.train import finetune
+
+    started = time.time()
+    rd = RunDir(cfg.run_dir)
+    require_stage(rd.data, "prepare")
+    data = load_captions(rd.data / "captions")
+    train_rows, val_rows = split_rows(data, "train"), split_rows(data, "val")
+    ensure_base_model(cfg, [r["caption"] for r in train_rows])
+    config = {"seed": cfg.seed, "teacher": config_slice(cfg, "teacher")["teacher"]}
+    inputs = teacher_inputs(cfg, rd)
+    if not args.force and is_up_to_date(rd.teacher, config, inputs):
+        log.info("%s is up to date (use --force to rerun)", rd.teacher)
+        return rd.teacher
+
+    out = rd.teacher
+    run_id = fingerprint({"config": config, "inputs": inputs})
+    stamp = out / "checkpoints" / "run_fingerprint.txt"
+    if rank() == 0:
+        if args.force or (stamp.is_file() and stamp.read_text() != run_id) or read_manifest(out) is not None:
+            shutil.rmtree(out, ignore_errors=True)  # fresh start: stale checkpoints would be resumed otherwise
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(run_id)
+    else:
+        while not (stamp.is_file() and stamp.read_text() == run_id):
+            time.sleep(0.5)
+
+    figures = finetune(cfg.teacher, train_rows, val_rows, out, cfg.seed)
+    if not figures.pop("is_main_process"):
+        return out
+    held_out = val_rows[: cfg.teacher.train.eval_generation_samples]
+    if held_out:
+        before = caption_quality(cfg, held_out, None)
+        after = caption_quality(cfg, held_out, out / "adapter")
+        atomic_write_json(out / "eval_generations.json", [
+            {"image_id": r["image_id"], "ground_truth": r["caption"], "untrained": before["captions"][r["image_id"]],
+             "finetuned": after["captions"][r["image_id"]]} for r in held_out])
+        figures["held_out_generation"] = {
+            "images": len(held_out),
+            "untrained": {k: before[k] for k in ("BLEU-4", "CIDEr-D")},
+            "finetuned": {k: after[k] for k in ("BLEU-4", "CIDEr-D")},
+        }
+    if cfg.teacher.train.merge:
+        merge_adapter(cfg, out / "adapter", out / "merged")
+    write_manifest(out, stage="finetune", config=config, inputs=inputs, started=started, seed=cfg.seed,
+                   figures=figures)
+    log.info("teacher: eval loss %s -> %s; held-out generation %s", figures["first_eval_loss"],
+             figures["final_eval_loss"], figures.get("held_out_generation"))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("finetune", run))
