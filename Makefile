@@ -25,6 +25,16 @@ demo: $(STAMP)
 prepare: $(STAMP)
 	$(call STAGE,prepare)
 
+# NPROC>1 launches one process per GPU with DeepSpeed's launcher (set teacher.train.deepspeed for ZeRO);
+# on several nodes run `torchrun ... -m stages.finetune` per node (see `make submit`).
+NPROC ?= 1
+finetune: $(STAMP)
+ifeq ($(NPROC),1)
+	$(call STAGE,finetune)
+else
+	$(PY) -m deepspeed.launcher.runner --num_gpus $(NPROC) --module stages.finetune --config $(CONFIG) $(ARGS)
+endif
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -21,6 +21,7 @@ def stage_main(name: str, run: Callable[[Config, argparse.Namespace], object],
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"fashion-distill '{name}' stage")
     parser.add_argument("--config", default=os.environ.get("CONFIG", DEFAULT_CONFIG), help="YAML config file")
     parser.add_argument("--force", action="store_true", help="rerun even if the stage output is up to date")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launchers
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     if add_args:
         add_args(parser)

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline.config import Config
-from stages import prepare
+from stages import finetune, prepare
 from stages.cli import stage_main
 
 log = logging.getLogger("demo")
@@ -15,7 +15,9 @@ log = logging.getLogger("demo")
 
 def run(cfg: Config, args: argparse.Namespace) -> None:
     prepare.run(cfg, args)
-    print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}")
+    finetune.run(cfg, args)
+    print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}\n"
+          f"  teacher adapter: {cfg.run_dir / 'teacher' / 'adapter'}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,46 @@ def run_stage(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None
 
     return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+TEACHER_TRAIN = {"epochs": 2, "per_device_batch_size": 8, "eval_steps": 10, "save_steps": 10, "logging_steps": 5,
+                 "max_val_samples": 16, "eval_generation_samples": 8}
+
+
+@pytest.fixture(scope="session")
+def teacher_world(tmp_path_factory):
+    """DeepFashion-lite (160 images) and a tiny teacher shared by the teacher/distill tests.
+
+    Returns ``make(name, **sections) -> config path`` for a fresh run directory that already has `prepare` done.
+    """
+    from argparse import Namespace
+
+    from pipeline.config import load_config
+    from pipeline.data.formats import load_captions, split_rows
+    from stages import finetune, prepare
+
+    base = tmp_path_factory.mktemp("teacher_world")
+
+    def make(name: str, **sections) -> Path:
+        folder = base / name
+        folder.mkdir()
+        merged = {"data": {"root": str(base / "raw"), "synthetic": {"num_images": 160, "image_size": 48}},
+                  "teacher": {"model": str(base / "tiny-llava"), "train": dict(TEACHER_TRAIN)},
+                  "distill": {"max_new_tokens": 40, "batch_size": 8}}
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                for k, v in value.items():
+                    if isinstance(v, dict) and isinstance(merged[key].get(k), dict):
+                        merged[key][k] = {**merged[key][k], **v}
+                    else:
+                        merged[key][k] = v
+            else:
+                merged[key] = value
+        path = write_config(folder, **merged)
+        prepare.run(load_config(path), Namespace(force=False))
+        return path
+
+    cfg = load_config(make("_base"))
+    data = load_captions(cfg.run_dir / "data" / "captions")
+    finetune.ensure_base_model(cfg, [r["caption"] for r in split_rows(data, "train")])
+    return make

@@ -7,7 +7,6 @@ saved through peft's ``modules_to_save``, so every checkpoint holds everything t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,7 +20,6 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.config import TeacherConfig
 from pipeline.teacher.collator import CaptionCollator, answer_ids, prompt_length
-from pipeline.rundir import atomic_write_json
 from pipeline.teacher.loading import load_base_model
 
 log = logging.getLogger(__name__)
@@ -100,7 +98,8 @@ class TeacherTrainer(Trainer):
         return self.optimizer
 
 
-def training_arguments(cfg: TeacherConfig, output_dir: Path, seed: int, has_val: bool) -> TrainingArguments:
+def training_arguments(cfg: TeacherConfig, output_dir: Path, seed: int, has_val: bool,
+                       resuming: bool) -> TrainingArguments:
     t = cfg.train
     use_cuda = torch.cuda.is_available()
     return TrainingArguments(
@@ -115,6 +114,7 @@ def training_arguments(cfg: TeacherConfig, output_dir: Path, seed: int, has_val:
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
+        eval_on_start=has_val and not resuming,  # the "before" loss, kept in the checkpointed log history
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
@@ -147,30 +147,27 @@ def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], o
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     ckpt_dir = out_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if cfg.train.resume and ckpt_dir.is_dir() else None
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
-    args = training_arguments(cfg, ckpt_dir, seed, has_val=bool(val_rows))
+    args = training_arguments(cfg, ckpt_dir, seed, has_val=bool(val_rows), resuming=last is not None)
     trainer = TeacherTrainer(model=model, args=args, train_dataset=CaptionImages(train_rows),
                              eval_dataset=CaptionImages(val_rows) if val_rows else None,
                              data_collator=CaptionCollator(processor, cfg.train.max_length),
                              projector_lr=cfg.train.projector_learning_rate)
-    last = get_last_checkpoint(str(ckpt_dir)) if cfg.train.resume and ckpt_dir.is_dir() else None
-    initial = ckpt_dir / "initial_eval.json"
     if last:
         log.info("resuming from %s", last)
-    elif val_rows:
-        loss = trainer.evaluate()["eval_loss"]
-        if trainer.is_world_process_zero():
-            atomic_write_json(initial, {"eval_loss": loss})
     result = trainer.train(resume_from_checkpoint=last)
     final_eval = trainer.evaluate()["eval_loss"] if val_rows else None
     adapter_dir = out_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # under ZeRO-3 this gathers the partitioned LoRA/projector weights first
     if trainer.is_world_process_zero():
         processor.save_pretrained(adapter_dir)
-    # evaluations during training (restored from the checkpoint on resume), after the one before training
+    if cfg.train.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # later from_pretrained calls (evaluation, merge) must not build ZeRO-3 shards
+    # every evaluation, the one before training first (restored from the checkpoint on resume)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-    if initial.is_file():
-        evals.insert(0, json.loads(initial.read_text())["eval_loss"])
     return {
         "train_samples": len(train_rows), "val_samples": len(val_rows),
         "too_long": too_long + val_too_long, "resumed_from": Path(last).name if last else None,

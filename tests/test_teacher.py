@@ -1,0 +1,174 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from pipeline.config import load_config
+from pipeline.data.formats import load_captions, split_rows
+from pipeline.rundir import read_manifest
+from pipeline.teacher.collator import IGNORE_INDEX, CaptionCollator, TooLongError, build_prompt
+from pipeline.teacher.loading import TeacherError, load_base_model, load_processor, load_teacher
+from stages import finetune
+
+
+def _rows(cfg, split="train"):
+    return split_rows(load_captions(cfg.run_dir / "data" / "captions"), split)
+
+
+def _batch(rows):
+    return [{"image": Image.open(r["image_path"]).convert("RGB"), "caption": r["caption"],
+             "image_id": r["image_id"]} for r in rows]
+
+
+def test_collator_masks_everything_but_the_answer(teacher_world):
+    cfg = load_config(teacher_world("collator"))
+    processor = load_processor(cfg.teacher.model)
+    rows = _rows(cfg)[:3]
+    rows[1] = {**rows[1], "caption": "A short one."}
+    batch = CaptionCollator(processor, max_length=512)(_batch(rows))
+    tok = processor.tokenizer
+    image_id = processor.image_token_id
+    prompt_len = int((processor(images=[Image.new("RGB", (8, 8))], text=[build_prompt(processor)],
+                                return_tensors="pt")["input_ids"].shape[1]))
+    for i, row in enumerate(rows):
+        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        answer = tok(" " + row["caption"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = prompt_len + len(answer)
+        assert (labels[:prompt_len] == IGNORE_INDEX).all()  # prompt and image tokens
+        assert (ids[:prompt_len] == image_id).sum() == cfg.teacher.tiny.image_size ** 2 // cfg.teacher.tiny.patch_size ** 2
+        assert labels[prompt_len:n].tolist() == answer  # caption tokens + EOS
+        assert (labels[n:] == IGNORE_INDEX).all() and (mask[n:] == 0).all() and (mask[:n] == 1).all()
+        assert (labels[ids == image_id] == IGNORE_INDEX).all()
+    assert batch["pixel_values"].shape[0] == 3
+    # lengths differ, so padding is really exercised
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) == 3
+
+
+def test_collator_refuses_to_cut_a_long_sample(teacher_world):
+    cfg = load_config(teacher_world("toolong"))
+    processor = load_processor(cfg.teacher.model)
+    with pytest.raises(TooLongError, match="exceed teacher.train.max_length=30"):
+        CaptionCollator(processor, max_length=30)(_batch(_rows(cfg)[:1]))
+
+
+def test_bad_teacher_path_and_missing_adapter(tmp_path, teacher_world):
+    with pytest.raises(TeacherError, match="does not exist"):
+        load_base_model(tmp_path / "nope", "fp32")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherError, match="no config.json"):
+        load_base_model(tmp_path / "empty", "fp32")
+    cfg = load_config(teacher_world("noadapter"))
+    with pytest.raises(TeacherError, match="LoRA adapter .* not found"):
+        load_teacher(cfg.teacher.model, tmp_path / "missing-adapter", precision="fp32")
+
+
+@pytest.mark.slow
+def test_demo_teacher_learns_and_merge_matches(teacher_world):
+    path = teacher_world("learns", teacher={"train": {"epochs": 4, "merge": True}})
+    cfg = load_config(path)
+    finetune.run(cfg, Namespace(force=False))
+    fig = read_manifest(cfg.run_dir / "teacher")["figures"]
+    assert fig["final_eval_loss"] <= 0.5 * fig["first_eval_loss"], fig["eval_losses"]
+    gen = fig["held_out_generation"]
+    assert gen["finetuned"]["BLEU-4"] > gen["untrained"]["BLEU-4"] + 0.05
+    assert gen["finetuned"]["CIDEr-D"] > gen["untrained"]["CIDEr-D"] + 0.1
+
+    # adapter-on-base and the merged, reloaded model give the same logits
+    adapter, merged = cfg.run_dir / "teacher" / "adapter", cfg.run_dir / "teacher" / "merged"
+    processor = load_processor(adapter)
+    inputs = processor(images=[_batch(_rows(cfg, "val")[:1])[0]["image"]], text=[build_prompt(processor)],
+                       return_tensors="pt")
+    with torch.no_grad():
+        a = load_teacher(cfg.teacher.model, adapter, precision="fp32")(**inputs).logits
+        b = load_teacher(merged, None, precision="fp32")(**inputs).logits
+        base = load_teacher(cfg.teacher.model, None, precision="fp32")(**inputs).logits
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    assert not torch.allclose(a, base, atol=1e-2)  # the adapter really changes the model
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_from_last_checkpoint(teacher_world):
+    path = teacher_world("resume", teacher={"train": {"epochs": 3, "save_steps": 5, "eval_steps": 20}})
+    cfg = load_config(path)
+    ckpts = cfg.run_dir / "teacher" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("checkpoint-10/adapter_model.safetensors")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("checkpoint-*")), "no checkpoint was written before the kill"
+    assert read_manifest(cfg.run_dir / "teacher") is None
+    finetune.run(cfg, Namespace(force=False))
+    fig = read_manifest(cfg.run_dir / "teacher")["figures"]
+    assert fig["resumed_from"] and fig["resumed_from"].startswith("checkpoint-")
+    assert int(fig["resumed_from"].split("-")[1]) >= 10
+    assert fig["global_steps"] == 3 * -(-fig["train_samples"] // 8)
+    model = load_teacher(cfg.teacher.model, cfg.run_dir / "teacher" / "adapter", precision="fp32")
+    assert model is not None
+
+
+def _check_adapter(adapter_dir: Path) -> None:
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert lora_b and all(v.numel() > 0 for v in lora_b.values())
+    assert sum(float(v.abs().sum()) for v in lora_b.values()) > 0  # lora_B starts at zero: non-zero = trained+saved
+    assert any("multi_modal_projector" in k for k in weights)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert "multi_modal_projector" in config["modules_to_save"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_ranks(teacher_world, zero):
+    path = teacher_world(f"ds-{zero}", teacher={"train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2,
+                                                          "deepspeed": str(ROOT / f"configs/deepspeed/{zero}.json"),
+                                                          "eval_generation_samples": 2}})
+    port = {"zero2": "29631", "zero3": "29632"}[zero]
+    res = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
+                          "--module", "stages.finetune", "--config", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cfg = load_config(path)
+    manifest = read_manifest(cfg.run_dir / "teacher")
+    assert manifest["figures"]["global_steps"] == 4
+    adapter = cfg.run_dir / "teacher" / "adapter"
+    _check_adapter(adapter)
+    load_teacher(cfg.teacher.model, adapter, precision="fp32")
+
+
+def _bnb_cpu_ok() -> str | None:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"bitsandbytes unavailable: {exc}"
+    return None
+
+
+@pytest.mark.slow
+def test_qlora_finetune_path(teacher_world):
+    reason = _bnb_cpu_ok()
+    if reason:
+        pytest.skip(reason)
+    path = teacher_world("qlora", teacher={"quantization": "4bit", "precision": "bf16",
+                                           "train": {"max_steps": 3, "eval_steps": 3, "save_steps": 3,
+                                                     "gradient_checkpointing": True,
+                                                     "eval_generation_samples": 0}})
+    cfg = load_config(path)
+    model = load_base_model(cfg.teacher.model, "bf16", quantization="4bit")
+    if not any("4bit" in type(m).__name__ for m in model.modules()):
+        pytest.skip("bitsandbytes did not quantise on this device")
+    finetune.run(cfg, Namespace(force=False))
+    _check_adapter(cfg.run_dir / "teacher" / "adapter")
