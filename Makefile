@@ -35,6 +35,15 @@ else
 	$(PY) -m deepspeed.launcher.runner --num_gpus $(NPROC) --module stages.finetune --config $(CONFIG) $(ARGS)
 endif
 
+# make distill TEMP=0.2 [NAME=precise] [SHARD=i/n] ; make distill MERGE=1 joins finished shards
+TEMP ?=
+NAME ?=
+SHARD ?=
+MERGE ?=
+distill: $(STAMP)
+	$(call STAGE,distill) $(if $(TEMP),distill.temperature=$(TEMP)) $(if $(NAME),distill.name=$(NAME)) \
+		$(if $(SHARD),--shard $(SHARD)) $(if $(MERGE),--merge)
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

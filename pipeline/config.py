@@ -108,7 +108,7 @@ class TeacherConfig(Section):
 class DistillConfig(Section):
     temperature: float = Field(0.2, ge=0.0)
     name: str | None = None  # dataset name; default "precise" for T<0.5, else "creative"
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1.0 = plain temperature sampling (LLaVA's own eval scripts)
     max_new_tokens: int = Field(200, gt=0)
     batch_size: int = Field(16, gt=0)
     backend: Literal["transformers", "vllm"] = "transformers"

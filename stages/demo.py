@@ -7,17 +7,28 @@ import logging
 import sys
 
 from pipeline.config import Config
-from stages import finetune, prepare
+from stages import distill, finetune, prepare
 from stages.cli import stage_main
 
 log = logging.getLogger("demo")
 
 
+def with_temperature(cfg: Config, name: str, temperature: float) -> Config:
+    """A copy of ``cfg`` that distils the dataset ``name`` at ``temperature``."""
+    out = cfg.model_copy(deep=True)
+    out.distill.name, out.distill.temperature = name, temperature
+    return out
+
+
 def run(cfg: Config, args: argparse.Namespace) -> None:
     prepare.run(cfg, args)
     finetune.run(cfg, args)
+    for name, temperature in cfg.distill.temperatures.items():
+        distill.run(with_temperature(cfg, name, temperature), argparse.Namespace(force=args.force, shard=None,
+                                                                                  merge=False))
     print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}\n"
-          f"  teacher adapter: {cfg.run_dir / 'teacher' / 'adapter'}")
+          f"  teacher adapter: {cfg.run_dir / 'teacher' / 'adapter'}\n"
+          f"  distilled datasets: {', '.join(str(cfg.run_dir / 'distill' / n) for n in cfg.distill.temperatures)}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ def to_hf_dataset(rows: Sequence[dict[str, Any]]):
 
     Empty splits are left out: `datasets` cannot reload a zero-row split saved to disk.
     """
-    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Dataset, DatasetDict, Features, Value, disable_progress_bars
 
+    disable_progress_bars()  # per-save bars for a few thousand rows are noise in the stage logs
     features = Features({c: Value("string") for c in COLUMNS})
     by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
     return DatasetDict({

@@ -1,0 +1,186 @@
+"""`distill`: the fine-tuned teacher captions every train and val image at one temperature.
+
+``make distill TEMP=0.2 [NAME=precise]``. Output in ``<run_dir>/distill/<name>/``: ``generations[.shard-i-of-n]
+.jsonl`` (resumable), ``captions/`` (same schema as `prepare`'s; train/val from the teacher with
+``source=<name>``, test copied unchanged from the ground truth), ``meta.json``, ``diagnostics.json``,
+``rejected.json`` (empty / truncated generations) and ``manifest.json`` (last).
+Sharding: ``--shard i/n`` (or a Slurm array) generates a disjoint slice; ``--merge`` joins finished shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.data.diagnostics import caption_diagnostics
+from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_dataset
+from pipeline.errors import PipelineError
+from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, publish_dir, read_manifest, require_stage,
+                             stage_fingerprint, write_manifest)
+from stages.cli import stage_main
+
+log = logging.getLogger("distill")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", default=None, help="i/n: generate only slice i of n (default: Slurm array or 0/1)")
+    parser.add_argument("--merge", action="store_true", help="only join the finished shards into the dataset")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" in os.environ:
+            return int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise PipelineError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise PipelineError(f"--shard {text}: i must be in [0, {n})")
+    return i, n
+
+
+def shard_file(out: Path, i: int, n: int) -> Path:
+    return out / ("generations.jsonl" if n == 1 else f"generations.shard-{i}-of-{n}.jsonl")
+
+
+def shard_count(out: Path) -> int:
+    """How many shards the generation files in ``out`` were written for (1 when unsharded)."""
+    counts = {int(p.name.rsplit("-of-", 1)[1].split(".")[0]) for p in out.glob("generations.shard-*-of-*.jsonl")}
+    if len(counts) > 1:
+        raise PipelineError(f"{out}: generation shards for different shard counts {sorted(counts)}; rerun with --force")
+    return counts.pop() if counts else 1
+
+
+def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder or None): the merged model when finetune wrote one, else adapter on base."""
+    require_stage(rd.teacher, "finetune")
+    merged = rd.teacher / "merged"
+    if (merged / "config.json").is_file():
+        return merged, None
+    return cfg.teacher.model, rd.teacher / "adapter"
+
+
+def distill_config(cfg: Config) -> dict:
+    d = cfg.distill
+    return {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
+            "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend}
+
+
+def generate_shard(cfg: Config, rows: list[dict], out: Path, i: int, n: int, model_dir: Path,
+                   adapter: Path | None) -> dict:
+    from pipeline.teacher.distill import generate_to_jsonl, shard_rows
+    from pipeline.teacher.loading import load_processor, load_teacher
+
+    d = cfg.distill
+    processor = load_processor(adapter or model_dir)
+    model = load_teacher(model_dir, adapter, precision=cfg.teacher.precision,
+                         attn_implementation=cfg.teacher.attn_implementation,
+                         device_map="auto" if _cuda() else None)
+    return generate_to_jsonl(model, processor, shard_rows(rows, i, n), shard_file(out, i, n), seed=cfg.seed,
+                             temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens,
+                             batch_size=d.batch_size, desc=f"distill {d.dataset_name} T={d.temperature}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[dict], n: int, config: dict,
+          inputs: dict, started: float, throughput: dict | None) -> Path:
+    from pipeline.metrics import CaptionScorer
+    from pipeline.teacher.distill import read_generations
+
+    name = cfg.distill.dataset_name
+    generations: dict[str, dict] = {}
+    for i in range(n):
+        generations.update(read_generations(shard_file(out, i, n)))
+    missing = [r["image_id"] for r in rows if r["image_id"] not in generations]
+    if missing:
+        raise PipelineError(f"{out}: {len(missing)} images have no generation yet (e.g. {missing[:3]}); run the "
+                            f"missing shards of {n} first")
+    kept, rejected = [], []
+    for r in rows:
+        g = generations[r["image_id"]]
+        if not g["caption"]:
+            rejected.append({"image_id": r["image_id"], "reason": "empty"})
+        elif g["truncated"]:
+            rejected.append({"image_id": r["image_id"], "reason": f"truncated at {g['num_tokens']} tokens "
+                                                                  f"(distill.max_new_tokens)"})
+        else:
+            kept.append({**r, "caption": g["caption"], "source": name})
+    if not kept:
+        raise PipelineError(f"{out}: every generation was empty or truncated; see rejected reasons")
+    diag = caption_diagnostics([r["caption"] for r in kept])
+    gt = caption_diagnostics([r["caption"] for r in rows])
+    diag.update({"share_empty": sum(x["reason"] == "empty" for x in rejected) / len(rows),
+                 "share_truncated": sum(x["reason"] != "empty" for x in rejected) / len(rows)})
+    with CaptionScorer(meteor=False) as scorer:
+        agree = scorer.score({r["image_id"]: [r["caption"]] for r in rows},
+                             {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
+    diag["vs_ground_truth"] = {"BLEU-4": agree["BLEU-4"], "CIDEr-D": agree["CIDEr-D"]}
+    diag["ground_truth"] = gt
+    teacher_manifest = read_manifest(rd.teacher)
+    meta = {**config, "teacher_fingerprint": teacher_manifest["fingerprint"], "teacher_dir": str(rd.teacher),
+            "shards": n, "throughput": throughput}
+    with publish_dir(out / "captions") as tmp:
+        to_hf_dataset(kept + test_rows).save_to_disk(str(tmp))
+    atomic_write_json(out / "meta.json", meta)
+    atomic_write_json(out / "diagnostics.json", diag)
+    atomic_write_json(out / "rejected.json", rejected)
+    write_manifest(out, stage="distill", config=config, inputs=inputs, started=started, seed=cfg.seed,
+                   figures={"kept": len(kept), "rejected": len(rejected), **{k: diag[k] for k in (
+                       "length_mean", "distinct_1", "distinct_2", "vocabulary", "vs_ground_truth")}})
+    log.info("%s (T=%s): %d captions, %d rejected; mean length %.1f words, distinct-2 %.3f, BLEU-4 vs GT %.3f",
+             name, cfg.distill.temperature, len(kept), len(rejected), diag["length_mean"], diag["distinct_2"],
+             agree["BLEU-4"])
+    return out
+
+
+def run(cfg: Config, args: argparse.Namespace) -> Path:
+    started = time.time()
+    rd = RunDir(cfg.run_dir)
+    data_manifest = require_stage(rd.data, "prepare")
+    model_dir, adapter = teacher_paths(cfg, rd)
+    out = rd.distill(cfg.distill.dataset_name)
+    config = distill_config(cfg)
+    inputs = {"data": data_manifest["fingerprint"], "teacher": read_manifest(rd.teacher)["fingerprint"]}
+    if not args.force and is_up_to_date(out, config, inputs):
+        log.info("%s is up to date (use --force to rerun)", out)
+        return out
+    i, n = parse_shard(getattr(args, "shard", None))
+    stamp = out / "generation_settings.txt"
+    wanted = stage_fingerprint(config, inputs)
+    if not getattr(args, "merge", False) and (args.force or (stamp.is_file() and stamp.read_text() != wanted)
+                                              or read_manifest(out) is not None):
+        if n > 1 and not args.force:
+            raise PipelineError(f"{out} holds generations from other settings; rerun with --force on one shard "
+                                "first or delete the folder")
+        shutil.rmtree(out, ignore_errors=True)  # other settings or a forced rerun: old generations are invalid
+    out.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        stamp.write_text(wanted)
+    data = load_captions(rd.data / "captions")
+    rows = split_rows(data, "train") + split_rows(data, "val")
+    throughput = None
+    if getattr(args, "merge", False):
+        n = shard_count(out)
+    else:
+        throughput = generate_shard(cfg, rows, out, i, n, model_dir, adapter)
+        if n > 1:
+            log.info("shard %d/%d done; run with --merge once every shard has finished", i, n)
+            return out
+    return merge(cfg, rd, out, rows, split_rows(data, "test"), n, config, inputs, started, throughput)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("distill", run, add_args))
