@@ -44,6 +44,20 @@ distill: $(STAMP)
 	$(call STAGE,distill) $(if $(TEMP),distill.temperature=$(TEMP)) $(if $(NAME),distill.name=$(NAME)) \
 		$(if $(SHARD),--shard $(SHARD)) $(if $(MERGE),--merge)
 
+students: $(STAMP)
+	$(call STAGE,students)
+
+report: $(STAMP)
+	$(call STAGE,report)
+
+# the whole chain as Slurm jobs; DRY_RUN=1 prints the sbatch scripts instead
+DRY_RUN ?=
+submit: $(STAMP)
+	$(call STAGE,submit) $(if $(DRY_RUN),--dry-run)
+
+status: $(STAMP)
+	$(call STAGE,status)
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

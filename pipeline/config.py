@@ -167,7 +167,7 @@ class SlurmConfig(Section):
     cpus_per_task: int = 2
     mem: str | None = None
     distill_shards: int = 1
-    setup: list[str] = []  # shell lines before each job: `module load ...`, venv activation
+    setup: list[str] = ["source .venv/bin/activate"]  # shell lines before each job (cwd: the project root)
     extra_args: list[str] = []
 
 

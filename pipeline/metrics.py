@@ -39,8 +39,10 @@ class CaptionScorer:
     def tokenize(self, captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         return self._tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
-    def score(self, references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]) -> dict[str, float]:
-        """Corpus-level scores; ``references`` and ``hypotheses`` must cover the same ids."""
+    def score(self, references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+              only: Sequence[str] | None = None) -> dict[str, float]:
+        """Corpus-level scores; ``references`` and ``hypotheses`` must cover the same ids. ``only`` picks metric
+        families ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D"); default all (METEOR when the scorer has it)."""
         if set(references) != set(hypotheses):
             missing = sorted(set(references) ^ set(hypotheses))[:5]
             raise ValueError(f"references and hypotheses differ in ids, e.g. {missing}")
@@ -50,13 +52,17 @@ class CaptionScorer:
         res = self.tokenize({k: [v] for k, v in hypotheses.items()})
         # an empty hypothesis breaks METEOR's protocol and BLEU's counts; score it as a lone unknown word
         res = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in res.items()}
+        wanted = set(only or ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D"))
         out: dict[str, float] = {}
-        bleu, _ = self._bleu.compute_score(gts, res, verbose=0)
-        out.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
-        if self._meteor is not None:
+        if "BLEU" in wanted or any(w.startswith("BLEU-") for w in wanted):
+            bleu, _ = self._bleu.compute_score(gts, res, verbose=0)
+            out.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
+        if "METEOR" in wanted and self._meteor is not None:
             out["METEOR"] = float(self._meteor.compute_score(gts, res)[0])
-        out["ROUGE-L"] = float(self._rouge.compute_score(gts, res)[0])
-        out["CIDEr-D"] = float(self._cider.compute_score(gts, res)[0])
+        if "ROUGE-L" in wanted:
+            out["ROUGE-L"] = float(self._rouge.compute_score(gts, res)[0])
+        if "CIDEr-D" in wanted:
+            out["CIDEr-D"] = float(self._cider.compute_score(gts, res)[0])
         return out
 
     def close(self) -> None:

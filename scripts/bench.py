@@ -1,6 +1,12 @@
 """`make bench`: performance figures measured side by side in one run, printed as a table.
 
-Sections (``--only name,name``): prepare (44,096-record dataset), and the later stages' sections as they land.
+Sections (``--only name,name``):
+- prepare: `prepare` over a 44,096-record dataset (the full DeepFashion-MultiModal size) with small images;
+- teacher: the demo teacher's fine-tuning samples/s and peak memory, then batched vs sequential (batch 1) caption
+  generation throughput as a ratio (on a GPU also a 13B-shaped random LLaVA: samples/s, memory, MFU);
+- students: training captions/s with the feature cache + batching vs the seed's way (batch 1, encoder run every
+  step) on the same model and data, as a ratio;
+- metrics: time to score 2,538 test captions with BLEU, METEOR, ROUGE-L and CIDEr-D.
 """
 
 from __future__ import annotations
@@ -50,6 +56,170 @@ def bench_prepare(work: Path, n: int = 44_096) -> dict:
     seconds = time.perf_counter() - t0
     return {"records": n, "prepare_seconds": round(seconds, 2), "records_per_s": round(n / seconds),
             "target": "< 120 s on 2 cores"}
+
+
+def _demo_world(work: Path, *overrides: str):
+    """A small DeepFashion-lite run prepared in ``work`` (demo settings otherwise)."""
+    from stages import prepare
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"run_dir={work / 'run'}", f"data.root={work / 'raw'}",
+                                                       f"teacher.model={work / 'tiny-llava'}", *overrides])
+    prepare.run(cfg, Namespace(force=False))
+    return cfg
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@bench
+def bench_teacher(work: Path) -> dict:
+    """Fine-tune the demo teacher (1 epoch), then caption the same images batched and one at a time."""
+    import torch
+    from PIL import Image
+
+    from pipeline.data.formats import load_captions, split_rows
+    from pipeline.teacher.generate import generate_captions
+    from pipeline.teacher.loading import load_processor, load_teacher
+    from stages import finetune
+
+    cfg = _demo_world(work, "data.synthetic.num_images=600", "teacher.train.epochs=2",
+                      "teacher.train.eval_generation_samples=0")
+    finetune.run(cfg, Namespace(force=False))
+    fig = json.loads((cfg.run_dir / "teacher" / "manifest.json").read_text())["figures"]
+    rows = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "train")
+    images = [Image.open(r["image_path"]).convert("RGB") for r in rows[:64]]
+    ids = [r["image_id"] for r in rows[:64]]
+    processor = load_processor(cfg.run_dir / "teacher" / "adapter")
+    model = load_teacher(cfg.teacher.model, cfg.run_dir / "teacher" / "adapter", precision="fp32")
+    kw = dict(seed=0, temperature=0.9, top_p=1.0, max_new_tokens=cfg.distill.max_new_tokens)
+    t0 = time.perf_counter()
+    for i in range(16):
+        generate_captions(model, processor, images[i: i + 1], ids[i: i + 1], **kw)
+    sequential = 16 / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, 64, 32):
+        generate_captions(model, processor, images[i: i + 32], ids[i: i + 32], **kw)
+    batched = 64 / (time.perf_counter() - t0)
+    out = {"finetune_samples_per_s": fig["train_samples_per_second"], "finetune_peak_rss_mb": round(_peak_rss_mb()),
+           "generate_batch1_images_per_s": round(sequential, 2), "generate_batch32_images_per_s": round(batched, 2),
+           "generate_batched_vs_sequential": round(batched / sequential, 1), "target": ">= 8x on CPU"}
+    if torch.cuda.is_available():
+        out.update(_gpu_llava_13b())
+    return out
+
+
+def _gpu_llava_13b() -> dict:
+    """A 13B-shaped LLaVA (Vicuna-13B + CLIP ViT-L/14-336) with random weights: training step throughput + MFU."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576)
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.gradient_checkpointing_enable()
+    model.model.language_model.layers[-1].requires_grad_(True)  # a trainable slice: backward runs through all
+    batch, seq = 4, 576 + 96
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    ids[:, 1:577] = 32000
+    pixels = torch.randn(batch, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(4):
+        if i == 1:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    torch.cuda.synchronize()
+    step = (time.perf_counter() - t0) / 3
+    params = sum(p.numel() for p in model.parameters())
+    flops = 6 * params * batch * seq  # forward + backward, dense approximation
+    peak = {"H100": 989e12, "H200": 989e12}
+    name = torch.cuda.get_device_name()
+    mfu = flops / step / next((v for k, v in peak.items() if k in name), 989e12)
+    return {"gpu": name, "llava13b_samples_per_s": round(batch / step, 2),
+            "llava13b_peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "llava13b_mfu": round(mfu, 3)}
+
+
+@bench
+def bench_students(work: Path) -> dict:
+    """Captions/s of one training epoch with cached features + batch 64 vs batch 1 with the encoder every step."""
+    import torch
+
+    from pipeline.data.formats import load_captions, split_rows
+    from pipeline.students.decoders import build_decoder
+    from pipeline.students.encoders import build_encoder
+    from pipeline.students.features import ImageFiles, cached_features
+    from pipeline.students.train import caption_loss, pad_batch
+    from pipeline.students.vocab import Vocabulary
+
+    cfg = _demo_world(work, "data.synthetic.num_images=800")
+    s = cfg.students
+    rows = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "train")
+    vocab = Vocabulary.build([r["caption"] for r in rows], s.min_word_count)
+    targets = [vocab.encode(r["caption"], s.max_length) for r in rows]
+    paths = [r["image_path"] for r in rows]
+
+    def step(model, opt, feats, seqs, params):
+        seq = pad_batch(seqs)
+        logits, _ = model(feats, seq[:, :-1])
+        loss = caption_loss(logits, seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+
+    # the seed's way: batch 1, the encoder (fine-tuned, lr 1e-5) recomputed for every caption
+    torch.manual_seed(0)
+    encoder = build_encoder("vgg19", s.encoder)
+    images = ImageFiles(paths, s.encoder.image_size)
+    model = build_decoder("vgg19_gru", encoder(images[0][None]).shape[-1], len(vocab), s)
+    params = list(model.parameters()) + list(encoder.parameters())
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": s.decoder_lr},
+                            {"params": encoder.parameters(), "lr": s.encoder_lr}])
+    n_seed = 40
+    t0 = time.perf_counter()
+    for i in range(n_seed):
+        step(model, opt, encoder(images[i][None]), [targets[i]], params)
+    seed_rate = n_seed / (time.perf_counter() - t0)
+    # ours: features computed once (timed too), then batched decoder-only epochs
+    t0 = time.perf_counter()
+    table, _ = cached_features(work / "cache", "vgg19", s.encoder, 0, paths)
+    cache_seconds = time.perf_counter() - t0
+    model = build_decoder("vgg19_gru", table.shape[-1], len(vocab), s)
+    opt = torch.optim.Adam(model.parameters(), lr=s.decoder_lr)
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), 64):
+        step(model, opt, table[i: i + 64], targets[i: i + 64], list(model.parameters()))
+    ours_rate = len(rows) / (time.perf_counter() - t0)
+    return {"captions": len(rows), "seed_way_captions_per_s": round(seed_rate, 1),
+            "cached_batched_captions_per_s": round(ours_rate, 1), "speedup": round(ours_rate / seed_rate, 1),
+            "feature_cache_build_seconds": round(cache_seconds, 1),
+            "speedup_including_cache_build_1_epoch": round(len(rows) / (len(rows) / ours_rate + cache_seconds)
+                                                           / seed_rate, 1),
+            "target": ">= 50x on CPU"}
+
+
+@bench
+def bench_metrics(work: Path) -> dict:
+    """Score 2,538 captions (the course test split size) against references with all four metrics."""
+    from pipeline.metrics import CaptionScorer
+
+    pool = load_caption_pool()
+    refs = dict(list(pool["test"].items())[:2538])
+    train = list(pool["train"].values())
+    hyps = {k: train[i] for i, k in enumerate(refs)}
+    t0 = time.perf_counter()
+    with CaptionScorer() as scorer:
+        scores = scorer.score({k: [v] for k, v in refs.items()}, hyps)
+    return {"captions": len(refs), "seconds": round(time.perf_counter() - t0, 2),
+            "CIDEr-D": round(scores["CIDEr-D"], 3), "target": "< 10 s on 2 cores"}
 
 
 def main() -> int:

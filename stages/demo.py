@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline.config import Config
-from stages import distill, finetune, prepare
+from stages import distill, finetune, prepare, report, students
 from stages.cli import stage_main
 
 log = logging.getLogger("demo")
@@ -26,9 +26,13 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     for name, temperature in cfg.distill.temperatures.items():
         distill.run(with_temperature(cfg, name, temperature), argparse.Namespace(force=args.force, shard=None,
                                                                                   merge=False))
+    students.run(cfg, args)
+    report.run(cfg, args)
     print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}\n"
           f"  teacher adapter: {cfg.run_dir / 'teacher' / 'adapter'}\n"
-          f"  distilled datasets: {', '.join(str(cfg.run_dir / 'distill' / n) for n in cfg.distill.temperatures)}")
+          f"  distilled datasets: {', '.join(str(cfg.run_dir / 'distill' / n) for n in cfg.distill.temperatures)}\n"
+          f"  students: {cfg.run_dir / 'students'}\n"
+          f"  report (tables, plots, gallery): {cfg.run_dir / 'report' / 'results.md'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 ``make distill TEMP=0.2 [NAME=precise]``. Output in ``<run_dir>/distill/<name>/``: ``generations[.shard-i-of-n]
 .jsonl`` (resumable), ``captions/`` (same schema as `prepare`'s; train/val from the teacher with
 ``source=<name>``, test copied unchanged from the ground truth), ``meta.json``, ``diagnostics.json``,
-``rejected.json`` (empty / truncated generations) and ``manifest.json`` (last).
+``rejected.json`` (empty / truncated generations), ``test_generations.json`` (the teacher's captions of the test
+images, for its own test score and the report's gallery; never trained on) and ``manifest.json`` (last).
 Sharding: ``--shard i/n`` (or a Slurm array) generates a disjoint slice; ``--merge`` joins finished shards.
 """
 
@@ -104,7 +105,7 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     generations: dict[str, dict] = {}
     for i in range(n):
         generations.update(read_generations(shard_file(out, i, n)))
-    missing = [r["image_id"] for r in rows if r["image_id"] not in generations]
+    missing = [r["image_id"] for r in rows + test_rows if r["image_id"] not in generations]
     if missing:
         raise PipelineError(f"{out}: {len(missing)} images have no generation yet (e.g. {missing[:3]}); run the "
                             f"missing shards of {n} first")
@@ -127,7 +128,10 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     with CaptionScorer(meteor=False) as scorer:
         agree = scorer.score({r["image_id"]: [r["caption"]] for r in rows},
                              {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
+        teacher_test = scorer.score({r["image_id"]: [r["caption"]] for r in test_rows},
+                                    {r["image_id"]: generations[r["image_id"]]["caption"] for r in test_rows})
     diag["vs_ground_truth"] = {"BLEU-4": agree["BLEU-4"], "CIDEr-D": agree["CIDEr-D"]}
+    diag["teacher_on_test"] = teacher_test
     diag["ground_truth"] = gt
     teacher_manifest = read_manifest(rd.teacher)
     meta = {**config, "teacher_fingerprint": teacher_manifest["fingerprint"], "teacher_dir": str(rd.teacher),
@@ -137,6 +141,8 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     atomic_write_json(out / "meta.json", meta)
     atomic_write_json(out / "diagnostics.json", diag)
     atomic_write_json(out / "rejected.json", rejected)
+    atomic_write_json(out / "test_generations.json", {r["image_id"]: generations[r["image_id"]]["caption"]
+                                                      for r in test_rows})
     write_manifest(out, stage="distill", config=config, inputs=inputs, started=started, seed=cfg.seed,
                    figures={"kept": len(kept), "rejected": len(rejected), **{k: diag[k] for k in (
                        "length_mean", "distinct_1", "distinct_2", "vocabulary", "vs_ground_truth")}})
@@ -170,16 +176,16 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     if not stamp.is_file():
         stamp.write_text(wanted)
     data = load_captions(rd.data / "captions")
-    rows = split_rows(data, "train") + split_rows(data, "val")
+    rows, test_rows = split_rows(data, "train") + split_rows(data, "val"), split_rows(data, "test")
     throughput = None
     if getattr(args, "merge", False):
         n = shard_count(out)
-    else:
-        throughput = generate_shard(cfg, rows, out, i, n, model_dir, adapter)
+    else:  # the test images too: not part of the dataset, but the teacher's own test score and the gallery
+        throughput = generate_shard(cfg, rows + test_rows, out, i, n, model_dir, adapter)
         if n > 1:
             log.info("shard %d/%d done; run with --merge once every shard has finished", i, n)
             return out
-    return merge(cfg, rd, out, rows, split_rows(data, "test"), n, config, inputs, started, throughput)
+    return merge(cfg, rd, out, rows, test_rows, n, config, inputs, started, throughput)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_same_seed_same_captions_across_batch_sizes_and_shards(trained):
     # shards are disjoint and cover everything
     out = sharded.run_dir / "distill" / "sh"
     a, b = (read_generations(out / f"generations.shard-{i}-of-2.jsonl") for i in range(2))
-    assert not set(a) & set(b) and len(a) + len(b) == len(one["train"]) + len(one["val"]) + len(
+    assert not set(a) & set(b) and len(a) + len(b) == len(one["train"]) + len(one["val"]) + len(one["test"]) + len(
         json.loads((out / "rejected.json").read_text()))
     # another seed gives other captions; the test split is the ground truth, unchanged
     other = _distill(trained, "distill.temperature=0.9", "distill.name=s2", "seed=5")

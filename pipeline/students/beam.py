@@ -1,0 +1,70 @@
+"""Batched greedy and beam search over any decoder with ``init_state`` / ``step`` (see decoders.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.students.decoders import State
+
+
+def _repeat(state: State, k: int) -> State:
+    return {name: t.repeat_interleave(k, dim=0) for name, t in state.items()}
+
+
+def _select(state: State, index: torch.Tensor) -> State:
+    return {name: t.index_select(0, index) for name, t in state.items()}
+
+
+@torch.no_grad()
+def greedy_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, end_id: int) -> list[list[int]]:
+    state = decoder.init_state(feats)
+    tokens = torch.full((feats.shape[0],), start_id, dtype=torch.long, device=feats.device)
+    done = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
+    out = []
+    for _ in range(max_length + 1):
+        logp, state = decoder.step(state, tokens)
+        tokens = logp.argmax(-1).masked_fill(done, end_id)
+        out.append(tokens)
+        done |= tokens == end_id
+        if done.all():
+            break
+    return [_until_end(row, end_id) for row in torch.stack(out, 1).tolist()]
+
+
+@torch.no_grad()
+def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, start_id: int,
+                end_id: int) -> list[list[int]]:
+    """Best sequence per image (sum of log-probabilities over length) among ``beam_size`` beams."""
+    batch, k, device = feats.shape[0], beam_size, feats.device
+    state = _repeat(decoder.init_state(feats), k)
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one
+    tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=device)
+    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch, k, device=device)
+    done = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    for _ in range(max_length + 1):
+        logp, state = decoder.step(state, tokens)
+        logp = logp.view(batch, k, -1)
+        finished = torch.full_like(logp, float("-inf"))
+        finished[..., end_id] = 0.0  # a finished beam only extends with <end>, at no cost
+        logp = torch.where(done[..., None], finished, logp)
+        total = (scores[..., None] + logp).view(batch, -1)
+        scores, flat = total.topk(k, dim=-1)
+        origin, tokens2d = flat // logp.shape[-1], flat % logp.shape[-1]
+        index = (origin + torch.arange(batch, device=device)[:, None] * k).view(-1)
+        state, history = _select(state, index), history.index_select(0, index)
+        lengths, done = lengths.gather(1, origin), done.gather(1, origin)
+        lengths = lengths + (~done).float()
+        done = done | (tokens2d == end_id)
+        tokens = tokens2d.view(-1)
+        history = torch.cat([history, tokens[:, None]], 1)
+        if done.all():
+            break
+    best = (scores / lengths.clamp(min=1)).argmax(-1)
+    rows = history.view(batch, k, -1)[torch.arange(batch, device=device), best]
+    return [_until_end(row, end_id) for row in rows.tolist()]
+
+
+def _until_end(row: list[int], end_id: int) -> list[int]:
+    return row[: row.index(end_id)] if end_id in row else row

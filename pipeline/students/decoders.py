@@ -1,0 +1,183 @@
+"""Caption decoders of the students. Each has ``forward`` (teacher forcing, for training) and ``init_state`` /
+``step`` (one token at a time, batch-first state tensors) so one batched beam search serves all of them.
+
+- ``GlobalGRU``: one image vector initialises the GRU state (VGG19+GRU); with ``concat`` the vector is also
+  concatenated to every word embedding (the seed's ResNet-101 global + GRU).
+- ``AttentionGRU``: additive (Bahdanau) attention over image regions at every step with a sigmoid gate, a GRU cell,
+  a causal self-attention layer over the GRU outputs, and the doubly-stochastic attention regulariser.
+- ``TransformerCaptioner``: a causal Transformer decoder over ViT token memory.
+Image features enter through a LayerNorm, which keeps random (demo) and pretrained features on one scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+
+def causal_mask(n: int, device: torch.device) -> torch.Tensor:
+    return torch.triu(torch.full((n, n), float("-inf"), device=device), diagonal=1)
+
+
+class GlobalGRU(nn.Module):
+    def __init__(self, feat_dim: int, vocab_size: int, embed_dim: int, hidden_dim: int, dropout: float,
+                 num_layers: int = 1, concat: bool = False):
+        super().__init__()
+        self.concat, self.num_layers, self.hidden_dim = concat, num_layers, hidden_dim
+        self.feat_norm = nn.LayerNorm(feat_dim)
+        self.init_h = nn.Linear(feat_dim, hidden_dim * num_layers)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.feat_proj = nn.Linear(feat_dim, embed_dim) if concat else None  # image vector at word-embedding width
+        self.gru = nn.GRU(embed_dim * (2 if concat else 1), hidden_dim, num_layers, batch_first=True,
+                          dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def _h0(self, feats: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.init_h(feats))
+        return h.view(feats.shape[0], self.num_layers, self.hidden_dim).transpose(0, 1).contiguous()
+
+    def _inputs(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.embed(tokens))
+        if self.concat:
+            x = torch.cat([x, self.feat_proj(feats)[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
+        return x
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None):
+        feats = self.feat_norm(feats)
+        out, _ = self.gru(self._inputs(feats, tokens), self._h0(feats))
+        return self.out(self.drop(out)), None
+
+    def init_state(self, feats: torch.Tensor) -> State:
+        feats = self.feat_norm(feats)
+        return {"feats": feats, "h": self._h0(feats).transpose(0, 1)}
+
+    def step(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
+        out, h = self.gru(self._inputs(state["feats"], tokens[:, None]), state["h"].transpose(0, 1).contiguous())
+        return torch.log_softmax(self.out(out[:, 0]), -1), {**state, "h": h.transpose(0, 1)}
+
+
+class AttentionGRU(nn.Module):
+    def __init__(self, feat_dim: int, vocab_size: int, embed_dim: int, hidden_dim: int, dropout: float,
+                 attn_dim: int = 256, heads: int = 4):
+        super().__init__()
+        self.feat_norm = nn.LayerNorm(feat_dim)
+        self.regions = nn.Linear(feat_dim, hidden_dim)  # region features projected once, not at every step
+        self.enc_att, self.dec_att = nn.Linear(hidden_dim, attn_dim), nn.Linear(hidden_dim, attn_dim)
+        self.full_att = nn.Linear(attn_dim, 1)
+        self.gate = nn.Linear(hidden_dim, hidden_dim)
+        self.init_h = nn.Linear(hidden_dim, hidden_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.cell = nn.GRUCell(embed_dim + hidden_dim, hidden_dim)
+        self.self_attn = nn.MultiheadAttention(hidden_dim, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def _attend(self, feats: torch.Tensor, enc: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = torch.softmax(self.full_att(torch.tanh(enc + self.dec_att(h)[:, None])).squeeze(-1), dim=-1)
+        context = (alpha[..., None] * feats).sum(1) * torch.sigmoid(self.gate(h))
+        return context, alpha
+
+    def _cell(self, feats, enc, h, tokens):
+        context, alpha = self._attend(feats, enc, h)
+        h = self.cell(torch.cat([self.drop(self.embed(tokens)), context], -1), h)
+        return h, alpha
+
+    def _self_attend(self, hs: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        q = hs if query is None else query
+        mask = causal_mask(hs.shape[1], hs.device) if query is None else None
+        attended, _ = self.self_attn(q, hs, hs, attn_mask=mask, need_weights=False)
+        return self.norm(q + self.drop(attended))
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None):
+        feats = torch.relu(self.regions(self.feat_norm(feats)))
+        enc = self.enc_att(feats)
+        h = torch.tanh(self.init_h(feats.mean(1)))
+        hs, alphas = [], []
+        for t in range(tokens.shape[1]):
+            h, alpha = self._cell(feats, enc, h, tokens[:, t])
+            hs.append(h)
+            alphas.append(alpha)
+        out = self._self_attend(torch.stack(hs, 1))
+        alphas = torch.stack(alphas, 1)  # [B, T, R]
+        if mask is not None:
+            alphas = alphas * mask[..., None]
+        # doubly stochastic attention: every region should be looked at about once over the caption
+        reg = ((1.0 - alphas.sum(1)) ** 2).mean()
+        return self.out(self.drop(out)), reg
+
+    def init_state(self, feats: torch.Tensor) -> State:
+        feats = torch.relu(self.regions(self.feat_norm(feats)))
+        return {"feats": feats, "enc": self.enc_att(feats), "h": torch.tanh(self.init_h(feats.mean(1))),
+                "past": feats.new_zeros(feats.shape[0], 0, self.cell.hidden_size)}
+
+    def step(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
+        h, _ = self._cell(state["feats"], state["enc"], state["h"], tokens)
+        past = torch.cat([state["past"], h[:, None]], 1)
+        out = self._self_attend(past, query=h[:, None])[:, 0]
+        return torch.log_softmax(self.out(out), -1), {**state, "h": h, "past": past}
+
+
+class TransformerCaptioner(nn.Module):
+    def __init__(self, feat_dim: int, vocab_size: int, d_model: int, heads: int, layers: int, dropout: float,
+                 max_length: int):
+        super().__init__()
+        self.feat_norm = nn.LayerNorm(feat_dim)
+        self.memory = nn.Linear(feat_dim, d_model)
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=0)
+        self.pos = nn.Embedding(max_length + 2, d_model)
+        layer = nn.TransformerDecoderLayer(d_model, heads, d_model * 4, dropout, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, vocab_size)
+
+    def _decode(self, memory: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.pos(pos)[None]
+        y = self.decoder(x, memory, tgt_mask=causal_mask(tokens.shape[1], tokens.device), tgt_is_causal=True,
+                         tgt_key_padding_mask=pad)
+        return self.out(self.norm(y))
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None):
+        pad = None if mask is None else ~mask.bool()
+        return self._decode(self.memory(self.feat_norm(feats)), tokens, pad), None
+
+    def init_state(self, feats: torch.Tensor) -> State:
+        memory = self.memory(self.feat_norm(feats))
+        empty = memory.new_zeros(feats.shape[0], 0, memory.shape[-1])
+        return {"memory": memory, **{f"layer{i}": empty for i in range(len(self.decoder.layers))}}
+
+    def step(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """One position through the (pre-norm, eval-mode) decoder layers, reusing earlier positions' layer inputs:
+        causal attention never changes earlier outputs, so this is the full forward pass at O(T) per step."""
+        position = state["layer0"].shape[1]
+        x = (self.embed(tokens) + self.pos.weight[position])[:, None]
+        new = dict(state)
+        for i, layer in enumerate(self.decoder.layers):
+            past = torch.cat([state[f"layer{i}"], x], 1)
+            new[f"layer{i}"] = past
+            q, kv = layer.norm1(x), layer.norm1(past)
+            x = x + layer.self_attn(q, kv, kv, need_weights=False)[0]
+            y = layer.norm2(x)
+            x = x + layer.multihead_attn(y, state["memory"], state["memory"], need_weights=False)[0]
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+        return torch.log_softmax(self.out(self.norm(x[:, 0])), -1), new
+
+
+def build_decoder(arch: str, feat_dim: int, vocab_size: int, cfg) -> nn.Module:
+    """The decoder of a student architecture (``cfg`` is the StudentsConfig)."""
+    if arch == "vgg19_gru":
+        return GlobalGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout, cfg.num_layers)
+    if arch == "resnet101_gru":
+        return GlobalGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout, cfg.num_layers,
+                         concat=True)
+    if arch == "resnet101_attn_gru":
+        return AttentionGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout,
+                            attn_dim=cfg.hidden_dim // 2, heads=cfg.transformer_heads)
+    if arch == "vit_transformer":
+        return TransformerCaptioner(feat_dim, vocab_size, cfg.hidden_dim, cfg.transformer_heads,
+                                    cfg.transformer_layers, min(cfg.dropout, 0.1), cfg.max_length)
+    raise ValueError(f"unknown student architecture {arch!r}")

@@ -1,0 +1,77 @@
+"""Feature cache for frozen encoders: computed once per (encoder, settings, seed, image set) and stored as
+safetensors (float16). The key covers the encoder's settings and weights file and every image's path, size and
+mtime, so changing the encoder or any image computes a new cache instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.config import EncoderSettings
+from pipeline.rundir import atomic_write_bytes
+from pipeline.students.encoders import build_encoder, image_transform, weights_file
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(encoder: str, settings: EncoderSettings, seed: int, image_paths: list[str]) -> str:
+    h = hashlib.sha256()
+    weights = weights_file(encoder, settings) if settings.pretrained else None
+    meta = {"encoder": encoder, "settings": settings.model_dump(mode="json", exclude={"finetune"}), "seed": seed,
+            "weights": [str(weights), weights.stat().st_size] if weights and weights.is_file() else None}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for p in image_paths:
+        st = Path(p).stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths, self.transform = paths, image_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+@torch.no_grad()
+def compute_features(encoder: torch.nn.Module, paths: list[str], image_size: int, batch_size: int = 64,
+                     num_workers: int = 0, desc: str = "features") -> torch.Tensor:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = encoder.eval().to(device)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, image_size), batch_size=batch_size,
+                                         num_workers=num_workers)
+    chunks = []
+    for images in tqdm(loader, desc=desc, unit="batch"):
+        chunks.append(encoder(images.to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
+def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed: int, paths: list[str],
+                    batch_size: int = 64, num_workers: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
+    """Features of ``paths`` (one row per path, float32) and the path -> row index; computed once then reused."""
+    from safetensors.torch import load_file, save
+
+    key = cache_key(encoder, settings, seed, paths)
+    file = folder / f"{encoder}-{key}.safetensors"
+    index = {p: i for i, p in enumerate(paths)}
+    if file.is_file():
+        log.info("feature cache hit: %s", file.name)
+        return load_file(file)["features"].float(), index
+    log.info("computing %s features for %d images -> %s", encoder, len(paths), file.name)
+    feats = compute_features(build_encoder(encoder, settings, seed), paths, settings.image_size, batch_size,
+                             num_workers, desc=f"{encoder} features")
+    atomic_write_bytes(file, save({"features": feats.half().contiguous()}, metadata={"encoder": encoder,
+                                                                                     "images": str(len(paths))}))
+    return feats.half().float(), index

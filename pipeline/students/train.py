@@ -1,0 +1,158 @@
+"""Training, model selection and test scoring of one student (architecture x caption source).
+
+Batches are padded caption id sequences with masked cross-entropy; inputs come from a feature source (cached
+features of a frozen encoder, or an encoder run in the loop when it is fine-tuned). Every epoch ends with an atomic
+``last/`` checkpoint (weights as safetensors, optimizer state, loop state), so a killed run resumes where it was; the
+best model by validation CIDEr-D is kept in ``best/`` with its config and vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import StudentsConfig
+from pipeline.metrics import CaptionScorer
+from pipeline.rundir import atomic_write_json, publish_dir
+from pipeline.students.beam import beam_search
+from pipeline.students.decoders import build_decoder
+from pipeline.students.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+FeatureFn = Callable[[str, torch.Tensor], torch.Tensor]  # (split, row indices) -> decoder input features
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    out = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Mean cross-entropy over non-padding target tokens."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=pad_id)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def decode_split(model: nn.Module, features: FeatureFn, split: str, n: int, vocab: Vocabulary, beam: int,
+                 max_length: int, batch_size: int = 512) -> list[str]:
+    model.eval()
+    out: list[str] = []
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        with torch.no_grad(), _autocast():
+            seqs = beam_search(model, features(split, idx).to(_device()), beam, max_length, vocab.start_id,
+                               vocab.end_id)
+        out += [vocab.decode(s) for s in seqs]
+    return out
+
+
+def _autocast():
+    if torch.cuda.is_available():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def save_student(folder: Path, model: nn.Module, vocab: Vocabulary, meta: dict[str, Any]) -> None:
+    with publish_dir(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        vocab.save(tmp / "vocab.json")
+        atomic_write_json(tmp / "student.json", meta)
+
+
+def load_student(folder: Path, cfg: StudentsConfig) -> tuple[nn.Module, Vocabulary, dict]:
+    meta = json.loads((folder / "student.json").read_text())
+    vocab = Vocabulary.load(folder / "vocab.json")
+    model = build_decoder(meta["arch"], meta["feat_dim"], len(vocab), cfg)
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    return model.to(_device()).eval(), vocab, meta
+
+
+def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim: int,
+                  captions: dict[str, list[str]], vocab: Vocabulary, out_dir: Path, seed: int,
+                  scorer: CaptionScorer, extra_params: list[nn.Parameter] | None = None) -> dict[str, Any]:
+    """Train on ``captions["train"]``, select on val CIDEr-D; resumes from ``out_dir/last`` when present."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = _device()
+    torch.manual_seed(seed)
+    model = build_decoder(arch, feat_dim, len(vocab), cfg).to(device)
+    groups = [{"params": model.parameters(), "lr": cfg.decoder_lr}]
+    if extra_params:
+        groups.append({"params": extra_params, "lr": cfg.encoder_lr})
+    optimizer = torch.optim.Adam(groups)
+    targets = [vocab.encode(c, cfg.max_length) for c in captions["train"]]
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_epoch": None, "bad_epochs": 0,
+             "curves": {"train_loss": [], "val_cider": []}}
+    last = out_dir / "last"
+    if (last / "state.json").is_file():
+        model.load_state_dict(load_file(last / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
+        state = json.loads((last / "state.json").read_text())
+        log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    meta = {"arch": arch, "feat_dim": feat_dim, "vocab_size": len(vocab), "seed": seed}
+    started, n_captions = time.perf_counter(), 0
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stop_patience:
+        epoch = state["epoch"]
+        model.train()
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{out_dir.name} epoch {epoch + 1}", unit="batch",
+                   leave=False)
+        for start in bar:
+            idx = order[start: start + cfg.batch_size]
+            seq = pad_batch([targets[i] for i in idx.tolist()]).to(device)
+            inp, tgt = seq[:, :-1], seq[:, 1:]
+            with _autocast():
+                logits, reg = model(features("train", idx).to(device), inp, (inp != 0).float())
+                loss = caption_loss(logits.float(), tgt)
+                total = loss + cfg.attention_reg * reg if reg is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]] if extra_params else
+                                     model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            n_captions += len(idx)
+            writer.add_scalar("train/loss", loss.item(), state["step"])
+            state["curves"]["train_loss"].append([state["step"], round(loss.item(), 5)])
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        state["epoch"] = epoch + 1
+        if state["epoch"] % cfg.val_every_epochs == 0 or state["epoch"] == cfg.epochs:
+            hyps = decode_split(model, features, "val", len(captions["val"]), vocab, cfg.val_beam_size,
+                                cfg.max_length)
+            cider = scorer.score({str(i): [c] for i, c in enumerate(captions["val"])},
+                                 {str(i): h for i, h in enumerate(hyps)}, only=("CIDEr-D",))["CIDEr-D"]
+            writer.add_scalar("val/CIDEr-D", cider, state["step"])
+            state["curves"]["val_cider"].append([state["step"], round(cider, 5)])
+            log.info("%s epoch %d: train loss %.3f, val CIDEr-D %.3f", out_dir.name, state["epoch"], loss.item(),
+                     cider)
+            if cider > state["best"]:
+                state.update(best=cider, best_epoch=state["epoch"], bad_epochs=0)
+                save_student(out_dir / "best", model, vocab, {**meta, "epoch": state["epoch"], "val_cider": cider})
+            else:
+                state["bad_epochs"] += 1
+        with publish_dir(last) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            atomic_write_json(tmp / "state.json", state)
+    writer.close()
+    seconds = time.perf_counter() - started
+    return {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "best_val_cider": state["best"],
+            "steps": state["step"], "captions_per_second": round(n_captions / seconds, 1) if n_captions else None,
+            "curves": state["curves"]}

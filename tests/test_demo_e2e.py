@@ -1,0 +1,97 @@
+"""The whole chain (`python -m stages.demo`) on a tiny config, then the report's contents."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_stage
+from pipeline.config import load_config
+from pipeline.rundir import read_manifest
+
+TINY = {
+    "data": {"synthetic": {"num_images": 120, "image_size": 48}},
+    "teacher": {"train": {"epochs": 2, "per_device_batch_size": 8, "eval_steps": 10, "save_steps": 10,
+                          "max_val_samples": 8, "eval_generation_samples": 4}},
+    "distill": {"max_new_tokens": 90, "batch_size": 16},
+    "students": {"archs": ["vgg19_gru", "vit_transformer"], "epochs": 2, "batch_size": 16, "beam_size": 2,
+                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 48}},
+    "report": {"gallery_size": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from conftest import write_config
+
+    path = write_config(tmp_path_factory.mktemp("demo"), **TINY)
+    res = run_stage("demo", "--config", str(path), timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "Demo finished" in res.stdout and "report" in res.stdout
+    return load_config(path)
+
+
+@pytest.mark.slow
+def test_every_stage_finished(demo_run):
+    run = demo_run.run_dir
+    for stage_dir in ("data", "teacher", "distill/precise", "distill/creative", "report"):
+        assert read_manifest(run / stage_dir), stage_dir
+    for arch in ("vgg19_gru", "vit_transformer"):
+        for source in ("gt", "precise", "creative"):
+            assert read_manifest(run / "students" / f"{arch}__{source}"), (arch, source)
+
+
+@pytest.mark.slow
+def test_report_tables_plots_and_gallery(demo_run):
+    report = demo_run.run_dir / "report"
+    md = (report / "results.md").read_text()
+    for needle in ("Students trained on the ground truth", "Students trained on teacher captions", "Teacher datasets",
+                   "VGG19 + GRU", "ViT-B/16 + Transformer", "constant caption", "precise", "creative", "BLEU-4",
+                   "CIDEr-D", "METEOR", "ROUGE-L"):
+        assert needle in md, needle
+    rows = (report / "results.csv").read_text().splitlines()
+    assert rows[0] == "model,trained on,BLEU-4,CIDEr-D,METEOR,ROUGE-L"
+    assert len(rows) == 1 + 2 * 3 + 3  # students x sources + one baseline per source
+    teacher = (report / "teacher.csv").read_text().splitlines()
+    assert teacher[1].startswith("ground truth") and any(r.startswith("creative,0.9") for r in teacher)
+    for png in ("metrics.png", "curves.png", "caption_lengths.png"):
+        with Image.open(report / png) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+            assert len(set(im.convert("L").getdata())) > 10, f"{png} looks blank"
+    page = (report / "gallery.html").read_text()
+    assert page.count('class="card"') == 4
+    for label in ("ground truth", "teacher (precise)", "teacher (creative)", "VGG19 + GRU ← gt",
+                  "ViT-B/16 + Transformer ← creative"):
+        assert label in page, label
+    for ref in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert ref.startswith("data:image/") or (report / ref).is_file(), ref
+
+
+@pytest.mark.slow
+def test_gallery_renders_in_headless_chromium(demo_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium); .ci/run installs it")
+    shot = tmp_path / "gallery.png"
+    page = (demo_run.run_dir / "report" / "gallery.html").resolve()
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400", f"--screenshot={shot}",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as im:
+        colours = len(set(im.convert("RGB").resize((200, 280)).getdata()))
+    assert colours > 200, "the screenshot is (nearly) blank: images or text did not render"
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(demo_run):
+    before = {p: p.stat().st_mtime_ns for p in demo_run.run_dir.rglob("manifest.json")}
+    res = run_stage("demo", "--config", str(demo_run.run_dir.parent / "config.yaml"), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {p: p.stat().st_mtime_ns for p in demo_run.run_dir.rglob("manifest.json")}
+    assert before == after
+    assert json.loads((demo_run.run_dir / "report" / "manifest.json").read_text())["figures"]["students"] == 6
