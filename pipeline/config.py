@@ -111,7 +111,7 @@ class DistillConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1.0 = plain temperature sampling (LLaVA's own eval scripts)
     max_new_tokens: int = Field(200, gt=0)
     batch_size: int = Field(16, gt=0)
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers"] = "transformers"  # batched HF generate (a vLLM backend is not built yet)
     temperatures: dict[str, float] = {"precise": 0.2, "creative": 0.9}  # what `make demo` / `make submit` run
 
     @property

@@ -14,6 +14,9 @@ SEED_ORDER = ("BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L")  # the course reports' c
 ARCH_NAMES = {"vgg19_gru": "VGG19 + GRU", "resnet101_gru": "ResNet-101 global + GRU",
               "resnet101_attn_gru": "ResNet-101 grid + attention GRU", "vit_transformer": "ViT-B/16 + Transformer"}
 
+SHORT_NAMES = {"vgg19_gru": "VGG19\nGRU", "resnet101_gru": "R101\nGRU", "resnet101_attn_gru": "R101 grid\natt-GRU",
+               "vit_transformer": "ViT-B/16\nTransf."}
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -63,9 +66,10 @@ def plot_metric_bars(results: Sequence[dict], path: Path) -> None:
                       for a in archs]
             ax.bar([i + j * width for i in range(len(archs))], values, width, label=source)
         ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(archs))])
-        ax.set_xticklabels([ARCH_NAMES.get(a, a).replace(" + ", "\n+ ") for a in archs], fontsize=7)
+        ax.set_xticklabels([SHORT_NAMES.get(a, a) for a in archs], fontsize=8)
         ax.set_title(metric)
-    axes[0].legend(title="trained on")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="trained on", loc="outside right center")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -74,13 +78,15 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
     """Training loss and validation CIDEr-D against step, one line per student."""
     plt = _figure()
     fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    for name, c in sorted(curves.items()):
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, c) in enumerate(sorted(curves.items())):
+        colour = colours[i % len(colours)]
         if c.get("train_loss"):
             steps, losses = zip(*c["train_loss"])
-            loss_ax.plot(steps, losses, lw=0.8, label=name)
+            loss_ax.plot(steps, losses, lw=0.8, label=name, color=colour)
         if c.get("val_cider"):
             steps, cider = zip(*c["val_cider"])
-            val_ax.plot(steps, cider, marker="o", ms=3, label=name)
+            val_ax.plot(steps, cider, marker="o", ms=3, label=name, color=colour)
     loss_ax.set(title="training loss (masked cross-entropy)", xlabel="step", yscale="log")
     val_ax.set(title="validation CIDEr-D", xlabel="step")
     val_ax.legend(fontsize=6, ncol=2)

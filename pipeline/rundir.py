@@ -63,11 +63,18 @@ class RunDir:
         return self.root / "report"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should be as readable as any other file
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -100,6 +107,7 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -172,6 +180,34 @@ def is_up_to_date(stage_dir: str | Path, config: dict[str, Any], inputs: dict[st
     """True when ``stage_dir`` holds a finished output made from exactly this config slice and these inputs."""
     manifest = read_manifest(stage_dir)
     return manifest is not None and manifest.get("fingerprint") == stage_fingerprint(config, inputs)
+
+
+WORK_STAMP = ".settings"  # fingerprint of the settings that partial (resumable) work in a stage folder belongs to
+
+
+def is_stale_work(stage_dir: str | Path, config: dict[str, Any], inputs: dict[str, str]) -> bool:
+    """True when ``stage_dir`` holds a finished output or partial work made with other settings."""
+    stamp = Path(stage_dir) / WORK_STAMP
+    return read_manifest(stage_dir) is not None or (stamp.is_file() and
+                                                     stamp.read_text() != stage_fingerprint(config, inputs))
+
+
+def reset_work_dir(stage_dir: str | Path, config: dict[str, Any], inputs: dict[str, str], *, force: bool) -> None:
+    """Make ``stage_dir`` the work folder of a resumable run with these settings: keep partial work of the same
+    settings (resume), wipe it on ``force``, a finished output, or other settings."""
+    stage_dir = Path(stage_dir)
+    if force or is_stale_work(stage_dir, config, inputs):
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not (stage_dir / WORK_STAMP).is_file():
+        atomic_write_text(stage_dir / WORK_STAMP, stage_fingerprint(config, inputs))
+
+
+def wait_for_work_dir(stage_dir: str | Path, config: dict[str, Any], inputs: dict[str, str]) -> None:
+    """Other ranks of a multi-process run: wait until rank 0 has reset the folder for these settings."""
+    stamp, wanted = Path(stage_dir) / WORK_STAMP, stage_fingerprint(config, inputs)
+    while not (stamp.is_file() and stamp.read_text() == wanted):
+        time.sleep(0.5)
 
 
 def require_stage(stage_dir: str | Path, stage: str) -> dict[str, Any]:

@@ -27,6 +27,8 @@ mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 cat > "$dir/slurm.conf" <<EOF
 ClusterName=fashiondistill
 SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort=16817
+SlurmdPort=16818
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ from pipeline.config import Config
 from pipeline.data.diagnostics import caption_diagnostics
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
-from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, publish_dir, read_manifest, require_stage,
-                             stage_fingerprint, write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, read_manifest,
+                             require_stage, reset_work_dir, write_manifest)
 from stages.cli import stage_main
 
 log = logging.getLogger("distill")
@@ -164,21 +163,16 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         log.info("%s is up to date (use --force to rerun)", out)
         return out
     i, n = parse_shard(getattr(args, "shard", None))
-    stamp = out / "generation_settings.txt"
-    wanted = stage_fingerprint(config, inputs)
-    if not getattr(args, "merge", False) and (args.force or (stamp.is_file() and stamp.read_text() != wanted)
-                                              or read_manifest(out) is not None):
-        if n > 1 and not args.force:
+    merging = getattr(args, "merge", False)
+    if not merging:
+        if n > 1 and not args.force and is_stale_work(out, config, inputs):
             raise PipelineError(f"{out} holds generations from other settings; rerun with --force on one shard "
                                 "first or delete the folder")
-        shutil.rmtree(out, ignore_errors=True)  # other settings or a forced rerun: old generations are invalid
-    out.mkdir(parents=True, exist_ok=True)
-    if not stamp.is_file():
-        stamp.write_text(wanted)
+        reset_work_dir(out, config, inputs, force=args.force)  # other settings: old generations are invalid
     data = load_captions(rd.data / "captions")
     rows, test_rows = split_rows(data, "train") + split_rows(data, "val"), split_rows(data, "test")
     throughput = None
-    if getattr(args, "merge", False):
+    if merging:
         n = shard_count(out)
     else:  # the test images too: not part of the dataset, but the teacher's own test score and the gallery
         throughput = generate_shard(cfg, rows + test_rows, out, i, n, model_dir, adapter)

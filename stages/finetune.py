@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import Config, config_slice
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
-from pipeline.rundir import (RunDir, atomic_write_json, fingerprint, fingerprint_tree, is_up_to_date, read_manifest,
-                             require_stage, write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, fingerprint_tree, is_up_to_date, require_stage,
+                             reset_work_dir, wait_for_work_dir, write_manifest)
 from stages.cli import stage_main
 
 log = logging.getLogger("finetune")
@@ -99,16 +98,10 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         return rd.teacher
 
     out = rd.teacher
-    run_id = fingerprint({"config": config, "inputs": inputs})
-    stamp = out / "checkpoints" / "run_fingerprint.txt"
-    if rank() == 0:
-        if args.force or (stamp.is_file() and stamp.read_text() != run_id) or read_manifest(out) is not None:
-            shutil.rmtree(out, ignore_errors=True)  # fresh start: stale checkpoints would be resumed otherwise
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(run_id)
+    if rank() == 0:  # a fresh start wipes stale checkpoints, which would be resumed otherwise
+        reset_work_dir(out, config, inputs, force=args.force)
     else:
-        while not (stamp.is_file() and stamp.read_text() == run_id):
-            time.sleep(0.5)
+        wait_for_work_dir(out, config, inputs)
 
     figures = finetune(cfg.teacher, train_rows, val_rows, out, cfg.seed)
     if not figures.pop("is_main_process"):

@@ -34,6 +34,9 @@ TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 len
 def _student_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
     results, baselines = finished_results(rd)
     results = [{**r, "folder": rd.students / f"{r['arch']}__{r['source']}"} for r in results]
+    order = list(ARCH_NAMES)  # the course reports' order; sources: gt first, then by name
+    results.sort(key=lambda r: (r["source"] != "gt", r["source"],
+                                order.index(r["arch"]) if r["arch"] in order else len(order)))
     if not results:
         raise PipelineError(f"{rd.students}: no finished students; run the 'students' stage first")
     return results, baselines

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import logging
-import shutil
 import sys
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ from pipeline.data.formats import load_captions, split_rows
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, CaptionScorer
 from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
-                             require_stage, stage_fingerprint, write_manifest)
+                             require_stage, reset_work_dir, write_manifest)
 from stages.cli import stage_main
 
 log = logging.getLogger("students")
@@ -91,12 +90,7 @@ def train_one(cfg: Config, rd: RunDir, arch: str, source: str, rows: dict[str, l
     if not args.force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date", out.name)
         return json.loads((out / "metrics.json").read_text())
-    stamp = out / "settings.txt"
-    wanted = stage_fingerprint(config, inputs)
-    if args.force or read_manifest(out) is not None or (stamp.is_file() and stamp.read_text() != wanted):
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(wanted)
+    reset_work_dir(out, config, inputs, force=args.force)
     started = time.time()
     captions = {s: [r["caption"] for r in rows[s]] for s in ("train", "val")}
     if not captions["train"] or not captions["val"]:

@@ -158,9 +158,9 @@ def test_training_resumes_after_a_crash(tmp_path):
 @pytest.mark.slow
 def test_students_stage_trains_scores_and_beats_baseline(make_config):
     path = make_config(data={"synthetic": {"num_images": 400, "image_size": 64}},
-                       students={"archs": ["vgg19_gru", "vit_transformer"], "epochs": 6, "batch_size": 32,
+                       students={"archs": ["vgg19_gru", "vit_transformer"], "epochs": 15, "batch_size": 16,
                                  "encoder": {"pretrained": False, "width": 0.25, "image_size": 64},
-                                 "val_every_epochs": 2, "beam_size": 2})
+                                 "val_every_epochs": 5, "beam_size": 2})
     cfg = load_config(path)
     prepare.run(cfg, Namespace(force=False))
     students.run(cfg, Namespace(force=False))

@@ -109,11 +109,13 @@ def test_killed_finetune_resumes_from_last_checkpoint(teacher_world):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(ckpts.glob("checkpoint-*")), "no checkpoint was written before the kill"
+    (ckpts / "checkpoint-9999").mkdir()  # what a kill during a save leaves: no trainer_state.json yet
+    (ckpts / "checkpoint-9999" / "adapter_model.safetensors").write_bytes(b"partial")
     assert read_manifest(cfg.run_dir / "teacher") is None
     finetune.run(cfg, Namespace(force=False))
     fig = read_manifest(cfg.run_dir / "teacher")["figures"]
     assert fig["resumed_from"] and fig["resumed_from"].startswith("checkpoint-")
-    assert int(fig["resumed_from"].split("-")[1]) >= 10
+    assert 10 <= int(fig["resumed_from"].split("-")[1]) < 9999
     assert fig["global_steps"] == 3 * -(-fig["train_samples"] // 8)
     model = load_teacher(cfg.teacher.model, cfg.run_dir / "teacher" / "adapter", precision="fp32")
     assert model is not None

@@ -7,6 +7,7 @@ saved through peft's ``modules_to_save``, so every checkpoint holds everything t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.config import TeacherConfig
 from pipeline.teacher.collator import CaptionCollator, answer_ids, prompt_length
@@ -53,6 +53,22 @@ def split_too_long(rows: list[dict[str, Any]], processor, max_length: int) -> tu
         (keep if n <= max_length else too_long).append(r if n <= max_length else {"image_id": r["image_id"],
                                                                                  "tokens": n})
     return keep, too_long
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing. It writes trainer_state.json last, so a run killed while
+    saving leaves a folder without it (``get_last_checkpoint`` would pick that folder and fail on resume)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit())
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            log.warning("ignoring incomplete checkpoint %s", path)
+            continue
+        return str(path)
+    return None
 
 
 def lora_target_regex(modules: list[str]) -> str:
@@ -147,7 +163,7 @@ def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], o
     log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     ckpt_dir = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if cfg.train.resume and ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir) if cfg.train.resume else None
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
     args = training_arguments(cfg, ckpt_dir, seed, has_val=bool(val_rows), resuming=last is not None)
     trainer = TeacherTrainer(model=model, args=args, train_dataset=CaptionImages(train_rows),
