@@ -10,8 +10,6 @@ encoder feature cache) and ``summary.md`` / ``summary.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import sys
@@ -25,6 +23,7 @@ from pipeline.config import Config, config_slice
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, CaptionScorer
+from pipeline.reporting import csv_text, markdown_table
 from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
                              require_stage, reset_work_dir, write_manifest)
 from stages.cli import stage_main
@@ -132,12 +131,7 @@ def summary_table(results: list[dict], baselines: dict[str, dict]) -> tuple[str,
     rows = [[r["arch"], r["source"], *(r["test"].get(m) for m in METRICS)] for r in results]
     rows += [["constant baseline", s, *(b["test"].get(m) for m in METRICS)] for s, b in baselines.items()]
     header = ["model", "source", *METRICS]
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(x if isinstance(x, str) else ("" if x is None else f"{x:.3f}") for x in r) + " |"
-           for r in rows]
-    return "\n".join(md) + "\n", buf.getvalue()
+    return markdown_table(header, rows), csv_text(header, rows)
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Path:

@@ -50,8 +50,10 @@ def split_too_long(rows: list[dict[str, Any]], processor, max_length: int) -> tu
     keep, too_long = [], []
     for r in rows:
         n = n_prompt + len(answer_ids(processor, r["caption"]))
-        (keep if n <= max_length else too_long).append(r if n <= max_length else {"image_id": r["image_id"],
-                                                                                 "tokens": n})
+        if n <= max_length:
+            keep.append(r)
+        else:
+            too_long.append({"image_id": r["image_id"], "tokens": n})
     return keep, too_long
 
 
