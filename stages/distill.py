@@ -83,7 +83,7 @@ def generate_shard(cfg: Config, rows: list[dict], out: Path, i: int, n: int, mod
     processor = load_processor(adapter or model_dir)
     model = load_teacher(model_dir, adapter, precision=cfg.teacher.precision,
                          attn_implementation=cfg.teacher.attn_implementation,
-                         device_map="auto" if _cuda() else None)
+                         device_map="auto" if _cuda() else None, merge=True)
     return generate_to_jsonl(model, processor, shard_rows(rows, i, n), shard_file(out, i, n), seed=cfg.seed,
                              temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens,
                              batch_size=d.batch_size, desc=f"distill {d.dataset_name} T={d.temperature}")

@@ -57,7 +57,7 @@ def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict
 
     processor = load_processor(adapter or cfg.teacher.model)
     model = load_teacher(cfg.teacher.model, adapter, precision=cfg.teacher.precision,
-                         attn_implementation=cfg.teacher.attn_implementation)
+                         attn_implementation=cfg.teacher.attn_implementation, merge=True)
     captions: dict[str, str] = {}
     bs = cfg.distill.batch_size
     for i in range(0, len(rows), bs):

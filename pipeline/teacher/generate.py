@@ -37,7 +37,10 @@ class PerRowSampler(LogitsProcessor):
             drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest prefix reaching top_p
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        # inverse-CDF sampling: one uniform draw per row from that row's generator, then one vectorised search
+        u = torch.stack([torch.rand((), generator=g) for g in self.generators])
+        cdf = probs.cumsum(-1)
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[-1] - 1)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, chosen.to(scores.device), 0.0)
 

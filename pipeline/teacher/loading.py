@@ -60,8 +60,9 @@ def load_base_model(path: str | Path, precision: str = "bf16", attn_implementati
 
 
 def load_teacher(base: str | Path, adapter: str | Path | None = None, *, precision: str = "bf16",
-                 attn_implementation: str = "sdpa", device_map=None):
-    """Base model with the LoRA adapter applied (or a merged model when ``adapter`` is None), in eval mode."""
+                 attn_implementation: str = "sdpa", device_map=None, merge: bool = False):
+    """Base model with the LoRA adapter applied (or a merged model when ``adapter`` is None), in eval mode.
+    ``merge`` folds the adapter into the weights in memory: same outputs, no extra LoRA matmuls per token."""
     model = load_base_model(base, precision, attn_implementation, device_map=device_map)
     if adapter is not None:
         from peft import PeftModel
@@ -70,4 +71,6 @@ def load_teacher(base: str | Path, adapter: str | Path | None = None, *, precisi
         if not (adapter / "adapter_config.json").is_file():
             raise TeacherError(f"LoRA adapter {adapter} not found (no adapter_config.json); run 'finetune' first")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        if merge:
+            model = model.merge_and_unload()
     return model.eval()
