@@ -21,8 +21,8 @@ from pipeline.config import Config
 from pipeline.data.diagnostics import caption_diagnostics
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
-from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, read_manifest,
-                             require_stage, reset_work_dir, write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, require_stage,
+                             reset_work_dir, write_manifest)
 from stages.cli import stage_main
 
 log = logging.getLogger("distill")
@@ -61,7 +61,6 @@ def shard_count(out: Path) -> int:
 
 def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
     """(model folder, adapter folder or None): the merged model when finetune wrote one, else adapter on base."""
-    require_stage(rd.teacher, "finetune")
     merged = rd.teacher / "merged"
     if (merged / "config.json").is_file():
         return merged, None
@@ -132,8 +131,7 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     diag["vs_ground_truth"] = {"BLEU-4": agree["BLEU-4"], "CIDEr-D": agree["CIDEr-D"]}
     diag["teacher_on_test"] = teacher_test
     diag["ground_truth"] = gt
-    teacher_manifest = read_manifest(rd.teacher)
-    meta = {**config, "teacher_fingerprint": teacher_manifest["fingerprint"], "teacher_dir": str(rd.teacher),
+    meta = {**config, "teacher_fingerprint": inputs["teacher"], "teacher_dir": str(rd.teacher),
             "shards": n, "throughput": throughput}
     with publish_dir(out / "captions") as tmp:
         to_hf_dataset(kept + test_rows).save_to_disk(str(tmp))
@@ -155,10 +153,11 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
     data_manifest = require_stage(rd.data, "prepare")
+    teacher_manifest = require_stage(rd.teacher, "finetune")
     model_dir, adapter = teacher_paths(cfg, rd)
     out = rd.distill(cfg.distill.dataset_name)
     config = distill_config(cfg)
-    inputs = {"data": data_manifest["fingerprint"], "teacher": read_manifest(rd.teacher)["fingerprint"]}
+    inputs = {"data": data_manifest["fingerprint"], "teacher": teacher_manifest["fingerprint"]}
     if not args.force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date (use --force to rerun)", out)
         return out

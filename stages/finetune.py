@@ -49,8 +49,7 @@ def teacher_inputs(cfg: Config, rd: RunDir) -> dict[str, str]:
 
 def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict:
     """Greedy captions for held-out images and their BLEU-4 / CIDEr-D against the ground truth."""
-    from PIL import Image
-
+    from pipeline.data.images import load_rgb
     from pipeline.metrics import CaptionScorer
     from pipeline.teacher.generate import generate_captions
     from pipeline.teacher.loading import load_processor, load_teacher
@@ -62,7 +61,7 @@ def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict
     bs = cfg.distill.batch_size
     for i in range(0, len(rows), bs):
         chunk = rows[i: i + bs]
-        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+        images = [load_rgb(r["image_path"]) for r in chunk]
         gens = generate_captions(model, processor, images, [r["image_id"] for r in chunk], seed=cfg.seed,
                                  temperature=0.0, top_p=1.0, max_new_tokens=cfg.distill.max_new_tokens)
         captions.update({r["image_id"]: g.caption for r, g in zip(chunk, gens)})

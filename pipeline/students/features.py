@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import EncoderSettings
+from pipeline.data.images import load_rgb
 from pipeline.rundir import atomic_write_bytes
 from pipeline.students.encoders import build_encoder, image_transform, weights_file
 
@@ -41,8 +41,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB"))
+        return self.transform(load_rgb(self.paths[i]))
 
 
 @torch.no_grad()

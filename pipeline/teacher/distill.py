@@ -15,9 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.images import load_rgb
 from pipeline.teacher.generate import generate_captions
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, 
     started, n = time.perf_counter(), 0
     with open(path, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc=desc, unit="img") as bar:
         for batch in _batches(todo, batch_size):
-            images = []
-            for r in batch:
-                with Image.open(r["image_path"]) as im:
-                    images.append(im.convert("RGB"))
+            images = [load_rgb(r["image_path"]) for r in batch]
             gens = generate_captions(model, processor, images, [r["image_id"] for r in batch], seed=seed,
                                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
             fh.write("".join(json.dumps({"image_id": r["image_id"], **asdict(g)}) + "\n"

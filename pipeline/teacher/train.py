@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import Trainer, TrainingArguments
 
 from pipeline.config import TeacherConfig
+from pipeline.data.images import load_rgb
 from pipeline.teacher.collator import CaptionCollator, answer_ids, prompt_length
 from pipeline.teacher.loading import load_base_model
 
@@ -37,16 +37,14 @@ class CaptionImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.rows[i]
-        with Image.open(r["image_path"]) as im:
-            return {"image": im.convert("RGB"), "caption": r["caption"], "image_id": r["image_id"]}
+        return {"image": load_rgb(r["image_path"]), "caption": r["caption"], "image_id": r["image_id"]}
 
 
 def split_too_long(rows: list[dict[str, Any]], processor, max_length: int) -> tuple[list, list[dict[str, Any]]]:
     """Rows that fit ``max_length`` whole (prompt + image tokens + caption + EOS), and a report of those that don't."""
     if not rows:
         return [], []
-    with Image.open(rows[0]["image_path"]) as im:
-        n_prompt = prompt_length(processor, im.convert("RGB"))
+    n_prompt = prompt_length(processor, load_rgb(rows[0]["image_path"]))
     keep, too_long = [], []
     for r in rows:
         n = n_prompt + len(answer_ids(processor, r["caption"]))
