@@ -1,10 +1,11 @@
 """`students`: train every (architecture x caption source) and score it on the ground-truth test split.
 
 Sources are ``gt`` plus every finished distilled dataset of the run (or ``students.sources``). Output per model in
-``<run_dir>/students/<arch>__<source>/``: ``best/`` (safetensors + student.json + vocab.json), ``last/`` (resume),
+``<run_dir>/students/<arch>__<source>/``: ``best/`` (safetensors + student.json + vocab.json, and the encoder's
+weights when ``students.encoder.finetune``), ``last/`` (resume),
 ``metrics.json``, ``predictions.jsonl``, ``curves.json``, ``tensorboard/``, ``manifest.json`` (last). Also
 ``baseline__<source>/metrics.json`` (the most frequent training caption for every test image), ``features/`` (the
-encoder feature cache) and ``summary.md`` / ``summary.csv``.
+frozen encoders' feature cache; a fine-tuned encoder runs in the loop instead) and ``summary.md`` / ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
 
 from pipeline.config import Config, config_slice
 from pipeline.data.formats import load_captions, split_rows
@@ -49,29 +49,25 @@ def _rows(folder: Path) -> dict[str, list[dict]]:
     return {s: split_rows(data, s) for s in SPLITS}
 
 
-class Features:
-    """Decoder inputs per split, from the feature cache of a frozen encoder."""
-
-    def __init__(self, arch: str, table: torch.Tensor, index: dict[str, int], rows: dict[str, list[dict]]):
-        self.pooled = arch == "resnet101_gru"  # the seed's global ResNet feature = mean of the 7x7 grid
-        self.table = table
-        self.rows = {s: torch.tensor([index[r["image_path"]] for r in rows[s]], dtype=torch.long) for s in rows}
-
-    @property
-    def dim(self) -> int:
-        return self.table.shape[-1]
-
-    def __call__(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        x = self.table[self.rows[split][idx]]
-        return x.mean(1) if self.pooled and x.dim() == 3 else x
-
-
 def baseline(scorer: CaptionScorer, train_captions: list[str], test_rows: list[dict]) -> dict:
     """Scores of the most frequent training caption used for every test image."""
     caption, count = Counter(train_captions).most_common(1)[0]
     scores = scorer.score({r["image_id"]: [r["caption"]] for r in test_rows}, {r["image_id"]: caption
                                                                               for r in test_rows})
     return {"caption": caption, "train_count": count, "test": scores}
+
+
+def decoder_inputs(cfg: Config, arch: str, paths: dict[str, list[str]], feature_table):
+    """(features, encoder being fine-tuned or None): cached features of the frozen encoder, or the encoder in the
+    loop when ``students.encoder.finetune``."""
+    from pipeline.students.encoders import ENCODER_OF, build_encoder
+    from pipeline.students.features import CachedFeatures, EncoderFeatures
+
+    settings = cfg.students.encoder
+    if not settings.finetune:
+        return CachedFeatures(arch, *feature_table(arch), paths), None
+    encoder = build_encoder(ENCODER_OF[arch], settings, cfg.seed)
+    return EncoderFeatures(arch, encoder, settings.image_size, paths), encoder
 
 
 def train_one(cfg: Config, rd: RunDir, arch: str, source: str, rows: dict[str, list[dict]],
@@ -95,10 +91,11 @@ def train_one(cfg: Config, rd: RunDir, arch: str, source: str, rows: dict[str, l
     if not captions["train"] or not captions["val"]:
         raise PipelineError(f"{source_dir(rd, source)}: source '{source}' needs non-empty train and val splits")
     vocab = Vocabulary.build(captions["train"], cfg.students.min_word_count)
-    table, index = feature_table(arch)
-    feats = Features(arch, table, index, {"train": rows["train"], "val": rows["val"], "test": test_rows})
-    result = train_student(arch, cfg.students, feats, feats.dim, captions, vocab, out, cfg.seed, scorer)
-    model, vocab, meta = load_student(out / "best", cfg.students)
+    paths = {s: [r["image_path"] for r in split] for s, split in (("train", rows["train"]), ("val", rows["val"]),
+                                                                   ("test", test_rows))}
+    feats, encoder = decoder_inputs(cfg, arch, paths, feature_table)
+    result = train_student(arch, cfg.students, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder)
+    model, vocab, meta = load_student(out / "best", cfg.students, encoder)
     hyps = decode_split(model, feats, "test", len(test_rows), vocab, cfg.students.beam_size, cfg.students.max_length)
     predictions = {r["image_id"]: h for r, h in zip(test_rows, hyps)}
     scores = scorer.score({r["image_id"]: [r["caption"]] for r in test_rows}, predictions)
@@ -143,9 +140,6 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     unknown = [a for a in cfg.students.archs if a not in ENCODER_OF]
     if unknown:
         raise PipelineError(f"students.archs: unknown architecture(s) {unknown}; known: {sorted(ENCODER_OF)}")
-    if cfg.students.encoder.finetune:
-        raise PipelineError("students.encoder.finetune=true is not supported by this stage yet: encoders are "
-                            "frozen and their features cached (scripts/bench.py runs the in-the-loop way)")
     sources = resolve_sources(cfg, rd)
     gt = _rows(rd.data)
     test_rows = gt["test"]

@@ -10,7 +10,7 @@ from pipeline.rundir import read_manifest
 from pipeline.students import features as features_mod
 from pipeline.students.beam import beam_search, greedy_decode
 from pipeline.students.decoders import build_decoder
-from pipeline.students.train import caption_loss, train_student
+from pipeline.students.train import caption_loss, load_student, train_student
 from pipeline.students.vocab import Vocabulary
 from stages import prepare, students
 
@@ -72,28 +72,43 @@ def test_transformer_incremental_step_matches_full_forward():
 
 
 def test_metrics_match_pycocoevalcap_scorers_called_directly():
+    """Our batched METEOR, rapidfuzz LCS for ROUGE-L and joint tokenisation give pycocoevalcap's exact scores."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    refs = {"a": ["The lady wears a long-sleeve shirt with floral patterns."],
-            "b": ["His pants are of long length, with denim fabric."],
-            "c": ["There is a ring on her finger. She wears a hat."]}
-    hyps = {"a": "The lady wears a shirt with floral patterns.", "b": "His pants are long denim pants.",
-            "c": "There is a hat on her head."}
-    with CaptionScorer() as scorer:
+    from pipeline.data.synthetic import load_caption_pool
+
+    pool = load_caption_pool()
+    test, train = list(pool["test"].values()), list(pool["train"].values())
+    # 1 to 3 references per image, real DeepFashion captions as hypotheses (one short, one with METEOR's separator)
+    refs = {f"img{i}": test[3 * i: 3 * i + 1 + i % 3] for i in range(150)}
+    hyps = {k: train[i] for i, k in enumerate(refs)}
+    hyps["img0"], hyps["img1"] = "a shirt", "The lady ||| wears a shirt."
+    with CaptionScorer(meteor_processes=2) as scorer:
         ours = scorer.score(refs, hyps)
+        assert scorer.score(refs, hyps, only=["CIDEr-D"]) == {"CIDEr-D": ours["CIDEr-D"]}
     tok = PTBTokenizer()
     gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
     res = tok.tokenize({k: [{"caption": v}] for k, v in hyps.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    direct = {"BLEU-1": bleu[0], "BLEU-4": bleu[3], "METEOR": Meteor().compute_score(gts, res)[0],
+    direct = {**{f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}, "METEOR": Meteor().compute_score(gts, res)[0],
               "ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr-D": Cider().compute_score(gts, res)[0]}
+    assert list(ours) == list(direct)
     for name, value in direct.items():
-        assert ours[name] == pytest.approx(value, abs=1e-9), name
-    assert 0 < ours["BLEU-4"] < 1 and ours["CIDEr-D"] > 0
+        assert ours[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    assert 0 < ours["BLEU-4"] < 1 and 0 < ours["METEOR"] < 1 and ours["CIDEr-D"] > 0
+
+
+def test_metrics_reject_mismatched_ids_and_unknown_metrics():
+    with CaptionScorer(meteor=False) as scorer:
+        with pytest.raises(ValueError, match="differ in ids"):
+            scorer.score({"a": ["a red shirt"]}, {"b": "a red shirt"})
+        with pytest.raises(ValueError, match="unknown metrics"):
+            scorer.score({"a": ["a red shirt"]}, {"a": "a red shirt"}, only=["SPICE"])
+        assert "METEOR" not in scorer.score({"a": ["a red shirt"]}, {"a": "a red shirt"})
 
 
 def test_feature_cache_reuses_and_invalidates(tmp_path, monkeypatch):
@@ -153,6 +168,91 @@ def test_training_resumes_after_a_crash(tmp_path):
     assert result["epochs_run"] == 4 and result["steps"] == 16
     assert [s for s, _ in result["curves"]["val_cider"]] == [4, 8, 12, 16]
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_fine_tuned_encoder_is_trained_checkpointed_and_resumed_exactly(tmp_path):
+    """A crash + resume with the encoder in the loop ends where an uninterrupted run does (decoder, encoder,
+    optimizer of both), and best/ holds the encoder weights that go with the best decoder."""
+    from safetensors.torch import load_file
+
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    images = {"train": torch.randn(32, 8), "val": torch.randn(4, 8)}
+    cfg = SMALL.model_copy(update={"epochs": 4, "batch_size": 8, "val_every_epochs": 1, "early_stop_patience": 9,
+                                   "encoder_lr": 1e-2})
+
+    class Scorer:
+        def __init__(self, crash_at=None):
+            self.calls, self.crash_at = 0, crash_at
+
+        def score(self, refs, hyps, only=None):
+            self.calls += 1
+            if self.calls == self.crash_at:
+                raise _Crash
+            return {"CIDEr-D": [0.1, 0.5, 0.3, 0.2][self.calls - 1]}  # epoch 2 is the best
+
+    def run(out, scorer):
+        torch.manual_seed(0)
+        encoder = torch.nn.Linear(8, 16)
+        initial = {k: v.clone() for k, v in encoder.state_dict().items()}
+        feats = lambda split, idx: encoder(images[split][idx])  # noqa: E731
+        return train_student("vgg19_gru", cfg, feats, 16, caps, vocab, out, 0, scorer, encoder), initial
+
+    straight, initial = run(tmp_path / "straight", Scorer())
+    with pytest.raises(_Crash):
+        run(tmp_path / "resumed", Scorer(crash_at=3))
+    scorer = Scorer()
+    scorer.calls = 2  # the validation rounds already done before the crash
+    resumed, _ = run(tmp_path / "resumed", scorer)
+    assert resumed["steps"] == straight["steps"] == 16
+    for name in ("model.safetensors", "encoder.safetensors"):
+        a, b = load_file(tmp_path / "straight" / "last" / name), load_file(tmp_path / "resumed" / "last" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    best = load_file(tmp_path / "straight" / "best" / "encoder.safetensors")
+    last = load_file(tmp_path / "straight" / "last" / "encoder.safetensors")
+    assert not torch.equal(best["weight"], initial["weight"])  # the encoder was trained
+    assert not torch.equal(best["weight"], last["weight"])  # best/ has epoch 2's encoder, not the last one
+    encoder = torch.nn.Linear(8, 16)
+    load_student(tmp_path / "straight" / "best", cfg, encoder)
+    assert torch.equal(encoder.weight, best["weight"])
+    with pytest.raises(ValueError, match="fine-tuned its encoder"):
+        load_student(tmp_path / "straight" / "best", cfg)
+
+
+@pytest.mark.slow
+def test_students_stage_fine_tunes_the_encoder(make_config):
+    from pipeline.students.encoders import build_encoder
+
+    path = make_config(students={"archs": ["resnet101_gru"], "epochs": 2, "batch_size": 16, "beam_size": 2,
+                                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 32,
+                                             "finetune": True}, "encoder_lr": 1e-3})
+    cfg = load_config(path)
+    prepare.run(cfg, Namespace(force=False))
+    students.run(cfg, Namespace(force=False))
+    out = cfg.run_dir / "students" / "resnet101_gru__gt"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["CIDEr-D"] >= 0 and metrics["test_images"] > 0
+    assert not (cfg.run_dir / "students" / "features").exists()  # nothing cached: the encoder changes
+    from safetensors.torch import load_file
+
+    trained = load_file(out / "best" / "encoder.safetensors")
+    initial = build_encoder("resnet101", cfg.students.encoder, cfg.seed).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if initial[k].is_floating_point())
+    assert json.loads((out / "best" / "student.json").read_text())["encoder_finetuned"] is True
+    # the test predictions come from the best decoder with the encoder saved beside it
+    from pipeline.data.formats import load_captions, split_rows
+    from pipeline.students.features import EncoderFeatures
+    from pipeline.students.train import decode_split
+
+    test_rows = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "test")
+    encoder = build_encoder("resnet101", cfg.students.encoder, seed=123)
+    model, vocab, _ = load_student(out / "best", cfg.students, encoder)
+    feats = EncoderFeatures("resnet101_gru", encoder, 32, {"test": [r["image_path"] for r in test_rows]})
+    hyps = decode_split(model, feats, "test", len(test_rows), vocab, 2, cfg.students.max_length)
+    saved = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert saved == [{"image_id": r["image_id"], "caption": h} for r, h in zip(test_rows, hyps)]
 
 
 @pytest.mark.slow

@@ -1,6 +1,9 @@
-"""Feature cache for frozen encoders: computed once per (encoder, settings, seed, image set) and stored as
-safetensors (float16). The key covers the encoder's settings and weights file and every image's path, size and
-mtime, so changing the encoder or any image computes a new cache instead of reusing a stale one.
+"""Decoder inputs of the students: cached features of a frozen encoder, or an encoder run (and fine-tuned) in
+the training loop.
+
+The feature cache is computed once per (encoder, settings, seed, image set) and stored as safetensors (float16). The
+key covers the encoder's settings and weights file and every image's path, size and mtime, so changing the encoder
+or any image computes a new cache instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -74,3 +77,41 @@ def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed:
     atomic_write_bytes(file, save({"features": feats.half().contiguous()}, metadata={"encoder": encoder,
                                                                                      "images": str(len(paths))}))
     return feats.half().float(), index
+
+
+class CachedFeatures:
+    """Decoder inputs per split, rows of a frozen encoder's cached feature table."""
+
+    def __init__(self, arch: str, table: torch.Tensor, index: dict[str, int], paths: dict[str, list[str]]):
+        self.pooled = arch == "resnet101_gru"  # the seed's global ResNet feature = mean of the 7x7 grid
+        self.table = table
+        self.rows = {s: torch.tensor([index[p] for p in paths[s]], dtype=torch.long) for s in paths}
+
+    @property
+    def dim(self) -> int:
+        return self.table.shape[-1]
+
+    def __call__(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        x = self.table[self.rows[split][idx]]
+        return x.mean(1) if self.pooled and x.dim() == 3 else x
+
+
+class EncoderFeatures:
+    """Decoder inputs computed by ``encoder`` from the images of each batch (encoder fine-tuning: no cache;
+    gradients flow into the encoder unless called under ``torch.no_grad``)."""
+
+    def __init__(self, arch: str, encoder: torch.nn.Module, image_size: int, paths: dict[str, list[str]]):
+        self.pooled = arch == "resnet101_gru"
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = encoder.to(self.device)
+        self.images = {s: ImageFiles(paths[s], image_size) for s in paths}
+        with torch.no_grad():
+            self.dim = self._pool(self.encoder.eval()(torch.zeros(1, 3, image_size, image_size,
+                                                                  device=self.device))).shape[-1]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1) if self.pooled and x.dim() == 3 else x
+
+    def __call__(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        images = torch.stack([self.images[split][i] for i in idx.tolist()]).to(self.device)
+        return self._pool(self.encoder(images))

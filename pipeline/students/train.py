@@ -67,33 +67,54 @@ def _autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def save_student(folder: Path, model: nn.Module, vocab: Vocabulary, meta: dict[str, Any]) -> None:
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_student(folder: Path, model: nn.Module, vocab: Vocabulary, meta: dict[str, Any],
+                 encoder: nn.Module | None = None) -> None:
+    """Decoder (and fine-tuned encoder) weights as safetensors, vocabulary and ``student.json``, published at once."""
     with publish_dir(folder) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file(_weights(model), tmp / "model.safetensors")
+        if encoder is not None:
+            save_file(_weights(encoder), tmp / "encoder.safetensors")
         vocab.save(tmp / "vocab.json")
         atomic_write_json(tmp / "student.json", meta)
 
 
-def load_student(folder: Path, cfg: StudentsConfig) -> tuple[nn.Module, Vocabulary, dict]:
+def load_student(folder: Path, cfg: StudentsConfig, encoder: nn.Module | None = None
+                 ) -> tuple[nn.Module, Vocabulary, dict]:
+    """The saved decoder; a student trained with its encoder fine-tuned also loads those weights into ``encoder``."""
     meta = json.loads((folder / "student.json").read_text())
     vocab = Vocabulary.load(folder / "vocab.json")
     model = build_decoder(meta["arch"], meta["feat_dim"], len(vocab), cfg)
     model.load_state_dict(load_file(folder / "model.safetensors"))
+    if meta.get("encoder_finetuned"):
+        if encoder is None:
+            raise ValueError(f"{folder}: this student fine-tuned its encoder; pass the encoder to load it into")
+        encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
     return model.to(_device()).eval(), vocab, meta
 
 
 def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim: int,
                   captions: dict[str, list[str]], vocab: Vocabulary, out_dir: Path, seed: int,
-                  scorer: CaptionScorer, extra_params: list[nn.Parameter] | None = None) -> dict[str, Any]:
-    """Train on ``captions["train"]``, select on val CIDEr-D; resumes from ``out_dir/last`` when present."""
+                  scorer: CaptionScorer, encoder: nn.Module | None = None) -> dict[str, Any]:
+    """Train on ``captions["train"]``, select on val CIDEr-D; resumes from ``out_dir/last`` when present.
+
+    ``encoder``: the image encoder that ``features`` runs, fine-tuned with ``cfg.encoder_lr`` (the decoder gets
+    ``cfg.decoder_lr``) and checkpointed with the decoder. It stays in eval mode: BatchNorm keeps its statistics
+    (caption batches are small) and the features match what the cache of the frozen encoder would hold.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     device = _device()
     torch.manual_seed(seed)
     model = build_decoder(arch, feat_dim, len(vocab), cfg).to(device)
-    groups = [{"params": model.parameters(), "lr": cfg.decoder_lr}]
-    if extra_params:
-        groups.append({"params": extra_params, "lr": cfg.encoder_lr})
+    groups = [{"params": list(model.parameters()), "lr": cfg.decoder_lr}]
+    if encoder is not None:
+        encoder.eval().requires_grad_(True)
+        groups.append({"params": list(encoder.parameters()), "lr": cfg.encoder_lr})
+    params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.Adam(groups)
     targets = [vocab.encode(c, cfg.max_length) for c in captions["train"]]
     state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_epoch": None, "bad_epochs": 0,
@@ -101,11 +122,14 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     last = out_dir / "last"
     if (last / "state.json").is_file():
         model.load_state_dict(load_file(last / "model.safetensors"))
+        if encoder is not None:
+            encoder.load_state_dict(load_file(last / "encoder.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
         log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
-    meta = {"arch": arch, "feat_dim": feat_dim, "vocab_size": len(vocab), "seed": seed}
+    meta = {"arch": arch, "feat_dim": feat_dim, "vocab_size": len(vocab), "seed": seed,
+            "encoder_finetuned": encoder is not None}
     started, n_captions = time.perf_counter(), 0
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stop_patience:
         epoch = state["epoch"]
@@ -123,8 +147,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
                 total = loss + cfg.attention_reg * reg if reg is not None else loss
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]] if extra_params else
-                                     model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             state["step"] += 1
             n_captions += len(idx)
@@ -143,12 +166,14 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
                      cider)
             if cider > state["best"]:
                 state.update(best=cider, best_epoch=state["epoch"], bad_epochs=0)
-                save_student(out_dir / "best", model, vocab, {**meta, "epoch": state["epoch"], "val_cider": cider})
+                save_student(out_dir / "best", model, vocab, {**meta, "epoch": state["epoch"], "val_cider": cider},
+                             encoder)
             else:
                 state["bad_epochs"] += 1
         with publish_dir(last) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      tmp / "model.safetensors")
+            save_file(_weights(model), tmp / "model.safetensors")
+            if encoder is not None:
+                save_file(_weights(encoder), tmp / "encoder.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             atomic_write_json(tmp / "state.json", state)
     writer.close()
