@@ -1,5 +1,6 @@
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,81 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
     before = (out / "vgg19_gru__gt" / "manifest.json").stat().st_mtime_ns
     students.run(cfg, Namespace(force=False))  # up to date: skipped
     assert (out / "vgg19_gru__gt" / "manifest.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_pretrained_encoders_load_local_torchvision_weights_only(tmp_path):
+    """ImageNet-shaped checkpoints written here (random values, torchvision's file names) load into each encoder;
+    a missing file fails naming the path instead of downloading."""
+    from torchvision import models
+
+    from pipeline.errors import PipelineError
+    from pipeline.students.encoders import WEIGHTS, build_encoder, weights_file
+
+    settings = EncoderSettings(pretrained=True, weights_dir=tmp_path, image_size=224)
+    builders = {"vgg19": models.vgg19, "resnet101": models.resnet101, "vit_b_16": models.vit_b_16}
+    with pytest.raises(PipelineError, match=str(weights_file("resnet101", settings))):
+        build_encoder("resnet101", settings)
+    image = torch.randn(1, 3, 224, 224)
+    dims = {"vgg19": (1, 4096), "resnet101": (1, 49, 2048), "vit_b_16": (1, 197, 768)}
+    for name, builder in builders.items():
+        torch.manual_seed(7)
+        full = builder().eval()
+        torch.save(full.state_dict(), tmp_path / Path(WEIGHTS[name].url).name)
+        encoder = build_encoder(name, settings, seed=0).eval()
+        with torch.no_grad():
+            feats = encoder(image)
+            if name == "vgg19":  # fc7 after ReLU: the classifier without its last layer
+                expected = full.classifier[:-1](torch.flatten(full.avgpool(full.features(image)), 1))
+            elif name == "resnet101":
+                body = torch.nn.Sequential(*list(full.children())[:-2])
+                expected = body(image).flatten(2).transpose(1, 2)
+            else:
+                x = full._process_input(image)
+                expected = full.encoder(torch.cat([full.class_token.expand(1, -1, -1), x], dim=1))
+        assert feats.shape == dims[name], name
+        assert torch.allclose(feats, expected, atol=1e-5), name
+        (tmp_path / Path(WEIGHTS[name].url).name).unlink()
+    with pytest.raises(PipelineError, match="needs 224"):
+        build_encoder("vit_b_16", settings.model_copy(update={"image_size": 96}))
+
+
+@pytest.mark.slow
+def test_killed_students_stage_resumes_from_its_last_epoch(make_config):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    path = make_config(students={"archs": ["vgg19_gru"], "epochs": 40, "batch_size": 8, "val_every_epochs": 10,
+                                 "early_stop_patience": 99, "beam_size": 1,
+                                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 32}})
+    cfg = load_config(path)
+    prepare.run(cfg, Namespace(force=False))
+    out = cfg.run_dir / "students" / "vgg19_gru__gt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.students", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def epochs_done() -> int:
+        try:
+            return json.loads((out / "last" / "state.json").read_text())["epoch"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    deadline = time.time() + 300
+    while time.time() < deadline and epochs_done() < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = epochs_done()
+    assert 2 <= killed_at < 40 and read_manifest(out) is None, killed_at
+    students.run(cfg, Namespace(force=False))
+    metrics = json.loads((out / "metrics.json").read_text())
+    n_train = len(students._rows(cfg.run_dir / "data")["train"])
+    assert metrics["resumed_after_epoch"] >= killed_at
+    assert metrics["epochs_run"] == 40 and metrics["steps"] == 40 * -(-n_train // 8)
+    curves = json.loads((out / "curves.json").read_text())
+    assert [step for step, _ in curves["val_cider"]] == [k * -(-n_train // 8) for k in (10, 20, 30, 40)]

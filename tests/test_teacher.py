@@ -104,7 +104,7 @@ def test_killed_finetune_resumes_from_last_checkpoint(teacher_world):
     proc = subprocess.Popen([sys.executable, "-m", "stages.finetune", "--config", str(path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(ckpts.glob("checkpoint-10/adapter_model.safetensors")):
+    while time.time() < deadline and not (ckpts / "checkpoint-10" / "trainer_state.json").is_file():
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -127,6 +127,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
         log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
+    resumed_after = state["epoch"]
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     meta = {"arch": arch, "feat_dim": feat_dim, "vocab_size": len(vocab), "seed": seed,
             "encoder_finetuned": encoder is not None}
@@ -178,6 +179,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
             atomic_write_json(tmp / "state.json", state)
     writer.close()
     seconds = time.perf_counter() - started
-    return {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "best_val_cider": state["best"],
+    return {"epochs_run": state["epoch"], "resumed_after_epoch": resumed_after, "best_epoch": state["best_epoch"],
+            "best_val_cider": state["best"],
             "steps": state["step"], "captions_per_second": round(n_captions / seconds, 1) if n_captions else None,
             "curves": state["curves"]}
