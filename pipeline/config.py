@@ -147,8 +147,9 @@ class StudentsConfig(Section):
     attention_reg: float = 1.0  # doubly-stochastic attention regulariser weight
     beam_size: int = Field(5, gt=0)
     val_every_epochs: int = Field(1, gt=0)
+    val_every_steps: int | None = Field(None, gt=0)  # validate every N optimizer steps instead of epochs
     val_beam_size: int = Field(1, gt=0)
-    early_stop_patience: int = Field(3, gt=0)
+    early_stop_patience: int = Field(3, gt=0)  # stop after this many validations without a better val CIDEr-D
     transformer_layers: int = 3
     transformer_heads: int = 8
     num_workers: int = 0

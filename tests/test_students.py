@@ -171,6 +171,33 @@ def test_training_resumes_after_a_crash(tmp_path):
     assert (tmp_path / "best" / "model.safetensors").is_file()
 
 
+def test_validation_every_n_steps_and_early_stopping(tmp_path):
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    table = {"train": torch.randn(32, 16), "val": torch.randn(4, 16)}
+    feats = lambda split, idx: table[split][idx]  # noqa: E731
+
+    class Scorer:
+        def __init__(self, values):
+            self.values = iter(values)
+
+        def score(self, refs, hyps, only=None):
+            return {"CIDEr-D": next(self.values)}
+
+    # 4 steps per epoch, 3 epochs: validations at steps 3, 6, 9, 12; the best (0.9) is step 6's
+    cfg = SMALL.model_copy(update={"epochs": 3, "batch_size": 8, "val_every_steps": 3, "early_stop_patience": 9})
+    result = train_student("vgg19_gru", cfg, feats, 16, caps, vocab, tmp_path / "a", 0, Scorer([.1, .9, .5, .2]))
+    assert [s for s, _ in result["curves"]["val_cider"]] == [3, 6, 9, 12]
+    assert result["best_step"] == 6 and result["best_epoch"] == 1.5 and result["steps"] == 12
+    assert json.loads((tmp_path / "a" / "best" / "student.json").read_text())["step"] == 6
+    # early stopping: two validations without improvement after the best stop the run mid-epoch
+    cfg = cfg.model_copy(update={"epochs": 10, "val_every_steps": 2, "early_stop_patience": 2})
+    result = train_student("vgg19_gru", cfg, feats, 16, caps, vocab, tmp_path / "b", 0, Scorer([.5, .4, .3, 1.0]))
+    assert [s for s, _ in result["curves"]["val_cider"]] == [2, 4, 6] and result["steps"] == 6
+    assert result["best_step"] == 2 and result["epochs_run"] == 2
+
+
 def test_fine_tuned_encoder_is_trained_checkpointed_and_resumed_exactly(tmp_path):
     """A crash + resume with the encoder in the loop ends where an uninterrupted run does (decoder, encoder,
     optimizer of both), and best/ holds the encoder weights that go with the best decoder."""

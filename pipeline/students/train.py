@@ -117,8 +117,8 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.Adam(groups)
     targets = [vocab.encode(c, cfg.max_length) for c in captions["train"]]
-    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_epoch": None, "bad_epochs": 0,
-             "curves": {"train_loss": [], "val_cider": []}}
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_epoch": None, "best_step": None,
+             "bad_validations": 0, "curves": {"train_loss": [], "val_cider": []}}
     last = out_dir / "last"
     if (last / "state.json").is_file():
         model.load_state_dict(load_file(last / "model.safetensors"))
@@ -131,14 +131,37 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     meta = {"arch": arch, "feat_dim": feat_dim, "vocab_size": len(vocab), "seed": seed,
             "encoder_finetuned": encoder is not None}
+
+    def validate(epoch: float, train_loss: float) -> None:
+        """Val CIDEr-D now; keep best/, count rounds without improvement (early stopping)."""
+        hyps = decode_split(model, features, "val", len(captions["val"]), vocab, cfg.val_beam_size, cfg.max_length)
+        model.train()
+        cider = scorer.score({str(i): [c] for i, c in enumerate(captions["val"])},
+                             {str(i): h for i, h in enumerate(hyps)}, only=("CIDEr-D",))["CIDEr-D"]
+        writer.add_scalar("val/CIDEr-D", cider, state["step"])
+        state["curves"]["val_cider"].append([state["step"], round(cider, 5)])
+        log.info("%s epoch %.4g step %d: train loss %.3f, val CIDEr-D %.3f", out_dir.name, epoch, state["step"],
+                 train_loss, cider)
+        if cider > state["best"]:
+            state.update(best=cider, best_epoch=round(epoch, 4), best_step=state["step"], bad_validations=0)
+            save_student(out_dir / "best", model, vocab, {**meta, "epoch": round(epoch, 4), "step": state["step"],
+                                                          "val_cider": cider}, encoder)
+        else:
+            state["bad_validations"] += 1
+
+    def stopped() -> bool:
+        return state["bad_validations"] >= cfg.early_stop_patience
+
     started, n_captions = time.perf_counter(), 0
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stop_patience:
+    batches = -(-len(targets) // cfg.batch_size)
+    while state["epoch"] < cfg.epochs and not stopped():
         epoch = state["epoch"]
         model.train()
         order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{out_dir.name} epoch {epoch + 1}", unit="batch",
                    leave=False)
-        for start in bar:
+        validated = False
+        for n, start in enumerate(bar, 1):
             idx = order[start: start + cfg.batch_size]
             seq = pad_batch([targets[i] for i in idx.tolist()]).to(device)
             inp, tgt = seq[:, :-1], seq[:, 1:]
@@ -155,22 +178,15 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
             writer.add_scalar("train/loss", loss.item(), state["step"])
             state["curves"]["train_loss"].append([state["step"], round(loss.item(), 5)])
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            validated = bool(cfg.val_every_steps) and state["step"] % cfg.val_every_steps == 0
+            if validated:
+                validate(epoch + n / batches, loss.item())
+                if stopped():
+                    break
         state["epoch"] = epoch + 1
-        if state["epoch"] % cfg.val_every_epochs == 0 or state["epoch"] == cfg.epochs:
-            hyps = decode_split(model, features, "val", len(captions["val"]), vocab, cfg.val_beam_size,
-                                cfg.max_length)
-            cider = scorer.score({str(i): [c] for i, c in enumerate(captions["val"])},
-                                 {str(i): h for i, h in enumerate(hyps)}, only=("CIDEr-D",))["CIDEr-D"]
-            writer.add_scalar("val/CIDEr-D", cider, state["step"])
-            state["curves"]["val_cider"].append([state["step"], round(cider, 5)])
-            log.info("%s epoch %d: train loss %.3f, val CIDEr-D %.3f", out_dir.name, state["epoch"], loss.item(),
-                     cider)
-            if cider > state["best"]:
-                state.update(best=cider, best_epoch=state["epoch"], bad_epochs=0)
-                save_student(out_dir / "best", model, vocab, {**meta, "epoch": state["epoch"], "val_cider": cider},
-                             encoder)
-            else:
-                state["bad_epochs"] += 1
+        epoch_due = not cfg.val_every_steps and state["epoch"] % cfg.val_every_epochs == 0
+        if not validated and not stopped() and (epoch_due or state["epoch"] == cfg.epochs):
+            validate(state["epoch"], loss.item())
         with publish_dir(last) as tmp:
             save_file(_weights(model), tmp / "model.safetensors")
             if encoder is not None:
@@ -180,6 +196,5 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     writer.close()
     seconds = time.perf_counter() - started
     return {"epochs_run": state["epoch"], "resumed_after_epoch": resumed_after, "best_epoch": state["best_epoch"],
-            "best_val_cider": state["best"],
-            "steps": state["step"], "captions_per_second": round(n_captions / seconds, 1) if n_captions else None,
+            "best_step": state["best_step"], "best_val_cider": state["best"], "steps": state["step"], "captions_per_second": round(n_captions / seconds, 1) if n_captions else None,
             "curves": state["curves"]}
