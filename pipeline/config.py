@@ -225,8 +225,20 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+RUN_DIR_VARIABLE = "${run_dir}"
+
+
+def interpolate_run_dir(node: Any, run_dir: str) -> Any:
+    """Replace ``${run_dir}`` in every string of the tree, so paths inside a run follow a ``run_dir`` override."""
+    if isinstance(node, dict):
+        return {k: interpolate_run_dir(v, run_dir) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate_run_dir(v, run_dir) for v in node]
+    return node.replace(RUN_DIR_VARIABLE, run_dir) if isinstance(node, str) else node
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, and validate the result."""
+    """Read a YAML config, apply ``key=value`` overrides, resolve ``${run_dir}``, and validate the result."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -238,6 +250,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     for text in overrides:
         apply_override(tree, *parse_override(text))
+    run_dir = tree.get("run_dir")
+    if isinstance(run_dir, str):
+        if RUN_DIR_VARIABLE in run_dir:
+            raise ConfigError(f"{path}: run_dir cannot refer to {RUN_DIR_VARIABLE}")
+        tree = interpolate_run_dir(tree, run_dir)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

@@ -23,6 +23,17 @@ def test_dotted_overrides_are_typed(make_config):
     assert cfg.data.split.val == 0.25
 
 
+def test_paths_inside_the_run_follow_a_run_dir_override(tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = load_config(demo)
+    assert cfg.data.root == Path("runs/demo/deepfashion-lite") and cfg.teacher.model == Path("runs/demo/tiny-llava")
+    other = load_config(demo, ["run_dir=runs/other"])
+    assert other.data.root == Path("runs/other/deepfashion-lite")
+    assert other.teacher.model == Path("runs/other/tiny-llava")
+    with pytest.raises(ConfigError, match="run_dir cannot refer"):
+        load_config(demo, ["run_dir=${run_dir}/x"])
+
+
 def test_default_distill_name_follows_temperature(make_config):
     assert load_config(make_config(), ["distill.temperature=0.2"]).distill.dataset_name == "precise"
     assert load_config(make_config(), ["distill.temperature=0.9"]).distill.dataset_name == "creative"
