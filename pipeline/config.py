@@ -152,7 +152,7 @@ class StudentsConfig(Section):
     early_stop_patience: int = Field(3, gt=0)  # stop after this many validations without a better val CIDEr-D
     transformer_layers: int = 3
     transformer_heads: int = 8
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)  # image-decoding workers (feature cache; the encoder-in-the-loop batches)
 
 
 class ReportConfig(Section):

@@ -124,7 +124,8 @@ def gallery_html(samples: Sequence[dict], title: str) -> str:
     for s in samples:
         items = "".join(f"<dt>{html.escape(label)}</dt><dd>{html.escape(text or '—')}</dd>"
                         for label, text in s["captions"].items())
-        cards.append(f'<section class="card"><img src="{_image_data_uri(s["image_path"])}" alt="{html.escape(s["image_id"])}">'
+        image = f'<img src="{_image_data_uri(s["image_path"])}" alt="{html.escape(s["image_id"])}">'
+        cards.append(f'<section class="card">{image}'
                      f'<div><h2>{html.escape(s["image_id"])}</h2><dl>{items}</dl></div></section>')
     style = ("body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}"
              ".card{display:flex;gap:1.5em;background:#fff;border:1px solid #ddd;border-radius:8px;padding:1em;"

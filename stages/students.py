@@ -67,7 +67,7 @@ def decoder_inputs(cfg: Config, arch: str, paths: dict[str, list[str]], feature_
     if not settings.finetune:
         return CachedFeatures(arch, *feature_table(arch), paths), None
     encoder = build_encoder(ENCODER_OF[arch], settings, cfg.seed)
-    return EncoderFeatures(arch, encoder, settings.image_size, paths), encoder
+    return EncoderFeatures(arch, encoder, settings.image_size, paths, cfg.students.num_workers), encoder
 
 
 def train_one(cfg: Config, rd: RunDir, arch: str, source: str, rows: dict[str, list[dict]],
@@ -151,7 +151,8 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     def feature_table(arch: str):
         enc = ENCODER_OF[arch]
         if enc not in cache:
-            cache[enc] = cached_features(rd.students / "features", enc, cfg.students.encoder, cfg.seed, paths)
+            cache[enc] = cached_features(rd.students / "features", enc, cfg.students.encoder, cfg.seed, paths,
+                                         num_workers=cfg.students.num_workers)
         return cache[enc]
 
     with CaptionScorer(meteor=True) as scorer:

@@ -253,6 +253,7 @@ def test_students_stage_fine_tunes_the_encoder(make_config):
     from pipeline.students.encoders import build_encoder
 
     path = make_config(students={"archs": ["resnet101_gru"], "epochs": 2, "batch_size": 16, "beam_size": 2,
+                                 "num_workers": 2,
                                  "encoder": {"pretrained": False, "width": 0.125, "image_size": 32,
                                              "finetune": True}, "encoder_lr": 1e-3})
     cfg = load_config(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -98,10 +99,13 @@ class CachedFeatures:
 
 class EncoderFeatures:
     """Decoder inputs computed by ``encoder`` from the images of each batch (encoder fine-tuning: no cache;
-    gradients flow into the encoder unless called under ``torch.no_grad``)."""
+    gradients flow into the encoder unless called under ``torch.no_grad``). ``workers`` threads decode the batch's
+    images (PIL releases the GIL while decoding); 0 decodes them in the caller's thread."""
 
-    def __init__(self, arch: str, encoder: torch.nn.Module, image_size: int, paths: dict[str, list[str]]):
+    def __init__(self, arch: str, encoder: torch.nn.Module, image_size: int, paths: dict[str, list[str]],
+                 workers: int = 0):
         self.pooled = arch == "resnet101_gru"
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = encoder.to(self.device)
         self.images = {s: ImageFiles(paths[s], image_size) for s in paths}
@@ -113,5 +117,8 @@ class EncoderFeatures:
         return x.mean(1) if self.pooled and x.dim() == 3 else x
 
     def __call__(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        images = torch.stack([self.images[split][i] for i in idx.tolist()]).to(self.device)
+        load = self.images[split].__getitem__
+        ids = idx.tolist()
+        images = torch.stack(list(self.pool.map(load, ids)) if self.pool else [load(i) for i in ids])
+        images = images.to(self.device)
         return self._pool(self.encoder(images))

@@ -196,5 +196,5 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     writer.close()
     seconds = time.perf_counter() - started
     return {"epochs_run": state["epoch"], "resumed_after_epoch": resumed_after, "best_epoch": state["best_epoch"],
-            "best_step": state["best_step"], "best_val_cider": state["best"], "steps": state["step"], "captions_per_second": round(n_captions / seconds, 1) if n_captions else None,
-            "curves": state["curves"]}
+            "best_step": state["best_step"], "best_val_cider": state["best"], "steps": state["step"],
+            "captions_per_second": round(n_captions / seconds, 1) if n_captions else None, "curves": state["curves"]}

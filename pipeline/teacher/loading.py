@@ -50,7 +50,8 @@ def load_base_model(path: str | Path, precision: str = "bf16", attn_implementati
         compute = dtype if dtype != torch.float32 else torch.bfloat16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[".*vision_tower", ".*multi_modal_projector", "lm_head"])
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=[".*vision_tower", ".*multi_modal_projector", "lm_head"])
     try:
         return LlavaForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False,
