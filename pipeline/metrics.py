@@ -47,7 +47,7 @@ class CaptionScorer:
 
             # each Meteor() starts its jar now; it loads its paraphrase tables while the caller goes on
             if meteor_processes is None:
-                meteor_processes = 1 if len(os.sched_getaffinity(0)) < 4 else 2
+                meteor_processes = 1 if _usable_cpus() < 4 else 2
             self._meteors = [Meteor() for _ in range(max(1, meteor_processes))]
 
     def tokenize(self, captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -110,6 +110,13 @@ class CaptionScorer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm/cgroup allotment on Linux; every CPU where that is unknown, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class _MeteorRun:
