@@ -45,9 +45,9 @@ class CaptionScorer:
         if meteor:
             from pycocoevalcap.meteor.meteor import Meteor
 
-            # each Meteor() starts its jar now; it loads its paraphrase tables while the caller goes on
             if meteor_processes is None:
                 meteor_processes = 1 if _usable_cpus() < 4 else 2
+            # each Meteor() starts its jar now; it loads its paraphrase tables while the caller goes on
             self._meteors = [Meteor() for _ in range(max(1, meteor_processes))]
 
     def tokenize(self, captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:

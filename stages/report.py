@@ -24,11 +24,12 @@ from pipeline.reporting import (ARCH_NAMES, SEED_ORDER, csv_text, gallery_html, 
 from pipeline.rundir import (RunDir, atomic_write_text, is_up_to_date, publish_dir, read_manifest,
                              require_stage, write_manifest)
 from stages.cli import stage_main
-from stages.students import finished_results
+from stages.students import finished_results, source_dir
 
 log = logging.getLogger("report")
 TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 length", "vocabulary", "distinct-1",
                    "distinct-2", "BLEU-4 vs GT", "CIDEr-D vs GT", "teacher test BLEU-4", "teacher test CIDEr-D")
+RESULT_COLUMNS = ("model", "trained on", *SEED_ORDER)
 
 
 def _student_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
@@ -59,15 +60,15 @@ def _teacher_rows(rd: RunDir) -> list[list]:
 
 
 def _results_markdown(results: list[dict], baselines: dict, teacher_rows: list[list]) -> str:
-    header = ["model", "trained on", *SEED_ORDER]
     gt = [r for r in results if r["source"] == "gt"]
     distilled = [r for r in results if r["source"] != "gt"]
     parts = ["# Results\n", "All students are scored on the ground-truth test split (pycocoevalcap: BLEU-4, CIDEr-D, "
              "METEOR 1.5, ROUGE-L).\n", "## Students trained on the ground truth\n",
-             markdown_table(header, student_rows(gt, {k: v for k, v in baselines.items() if k == "gt"}))]
+             markdown_table(RESULT_COLUMNS, student_rows(gt, {k: v for k, v in baselines.items() if k == "gt"}))]
     if distilled:
         parts += ["\n## Students trained on teacher captions\n",
-                  markdown_table(header, student_rows(distilled, {k: v for k, v in baselines.items() if k != "gt"}))]
+                  markdown_table(RESULT_COLUMNS,
+                                 student_rows(distilled, {k: v for k, v in baselines.items() if k != "gt"}))]
     if teacher_rows:
         parts += ["\n## Teacher datasets\n", markdown_table(TEACHER_COLUMNS, teacher_rows)]
     parts += ["\nPlots: `metrics.png`, `curves.png`, `caption_lengths.png`. Samples: `gallery.html`.\n"]
@@ -105,17 +106,14 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         log.info("%s is up to date (use --force to rerun)", rd.report)
         return rd.report
     teacher_rows = _teacher_rows(rd)
-    header = ["model", "trained on", *SEED_ORDER]
     rows = student_rows(results, baselines)
-    lengths = {"gt": [len(tokenize(r["caption"], keep_punct=False))
-                      for r in split_rows(load_captions(rd.data / "captions"), "train")]}
-    for name in rd.distilled_sources():
-        lengths[name] = [len(tokenize(r["caption"], keep_punct=False))
-                         for r in split_rows(load_captions(rd.distill(name) / "captions"), "train")]
+    lengths = {source: [len(tokenize(r["caption"], keep_punct=False))
+                        for r in split_rows(load_captions(source_dir(rd, source) / "captions"), "train")]
+               for source in ["gt", *rd.distilled_sources()]}
     curves = {f"{r['arch']}←{r['source']}": json.loads((r["folder"] / "curves.json").read_text()) for r in results}
     with publish_dir(rd.report) as tmp:
         atomic_write_text(tmp / "results.md", _results_markdown(results, baselines, teacher_rows))
-        atomic_write_text(tmp / "results.csv", csv_text(header, rows))
+        atomic_write_text(tmp / "results.csv", csv_text(RESULT_COLUMNS, rows))
         atomic_write_text(tmp / "teacher.csv", csv_text(TEACHER_COLUMNS, teacher_rows))
         plot_metric_bars(results, tmp / "metrics.png")
         plot_curves(curves, tmp / "curves.png")

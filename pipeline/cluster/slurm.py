@@ -35,22 +35,25 @@ class Job:
     done: bool = False  # output already finished: not submitted
 
 
+def _stage_args(config: Path, overrides: list[str], *extra: str) -> str:
+    """A stage's command-line arguments: the config file, the overrides (shell-quoted), then ``extra`` as is."""
+    return " ".join([f"--config {shlex.quote(str(config))}", *map(shlex.quote, overrides), *extra])
+
+
 def _stage(module: str, config: Path, overrides: list[str], *extra: str) -> str:
-    args = [f"--config {shlex.quote(str(config))}", *map(shlex.quote, overrides), *extra]
-    return f"python -m stages.{module} " + " ".join(args)
+    return f"python -m stages.{module} {_stage_args(config, overrides, *extra)}"
 
 
 def _finetune_command(cfg: Config, config: Path, overrides: list[str]) -> str:
     nodes, gpus = cfg.slurm.nodes.get("finetune", 1), cfg.slurm.gpus_per_node
     if nodes > 1:  # one torchrun per node, rendezvous on the first node
-        args = " ".join([f"--config {shlex.quote(str(config))}", *map(shlex.quote, overrides)])
         return ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                 f"srun --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc_per_node={max(gpus, 1)} "
                 '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head:29500" '
-                f"-m stages.finetune {args}")
+                f"-m stages.finetune {_stage_args(config, overrides)}")
     if gpus > 1:
-        args = " ".join([f"--config {shlex.quote(str(config))}", *map(shlex.quote, overrides)])
-        return f"python -m deepspeed.launcher.runner --num_gpus {gpus} --module stages.finetune {args}"
+        return (f"python -m deepspeed.launcher.runner --num_gpus {gpus} --module stages.finetune "
+                f"{_stage_args(config, overrides)}")
     return _stage("finetune", config, overrides)
 
 

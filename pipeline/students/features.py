@@ -25,6 +25,11 @@ from pipeline.students.encoders import build_encoder, image_transform, weights_f
 log = logging.getLogger(__name__)
 
 
+def compute_device() -> torch.device:
+    """Where students run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cache_key(encoder: str, settings: EncoderSettings, seed: int, image_paths: list[str]) -> str:
     h = hashlib.sha256()
     weights = weights_file(encoder, settings) if settings.pretrained else None
@@ -51,7 +56,7 @@ class ImageFiles(torch.utils.data.Dataset):
 @torch.no_grad()
 def compute_features(encoder: torch.nn.Module, paths: list[str], image_size: int, batch_size: int = 64,
                      num_workers: int = 0, desc: str = "features") -> torch.Tensor:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     encoder = encoder.eval().to(device)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, image_size), batch_size=batch_size,
                                          num_workers=num_workers)
@@ -80,11 +85,17 @@ def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed:
     return feats.half().float(), index
 
 
+def decoder_input(arch: str, x: torch.Tensor) -> torch.Tensor:
+    """Encoder output as the architecture's decoder takes it: the seed's global ResNet feature (resnet101_gru) is the
+    mean of the 7x7 grid; every other architecture takes the encoder output as it is."""
+    return x.mean(1) if arch == "resnet101_gru" and x.dim() == 3 else x
+
+
 class CachedFeatures:
     """Decoder inputs per split, rows of a frozen encoder's cached feature table."""
 
     def __init__(self, arch: str, table: torch.Tensor, index: dict[str, int], paths: dict[str, list[str]]):
-        self.pooled = arch == "resnet101_gru"  # the seed's global ResNet feature = mean of the 7x7 grid
+        self.arch = arch
         self.table = table
         self.rows = {s: torch.tensor([index[p] for p in paths[s]], dtype=torch.long) for s in paths}
 
@@ -93,8 +104,7 @@ class CachedFeatures:
         return self.table.shape[-1]
 
     def __call__(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        x = self.table[self.rows[split][idx]]
-        return x.mean(1) if self.pooled and x.dim() == 3 else x
+        return decoder_input(self.arch, self.table[self.rows[split][idx]])
 
 
 class EncoderFeatures:
@@ -104,21 +114,18 @@ class EncoderFeatures:
 
     def __init__(self, arch: str, encoder: torch.nn.Module, image_size: int, paths: dict[str, list[str]],
                  workers: int = 0):
-        self.pooled = arch == "resnet101_gru"
+        self.arch = arch
         self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = compute_device()
         self.encoder = encoder.to(self.device)
         self.images = {s: ImageFiles(paths[s], image_size) for s in paths}
         with torch.no_grad():
-            self.dim = self._pool(self.encoder.eval()(torch.zeros(1, 3, image_size, image_size,
-                                                                  device=self.device))).shape[-1]
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(1) if self.pooled and x.dim() == 3 else x
+            probe = torch.zeros(1, 3, image_size, image_size, device=self.device)
+            self.dim = decoder_input(arch, self.encoder.eval()(probe)).shape[-1]
 
     def __call__(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         load = self.images[split].__getitem__
         ids = idx.tolist()
         images = torch.stack(list(self.pool.map(load, ids)) if self.pool else [load(i) for i in ids])
         images = images.to(self.device)
-        return self._pool(self.encoder(images))
+        return decoder_input(self.arch, self.encoder(images))

@@ -25,6 +25,7 @@ from pipeline.metrics import CaptionScorer
 from pipeline.rundir import atomic_write_json, publish_dir
 from pipeline.students.beam import beam_search
 from pipeline.students.decoders import build_decoder
+from pipeline.students.features import compute_device
 from pipeline.students.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -
                                        ignore_index=pad_id)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def decode_split(model: nn.Module, features: FeatureFn, split: str, n: int, vocab: Vocabulary, beam: int,
                  max_length: int, batch_size: int = 512) -> list[str]:
     model.eval()
@@ -55,7 +52,7 @@ def decode_split(model: nn.Module, features: FeatureFn, split: str, n: int, voca
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(n, start + batch_size))
         with torch.no_grad(), _autocast():
-            seqs = beam_search(model, features(split, idx).to(_device()), beam, max_length, vocab.start_id,
+            seqs = beam_search(model, features(split, idx).to(compute_device()), beam, max_length, vocab.start_id,
                                vocab.end_id)
         out += [vocab.decode(s) for s in seqs]
     return out
@@ -71,13 +68,23 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def _save_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> None:
+    save_file(_weights(model), folder / "model.safetensors")
+    if encoder is not None:
+        save_file(_weights(encoder), folder / "encoder.safetensors")
+
+
+def _load_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> None:
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    if encoder is not None:
+        encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
+
+
 def save_student(folder: Path, model: nn.Module, vocab: Vocabulary, meta: dict[str, Any],
                  encoder: nn.Module | None = None) -> None:
     """Decoder (and fine-tuned encoder) weights as safetensors, vocabulary and ``student.json``, published at once."""
     with publish_dir(folder) as tmp:
-        save_file(_weights(model), tmp / "model.safetensors")
-        if encoder is not None:
-            save_file(_weights(encoder), tmp / "encoder.safetensors")
+        _save_weights(tmp, model, encoder)
         vocab.save(tmp / "vocab.json")
         atomic_write_json(tmp / "student.json", meta)
 
@@ -88,12 +95,10 @@ def load_student(folder: Path, cfg: StudentsConfig, encoder: nn.Module | None = 
     meta = json.loads((folder / "student.json").read_text())
     vocab = Vocabulary.load(folder / "vocab.json")
     model = build_decoder(meta["arch"], meta["feat_dim"], len(vocab), cfg)
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    if meta.get("encoder_finetuned"):
-        if encoder is None:
-            raise ValueError(f"{folder}: this student fine-tuned its encoder; pass the encoder to load it into")
-        encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
-    return model.to(_device()).eval(), vocab, meta
+    if meta.get("encoder_finetuned") and encoder is None:
+        raise ValueError(f"{folder}: this student fine-tuned its encoder; pass the encoder to load it into")
+    _load_weights(folder, model, encoder if meta.get("encoder_finetuned") else None)
+    return model.to(compute_device()).eval(), vocab, meta
 
 
 def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim: int,
@@ -107,7 +112,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    device = _device()
+    device = compute_device()
     torch.manual_seed(seed)
     model = build_decoder(arch, feat_dim, len(vocab), cfg).to(device)
     groups = [{"params": list(model.parameters()), "lr": cfg.decoder_lr}]
@@ -121,9 +126,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
              "bad_validations": 0, "curves": {"train_loss": [], "val_cider": []}}
     last = out_dir / "last"
     if (last / "state.json").is_file():
-        model.load_state_dict(load_file(last / "model.safetensors"))
-        if encoder is not None:
-            encoder.load_state_dict(load_file(last / "encoder.safetensors"))
+        _load_weights(last, model, encoder)
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
         log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
@@ -188,9 +191,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         if not validated and not stopped() and (epoch_due or state["epoch"] == cfg.epochs):
             validate(state["epoch"], loss.item())
         with publish_dir(last) as tmp:
-            save_file(_weights(model), tmp / "model.safetensors")
-            if encoder is not None:
-                save_file(_weights(encoder), tmp / "encoder.safetensors")
+            _save_weights(tmp, model, encoder)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             atomic_write_json(tmp / "state.json", state)
     writer.close()
