@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 
-.PHONY: setup demo prepare finetune distill students report submit status test bench clean
+.PHONY: setup demo prepare finetune distill students report evaluate submit status test bench clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,13 @@ students: $(STAMP)
 
 report: $(STAMP)
 	$(call STAGE,report)
+
+# make evaluate PRED=captions.jsonl [ALLOW_MISSING=1]: score any predictions file against the test split
+PRED ?=
+ALLOW_MISSING ?=
+evaluate: $(STAMP)
+	@test -n "$(PRED)" || { echo "usage: make evaluate PRED=<predictions .jsonl/.json/.csv> [CONFIG=...]" >&2; exit 2; }
+	$(call STAGE,evaluate) --pred $(PRED) $(if $(ALLOW_MISSING),--allow-missing)
 
 # the whole chain as Slurm jobs; DRY_RUN=1 prints the sbatch scripts instead
 DRY_RUN ?=

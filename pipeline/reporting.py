@@ -1,4 +1,5 @@
-"""Results tables (markdown + CSV), plots (PNG) and the sample gallery (one self-contained HTML page)."""
+"""The report's text: results tables (markdown + CSV), the teacher datasets' table and the sample gallery (one
+self-contained HTML page whose captions carry their attribute marks)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import base64
 import csv
 import html
 import io
+import json
+import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-SEED_ORDER = ("BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L")  # the course reports' column order
-ARCH_NAMES = {"vgg19_gru": "VGG19 + GRU", "resnet101_gru": "ResNet-101 global + GRU",
-              "resnet101_attn_gru": "ResNet-101 grid + attention GRU", "vit_transformer": "ViT-B/16 + Transformer"}
+from pipeline.attribute_metrics import ATTRIBUTES, caption_marks
+from pipeline.data.formats import load_captions, split_rows
+from pipeline.results import ARCH_NAMES, CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
+from pipeline.rundir import RunDir
 
-SHORT_NAMES = {"vgg19_gru": "VGG19\nGRU", "resnet101_gru": "R101\nGRU", "resnet101_attn_gru": "R101 grid\natt-GRU",
-               "vit_transformer": "ViT-B/16\nTransf."}
+TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 length", "vocabulary", "distinct-1",
+                   "distinct-2", "BLEU-4 vs GT", "CIDEr-D vs GT", "attributes vs GT", "teacher test BLEU-4",
+                   "teacher test CIDEr-D", "teacher test attributes")
+MARK_COLOURS = {"right": "#d8f0d8", "wrong": "#f6d0d0", "missed": "#fbe7c2"}
 
 
 def _fmt(value: Any) -> str:
@@ -36,75 +41,80 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def student_rows(results: Sequence[dict], baselines: dict[str, dict]) -> list[list[Any]]:
-    """One row per student x source (plus the constant baseline of each source), seed column order."""
-    rows = [[ARCH_NAMES.get(r["arch"], r["arch"]), r["source"], *(r["test"].get(m) for m in SEED_ORDER)]
-            for r in results]
-    rows += [["constant caption (baseline)", s, *(b["test"].get(m) for m in SEED_ORDER)] for s, b in baselines.items()]
+def teacher_rows(rd: RunDir) -> list[list]:
+    """One row per distilled dataset (diagnostics.json), the ground truth's own figures first."""
+    rows = []
+    for name in rd.distilled_sources():
+        d = json.loads((rd.distill(name) / "diagnostics.json").read_text())
+        meta = json.loads((rd.distill(name) / "meta.json").read_text())
+        vs, test = d["vs_ground_truth"], d.get("teacher_on_test", {})
+        rows.append([name, meta["temperature"], d["captions"], d["length_mean"], d["length_p95"], d["vocabulary"],
+                     d["distinct_1"], d["distinct_2"], vs["BLEU-4"], vs["CIDEr-D"],
+                     vs.get("attributes", {}).get("macro"), test.get("BLEU-4"), test.get("CIDEr-D"),
+                     test.get("attributes", {}).get("macro")])
+        if not any(r[0] == "ground truth" for r in rows):
+            g = d["ground_truth"]
+            rows.insert(0, ["ground truth", None, g["captions"], g["length_mean"], g["length_p95"], g["vocabulary"],
+                            g["distinct_1"], g["distinct_2"], None, None, None, None, None, None])
+            if "majority_attributes" in d:
+                rows.insert(1, [MAJORITY, None, *[None] * 11, d["majority_attributes"]["macro"]])
     return rows
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_metric_bars(results: Sequence[dict], path: Path) -> None:
-    """Grouped bars: one panel per metric, students on the x axis, one bar per caption source."""
-    plt = _figure()
-    archs = list(dict.fromkeys(r["arch"] for r in results))
-    sources = list(dict.fromkeys(r["source"] for r in results))
-    fig, axes = plt.subplots(1, len(SEED_ORDER), figsize=(4.2 * len(SEED_ORDER), 4), constrained_layout=True)
-    width = 0.8 / max(1, len(sources))
-    for ax, metric in zip(axes, SEED_ORDER):
-        for j, source in enumerate(sources):
-            values = [next((r["test"].get(metric, 0) for r in results if r["arch"] == a and r["source"] == source), 0)
-                      for a in archs]
-            ax.bar([i + j * width for i in range(len(archs))], values, width, label=source)
-        ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(archs))])
-        ax.set_xticklabels([SHORT_NAMES.get(a, a) for a in archs], fontsize=8)
-        ax.set_title(metric)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="trained on", loc="outside right center")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _attribute_table(results: Sequence[dict], baselines: dict[str, dict]) -> str:
+    header = ["model", "trained on", *ATTRIBUTES]
+    rows = [[ARCH_NAMES.get(r["arch"], r["arch"]), r["source"], *(r["attributes"]["per_attribute"][a]
+                                                                  for a in ATTRIBUTES)]
+            for r in results if "attributes" in r]
+    rows += [[MAJORITY, s, *(b["majority"]["per_attribute"][a] for a in ATTRIBUTES)]
+             for s, b in baselines.items() if "majority" in b]
+    return markdown_table(header, rows)
 
 
-def plot_curves(curves: dict[str, dict], path: Path) -> None:
-    """Training loss and validation CIDEr-D against step, one line per student."""
-    plt = _figure()
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    colours = plt.get_cmap("tab20").colors
-    for i, (name, c) in enumerate(sorted(curves.items())):
-        colour = colours[i % len(colours)]
-        if c.get("train_loss"):
-            steps, losses = zip(*c["train_loss"])
-            loss_ax.plot(steps, losses, lw=0.8, label=name, color=colour)
-        if c.get("val_cider"):
-            steps, cider = zip(*c["val_cider"])
-            val_ax.plot(steps, cider, marker="o", ms=3, label=name, color=colour)
-    loss_ax.set(title="training loss (masked cross-entropy)", xlabel="step", yscale="log")
-    val_ax.set(title="validation CIDEr-D", xlabel="step")
-    val_ax.legend(fontsize=6, ncol=2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list]) -> str:
+    """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets."""
+    gt = [r for r in results if r["source"] == "gt"]
+    distilled = [r for r in results if r["source"] != "gt"]
+    parts = ["# Results\n",
+             "All students are scored on the ground-truth test split: pycocoevalcap's BLEU-4, CIDEr-D, METEOR 1.5 and "
+             "ROUGE-L, and **attributes**: the macro accuracy over the outfit attributes a caption states (gender, "
+             "sleeve, neckline, fabric and pattern per garment, accessories, ...; an attribute the reference does "
+             "not state counts as absent). *Image withheld*: each test image swapped for another one (fixed "
+             "permutation) before decoding; the drop is what the student gets from looking at the photo.\n",
+             "## Students trained on the ground truth\n",
+             markdown_table(RESULT_COLUMNS, result_rows(gt, {k: v for k, v in baselines.items() if k == "gt"}))]
+    if distilled:
+        parts += ["\n## Students trained on teacher captions\n",
+                  markdown_table(RESULT_COLUMNS,
+                                 result_rows(distilled, {k: v for k, v in baselines.items() if k != "gt"}))]
+    parts += ["\n## Attribute accuracy per attribute\n", _attribute_table(results, baselines)]
+    if teacher:
+        parts += ["\n## Teacher datasets\n", markdown_table(TEACHER_COLUMNS, teacher)]
+    parts += [f"\n`{CONSTANT}`: the most frequent training caption for every test image. `{MAJORITY}`: every "
+              "attribute answered with its most frequent value in the source's training captions.\n",
+              "Plots: `metrics.png`, `attributes.png`, `curves.png`, `caption_lengths.png`. Samples: "
+              "`gallery.html`.\n"]
+    return "\n".join(parts)
 
 
-def plot_length_histograms(lengths: dict[str, list[int]], path: Path) -> None:
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    top = max((max(v) for v in lengths.values() if v), default=1)
-    bins = range(0, top + 5, 2)
-    for source, values in lengths.items():
-        ax.hist(values, bins=bins, alpha=0.5, label=f"{source} (mean {sum(values) / max(1, len(values)):.1f})")
-    ax.set(title="caption length per source (training captions)", xlabel="words", ylabel="captions")
-    ax.legend()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def gallery_samples(rd: RunDir, results: Sequence[dict], size: int, seed: int) -> list[dict]:
+    """``size`` random test images with the ground truth, the teachers' and every student's caption."""
+    test = split_rows(load_captions(rd.data / "captions"), "test")
+    picked = random.Random(seed).sample(test, min(size, len(test)))
+    teacher = {name: json.loads((rd.distill(name) / "test_generations.json").read_text())
+               for name in rd.distilled_sources() if (rd.distill(name) / "test_generations.json").is_file()}
+    predictions = {}
+    for r in results:
+        lines = (r["folder"] / "predictions.jsonl").read_text().splitlines()
+        predictions[f"{ARCH_NAMES.get(r['arch'], r['arch'])} ← {r['source']}"] = {
+            x["image_id"]: x["caption"] for x in map(json.loads, lines)}
+    samples = []
+    for row in picked:
+        captions = {"ground truth": row["caption"]}
+        captions.update({f"teacher ({name})": gen.get(row["image_id"]) for name, gen in teacher.items()})
+        captions.update({label: preds.get(row["image_id"]) for label, preds in predictions.items()})
+        samples.append({"image_id": row["image_id"], "image_path": row["image_path"], "captions": captions})
+    return samples
 
 
 def _image_data_uri(path: str, size: int = 192) -> str:
@@ -118,19 +128,38 @@ def _image_data_uri(path: str, size: int = 192) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _marks_html(reference: str, caption: str) -> str:
+    chips = []
+    for m in caption_marks(reference, caption):
+        text = (f"{m['label']}: {m['stated']}" if m["status"] == "right" else
+                f"{m['label']}: {m['stated']} (GT {m['expected']})" if m["status"] == "wrong" else
+                f"{m['label']}: not stated (GT {m['expected']})")
+        chips.append(f'<span class="mark {m["status"]}" title="{m["status"]}">{html.escape(text)}</span>')
+    return f'<div class="marks">{"".join(chips)}</div>'
+
+
 def gallery_html(samples: Sequence[dict], title: str) -> str:
-    """A self-contained page: each sample has ``image_path``, ``image_id`` and ``captions`` (label -> text)."""
+    """A self-contained page: each sample has ``image_path``, ``image_id`` and ``captions`` (label -> text, the
+    ground truth first). Every other caption gets its attribute marks against the ground truth: green right,
+    red wrong, amber stated by the ground truth but missed."""
     cards = []
     for s in samples:
-        items = "".join(f"<dt>{html.escape(label)}</dt><dd>{html.escape(text or '—')}</dd>"
-                        for label, text in s["captions"].items())
+        reference = s["captions"].get("ground truth")
+        items = []
+        for label, text in s["captions"].items():
+            marks = _marks_html(reference, text) if reference and text and label != "ground truth" else ""
+            items.append(f"<dt>{html.escape(label)}</dt><dd>{html.escape(text or '—')}{marks}</dd>")
         image = f'<img src="{_image_data_uri(s["image_path"])}" alt="{html.escape(s["image_id"])}">'
         cards.append(f'<section class="card">{image}'
-                     f'<div><h2>{html.escape(s["image_id"])}</h2><dl>{items}</dl></div></section>')
+                     f'<div><h2>{html.escape(s["image_id"])}</h2><dl>{"".join(items)}</dl></div></section>')
+    legend = "".join(f'<span class="mark {k}">{k}</span>' for k in MARK_COLOURS)
     style = ("body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}"
              ".card{display:flex;gap:1.5em;background:#fff;border:1px solid #ddd;border-radius:8px;padding:1em;"
              "margin-bottom:1em}.card img{width:192px;height:192px;object-fit:contain;image-rendering:pixelated}"
              "h2{font-size:1em;margin:0 0 .5em}dt{font-weight:600;font-size:.85em;color:#555}"
-             "dd{margin:0 0 .6em 0;font-size:.9em}")
+             "dd{margin:0 0 .6em 0;font-size:.9em}.marks{margin-top:.25em}"
+             ".mark{display:inline-block;font-size:.75em;border-radius:4px;padding:0 .35em;margin:.1em .2em 0 0}"
+             + "".join(f".mark.{k}{{background:{v}}}" for k, v in MARK_COLOURS.items()))
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(cards)}</body></html>\n")
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Attribute marks against the ground truth: {legend}</p>{''.join(cards)}</body></html>\n")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from pipeline.config import Config, load_config
+from pipeline.cpus import set_torch_threads
 from pipeline.errors import PipelineError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -28,6 +29,7 @@ def stage_main(name: str, run: Callable[[Config, argparse.Namespace], object],
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    set_torch_threads()
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, args)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.attribute_metrics import attribute_accuracy, majority_baseline
 from pipeline.config import Config
 from pipeline.data.diagnostics import caption_diagnostics
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_dataset
@@ -128,8 +129,11 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
                              {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
         teacher_test = scorer.score({r["image_id"]: [r["caption"]] for r in test_rows},
                                     {r["image_id"]: generations[r["image_id"]]["caption"] for r in test_rows})
-    diag["vs_ground_truth"] = {"BLEU-4": agree["BLEU-4"], "CIDEr-D": agree["CIDEr-D"]}
-    diag["teacher_on_test"] = teacher_test
+    diag["vs_ground_truth"] = {"BLEU-4": agree["BLEU-4"], "CIDEr-D": agree["CIDEr-D"],
+                               "attributes": _attributes(rows, generations)}
+    diag["teacher_on_test"] = {**teacher_test, "attributes": _attributes(test_rows, generations)}
+    diag["majority_attributes"] = majority_baseline([r["caption"] for r in rows if r["split"] == "train"],
+                                                    {r["image_id"]: r["caption"] for r in test_rows})
     diag["ground_truth"] = gt
     meta = {**config, "teacher_fingerprint": inputs["teacher"], "teacher_dir": str(rd.teacher),
             "shards": n, "throughput": throughput}
@@ -142,11 +146,20 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
                                                       for r in test_rows})
     write_manifest(out, stage="distill", config=config, inputs=inputs, started=started, seed=cfg.seed,
                    figures={"kept": len(kept), "rejected": len(rejected), **{k: diag[k] for k in (
-                       "length_mean", "distinct_1", "distinct_2", "vocabulary", "vs_ground_truth")}})
-    log.info("%s (T=%s): %d captions, %d rejected; mean length %.1f words, distinct-2 %.3f, BLEU-4 vs GT %.3f",
-             name, cfg.distill.temperature, len(kept), len(rejected), diag["length_mean"], diag["distinct_2"],
-             agree["BLEU-4"])
+                       "length_mean", "distinct_1", "distinct_2", "vocabulary")},
+                       "attributes_vs_ground_truth": diag["vs_ground_truth"]["attributes"]["macro"]})
+    log.info("%s (T=%s): %d captions, %d rejected; mean length %.1f words, distinct-2 %.3f, BLEU-4 vs GT %.3f; "
+             "attributes vs GT: train+val %.3f, test %.3f (majority %.3f)", name, cfg.distill.temperature, len(kept),
+             len(rejected), diag["length_mean"], diag["distinct_2"], agree["BLEU-4"],
+             diag["vs_ground_truth"]["attributes"]["macro"], diag["teacher_on_test"]["attributes"]["macro"],
+             diag["majority_attributes"]["macro"])
     return out
+
+
+def _attributes(rows: list[dict], generations: dict[str, dict]) -> dict:
+    """Attribute accuracy of the teacher's captions of ``rows``' images against their ground truth."""
+    return attribute_accuracy({r["image_id"]: r["caption"] for r in rows},
+                              {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Path:

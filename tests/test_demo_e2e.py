@@ -53,11 +53,15 @@ def test_report_tables_plots_and_gallery(demo_run):
                    "CIDEr-D", "METEOR", "ROUGE-L"):
         assert needle in md, needle
     rows = (report / "results.csv").read_text().splitlines()
-    assert rows[0] == "model,trained on,BLEU-4,CIDEr-D,METEOR,ROUGE-L"
-    assert len(rows) == 1 + 2 * 3 + 3  # students x sources + one baseline per source
+    assert rows[0] == ("model,trained on,BLEU-4,CIDEr-D,METEOR,ROUGE-L,attributes,image withheld: attr. drop,"
+                       "image withheld: CIDEr-D drop")
+    assert len(rows) == 1 + 2 * 3 + 2 * 3  # students x sources + two baselines per source
+    assert "Attribute accuracy per attribute" in md and "majority attributes (baseline)" in md
+    attributes = (report / "attributes.csv").read_text().splitlines()
+    assert len(attributes) == 1 + 2 * 3 + 1 and attributes[0].startswith("model,gender,sleeve,")
     teacher = (report / "teacher.csv").read_text().splitlines()
     assert teacher[1].startswith("ground truth") and any(r.startswith("creative,0.9") for r in teacher)
-    for png in ("metrics.png", "curves.png", "caption_lengths.png"):
+    for png in ("metrics.png", "attributes.png", "curves.png", "caption_lengths.png"):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
             assert len(set(im.convert("L").getdata())) > 10, f"{png} looks blank"
@@ -66,6 +70,8 @@ def test_report_tables_plots_and_gallery(demo_run):
     for label in ("ground truth", "teacher (precise)", "teacher (creative)", "VGG19 + GRU ← gt",
                   "ViT-B/16 + Transformer ← creative"):
         assert label in page, label
+    # every caption but the ground truth carries its attribute marks: 4 cards x (2 teachers + 6 students)
+    assert page.count('<div class="marks">') == 4 * 8 and 'class="mark right"' in page
     for ref in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert ref.startswith("data:image/") or (report / ref).is_file(), ref
 

@@ -303,8 +303,13 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
         assert len(preds) == metrics["test_images"]
         assert read_manifest(out / f"{arch}__gt")["figures"]["CIDEr-D"] == pytest.approx(
             metrics["test"]["CIDEr-D"], abs=1e-4)
+        assert 0.5 < metrics["attributes"]["macro"] <= 1 and set(metrics["image_reliance"]) >= {
+            "attribute_macro_drop", "cider_drop", "permuted"}
+        assert metrics["image_reliance"]["attribute_macro_drop"] == pytest.approx(
+            metrics["attributes"]["macro"] - metrics["image_reliance"]["permuted"]["attribute_macro"])
     summary = (out / "summary.md").read_text()
-    assert "constant baseline" in summary and "vit_transformer" in summary
+    assert "constant caption (baseline)" in summary and "majority attributes (baseline)" in summary
+    assert "ViT-B/16 + Transformer" in summary
     assert len(list((out / "features").glob("*.safetensors"))) == 2
     before = (out / "vgg19_gru__gt" / "manifest.json").stat().st_mtime_ns
     students.run(cfg, Namespace(force=False))  # up to date: skipped

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.config import EncoderSettings
+from pipeline.config import EncoderSettings, StudentsConfig
 from pipeline.data.images import load_rgb
 from pipeline.rundir import atomic_write_bytes
 from pipeline.students.encoders import build_encoder, image_transform, weights_file
@@ -129,3 +129,25 @@ class EncoderFeatures:
         images = torch.stack(list(self.pool.map(load, ids)) if self.pool else [load(i) for i in ids])
         images = images.to(self.device)
         return decoder_input(self.arch, self.encoder(images))
+
+
+class DecoderInputs:
+    """Feature sources of a run's students: ``(arch, paths per split) -> (features, encoder being fine-tuned or
+    None)``. Frozen encoders' tables are cached in ``folder`` (and in memory: architectures sharing an encoder share
+    one table); with ``students.encoder.finetune`` the encoder runs in the training loop instead."""
+
+    def __init__(self, folder: Path, cfg: StudentsConfig, seed: int, all_paths: list[str]):
+        self.folder, self.cfg, self.seed, self.all_paths = folder, cfg, seed, all_paths
+        self.tables: dict[str, tuple[torch.Tensor, dict[str, int]]] = {}
+
+    def __call__(self, arch: str, paths: dict[str, list[str]]):
+        from pipeline.students.encoders import ENCODER_OF
+
+        name, settings = ENCODER_OF[arch], self.cfg.encoder
+        if settings.finetune:
+            encoder = build_encoder(name, settings, self.seed)
+            return EncoderFeatures(arch, encoder, settings.image_size, paths, self.cfg.num_workers), encoder
+        if name not in self.tables:
+            self.tables[name] = cached_features(self.folder, name, settings, self.seed, self.all_paths,
+                                                num_workers=self.cfg.num_workers)
+        return CachedFeatures(arch, *self.tables[name], paths), None

@@ -1,0 +1,80 @@
+"""Baselines and the students' results table, in one place for the `students` summary and the `report`.
+
+Two baselines per caption source, both scored on the ground-truth test split: the **constant caption** (the most
+frequent training caption for every test image; n-gram metrics and the attributes it states) and the **majority
+attributes** (every attribute answered with its most frequent value in the source's training captions: what a
+captioner that ignores the image can reach at best, attribute by attribute).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.attribute_metrics import ATTRIBUTES, attribute_accuracy, majority_baseline
+from pipeline.metrics import CaptionScorer
+from pipeline.rundir import RunDir, read_manifest
+
+SEED_ORDER = ("BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L")  # the course reports' column order
+ATTRIBUTE_COLUMNS = ("attributes", "image withheld: attr. drop", "image withheld: CIDEr-D drop")
+RESULT_COLUMNS = ("model", "trained on", *SEED_ORDER, *ATTRIBUTE_COLUMNS)
+ARCH_NAMES = {"vgg19_gru": "VGG19 + GRU", "resnet101_gru": "ResNet-101 global + GRU",
+              "resnet101_attn_gru": "ResNet-101 grid + attention GRU", "vit_transformer": "ViT-B/16 + Transformer"}
+CONSTANT, MAJORITY = "constant caption (baseline)", "majority attributes (baseline)"
+
+
+def source_baselines(scorer: CaptionScorer, train_captions: Sequence[str], test_rows: Sequence[dict]) -> dict:
+    """Both baselines of a caption source (see the module docstring)."""
+    caption, count = Counter(train_captions).most_common(1)[0]
+    references = {r["image_id"]: r["caption"] for r in test_rows}
+    constant = {k: caption for k in references}
+    return {"caption": caption, "train_count": count,
+            "test": scorer.score({k: [v] for k, v in references.items()}, constant),
+            "attributes": attribute_accuracy(references, constant),
+            "majority": majority_baseline(train_captions, references)}
+
+
+def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
+    """metrics.json of every finished student and every baseline in the run, students in the course reports' order
+    (ground truth first, then sources by name)."""
+    results, baselines = [], {}
+    for folder in sorted(rd.students.glob("*__*")):
+        if folder.name.startswith("baseline__"):
+            baselines[folder.name.split("__", 1)[1]] = json.loads((folder / "metrics.json").read_text())
+        elif read_manifest(folder) is not None:
+            results.append({**json.loads((folder / "metrics.json").read_text()), "folder": folder})
+    order = list(ARCH_NAMES)
+    results.sort(key=lambda r: (r["source"] != "gt", r["source"],
+                                order.index(r["arch"]) if r["arch"] in order else len(order)))
+    return results, baselines
+
+
+def result_rows(results: Sequence[dict], baselines: dict[str, dict]) -> list[list[Any]]:
+    """Rows of ``RESULT_COLUMNS``: each student, then each source's two baselines."""
+    rows = []
+    for r in results:
+        reliance = r.get("image_reliance", {})
+        rows.append([ARCH_NAMES.get(r["arch"], r["arch"]), r["source"], *(r["test"].get(m) for m in SEED_ORDER),
+                     r.get("attributes", {}).get("macro"), reliance.get("attribute_macro_drop"),
+                     reliance.get("cider_drop")])
+    for source, b in baselines.items():
+        rows.append([CONSTANT, source, *(b["test"].get(m) for m in SEED_ORDER),
+                     b.get("attributes", {}).get("macro"), None, None])
+        rows.append([MAJORITY, source, *(None for _ in SEED_ORDER), b.get("majority", {}).get("macro"), None, None])
+    return rows
+
+
+def attribute_matrix(results: Sequence[dict], baselines: dict[str, dict]) -> tuple[list[str], list[list[float]]]:
+    """(row labels, per-attribute accuracies in ``ATTRIBUTES`` order): every student, then the ground truth's
+    majority baseline."""
+    labels, values = [], []
+    for r in results:
+        if "attributes" in r:
+            labels.append(f"{ARCH_NAMES.get(r['arch'], r['arch'])} ← {r['source']}")
+            values.append([r["attributes"]["per_attribute"][a] for a in ATTRIBUTES])
+    if "majority" in baselines.get("gt", {}):
+        labels.append("majority baseline (gt)")
+        values.append([baselines["gt"]["majority"]["per_attribute"][a] for a in ATTRIBUTES])
+    return labels, values

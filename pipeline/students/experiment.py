@@ -1,0 +1,126 @@
+"""One student experiment (architecture x caption source): train, pick on validation, score on the ground-truth test
+split (n-gram metrics, attributes) and measure how much the captions depend on the image.
+
+Image reliance: the test split is decoded a second time with the image inputs permuted across test images (a fixed
+permutation); a captioner that reads the photo loses attribute accuracy and CIDEr-D, one that writes the same outfit
+whatever it sees loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pipeline.attribute_metrics import attribute_accuracy
+from pipeline.config import Config, config_slice
+from pipeline.errors import PipelineError
+from pipeline.metrics import CaptionScorer
+from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
+                             reset_work_dir, write_manifest)
+from pipeline.students.train import FeatureFn, decode_split, load_student, train_student
+from pipeline.students.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+RELIANCE_SEED = 1234  # the test-image permutation of the image-reliance control (fixed across runs and models)
+
+
+def source_dir(rd: RunDir, source: str) -> Path:
+    """Folder of a caption source: ``gt`` is the prepared data, anything else a distilled dataset."""
+    return rd.data if source == "gt" else rd.distill(source)
+
+
+def student_dir(rd: RunDir, arch: str, source: str) -> Path:
+    return rd.students / f"{arch}__{source}"
+
+
+def permuted_images(features: FeatureFn, split: str, n: int, seed: int = RELIANCE_SEED) -> FeatureFn:
+    """``features`` with the images of ``split`` shuffled across its ``n`` rows (a fixed permutation)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return lambda s, idx: features(s, perm[idx] if s == split else idx)
+
+
+def score_test_split(scorer: CaptionScorer, references: dict[str, str], predictions: dict[str, str],
+                only: tuple[str, ...] | None = None) -> dict:
+    """n-gram metrics (``only``: families) and attribute accuracy of ``predictions`` against the references."""
+    return {"test": scorer.score({k: [v] for k, v in references.items()}, predictions, only=only),
+            "attributes": attribute_accuracy(references, predictions)}
+
+
+def image_reliance(scores: dict, permuted: dict) -> dict:
+    """How much worse the captions get when each test image is swapped for another one."""
+    return {"attribute_macro_drop": scores["attributes"]["macro"] - permuted["attributes"]["macro"],
+            "cider_drop": scores["test"]["CIDEr-D"] - permuted["test"]["CIDEr-D"],
+            "permuted": {"CIDEr-D": permuted["test"]["CIDEr-D"], "attribute_macro": permuted["attributes"]["macro"],
+                         "per_attribute": permuted["attributes"]["per_attribute"]},
+            "seed": RELIANCE_SEED}
+
+
+def experiment_config(cfg: Config, arch: str, source: str) -> dict:
+    """What a student's output depends on (its manifest's config slice)."""
+    config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": "ngram+attributes+reliance",
+              "students": config_slice(cfg, "students")["students"]}
+    for key in ("archs", "sources", "num_workers"):
+        config["students"].pop(key)
+    return config
+
+
+def experiment_inputs(rd: RunDir, source: str) -> dict[str, str]:
+    return {"captions": read_manifest(source_dir(rd, source))["fingerprint"],
+            "ground_truth": read_manifest(rd.data)["fingerprint"]}
+
+
+def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
+                   test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable, force: bool) -> dict:
+    """Train ``arch`` on ``rows`` (train/val of the source), score it on the ground-truth ``test_rows``; returns its
+    metrics (also in ``metrics.json``). An up-to-date output is read back instead; ``decoder_inputs(arch, paths)``
+    gives (features, encoder being fine-tuned or None)."""
+    out = student_dir(rd, arch, source)
+    config, inputs = experiment_config(cfg, arch, source), experiment_inputs(rd, source)
+    if not force and is_up_to_date(out, config, inputs):
+        log.info("%s is up to date", out.name)
+        return json.loads((out / "metrics.json").read_text())
+    reset_work_dir(out, config, inputs, force=force)
+    started = time.time()
+    captions = {s: [r["caption"] for r in rows[s]] for s in ("train", "val")}
+    if not captions["train"] or not captions["val"]:
+        raise PipelineError(f"{source_dir(rd, source)}: source '{source}' needs non-empty train and val splits")
+    vocab = Vocabulary.build(captions["train"], cfg.students.min_word_count)
+    paths = {s: [r["image_path"] for r in split] for s, split in (("train", rows["train"]), ("val", rows["val"]),
+                                                                   ("test", test_rows))}
+    feats, encoder = decoder_inputs(arch, paths)
+    s = cfg.students
+    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder)
+    model, vocab, _ = load_student(out / "best", s, encoder)
+    references = {r["image_id"]: r["caption"] for r in test_rows}
+
+    def predict(features: FeatureFn) -> dict[str, str]:
+        hyps = decode_split(model, features, "test", len(test_rows), vocab, s.beam_size, s.max_length)
+        return {r["image_id"]: h for r, h in zip(test_rows, hyps)}
+
+    predictions = predict(feats)
+    scores = score_test_split(scorer, references, predictions)
+    permuted = score_test_split(scorer, references, predict(permuted_images(feats, "test", len(test_rows))),
+                           only=("CIDEr-D",))
+    curves = result.pop("curves")
+    metrics = {"arch": arch, "source": source, "test_images": len(test_rows), "vocabulary": len(vocab), **scores,
+               "image_reliance": image_reliance(scores, permuted), **result}
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps({"image_id": k, "caption": v}) + "\n"
+                                                         for k, v in predictions.items()))
+    atomic_write_json(out / "curves.json", curves)
+    atomic_write_json(out / "metrics.json", metrics)
+    figures = {k: round(v, 4) for k, v in scores["test"].items()}
+    figures.update(attribute_macro=round(scores["attributes"]["macro"], 4),
+                   attribute_reliance_drop=round(metrics["image_reliance"]["attribute_macro_drop"], 4))
+    write_manifest(out, stage="students", config=config, inputs=inputs, started=started, seed=cfg.seed,
+                   figures=figures)
+    log.info("%s: %s; attributes %.3f (image withheld: %.3f)", out.name,
+             ", ".join(f"{k} {scores['test'][k]:.3f}" for k in TABLE_METRICS if k in scores["test"]),
+             scores["attributes"]["macro"], permuted["attributes"]["macro"])
+    return metrics

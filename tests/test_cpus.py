@@ -1,0 +1,45 @@
+"""Each process sizes its torch threads to its share of the CPUs it may use."""
+
+import os
+
+import pytest
+
+from pipeline.cpus import cpu_share, usable_cpus
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, lambda n: n),
+    ({"OMP_NUM_THREADS": "3"}, lambda n: 3),  # an explicit setting wins, even over several ranks
+    ({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, lambda n: 3),
+    ({"SLURM_CPUS_PER_TASK": "6"}, lambda n: 6),
+    ({"SLURM_CPUS_PER_TASK": "6", "LOCAL_WORLD_SIZE": "4"}, lambda n: 1),
+    ({"LOCAL_WORLD_SIZE": "2"}, lambda n: max(1, n // 2)),
+    ({"LOCAL_WORLD_SIZE": "64"}, lambda n: 1),  # never zero
+    ({"OMP_NUM_THREADS": "", "SLURM_CPUS_PER_TASK": "x"}, lambda n: n),  # unusable values are ignored
+])
+def test_cpu_share(monkeypatch, env, expected):
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cpu_share() == expected(usable_cpus())
+
+
+def test_usable_cpus_follows_the_affinity_mask():
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_a_stage_process_uses_its_share():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import torch; from stages.cli import stage_main; "
+            "stage_main('probe', lambda cfg, args: print(torch.get_num_threads()), argv=[])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "SLURM_CPUS_PER_TASK": "1"}, capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "1"
