@@ -271,9 +271,9 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
 
 
 @pytest.mark.slow
-def test_pretrained_encoders_load_local_torchvision_weights_only(tmp_path):
-    """ImageNet-shaped checkpoints written here (random values, torchvision's file names) load into each encoder;
-    a missing file fails naming the path instead of downloading."""
+def test_pretrained_encoders_load_local_torchvision_weights_only(tmp_path, monkeypatch):
+    """ImageNet-shaped checkpoints written here (random values, torchvision's file names) load into each encoder,
+    which builds its torchvision model once; a missing file fails naming the path instead of downloading."""
     from torchvision import models
 
     from pipeline.errors import PipelineError
@@ -289,7 +289,10 @@ def test_pretrained_encoders_load_local_torchvision_weights_only(tmp_path):
         torch.manual_seed(7)
         full = builder().eval()
         torch.save(full.state_dict(), tmp_path / Path(WEIGHTS[name].url).name)
+        built = []
+        monkeypatch.setattr(models, name, lambda *a, b=builder, **k: built.append(1) or b(*a, **k))
         encoder = build_encoder(name, settings, seed=0).eval()
+        assert len(built) == 1, name
         with torch.no_grad():
             feats = encoder(image)
             if name == "vgg19":  # fc7 after ReLU: the classifier without its last layer
