@@ -68,3 +68,59 @@ def test_malformed_override_and_file(tmp_path, make_config):
     bad.write_text("run_dir: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_recipe_config_is_the_full_config_with_its_delta():
+    """configs/llava-recipe-13b.yaml names deepfashion-13b.yaml as its base; resolved, it is the full config it
+    was before (77 lines) with LLaVA-1.5's LoRA recipe."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    full, recipe = load_config(configs / "deepfashion-13b.yaml"), load_config(configs / "llava-recipe-13b.yaml")
+    assert full.run_dir == Path("runs/deepfashion-13b") and full.teacher.lora.r == 64
+    assert full.teacher.train.deepspeed == Path("configs/deepspeed/zero2.json")
+    expected = full.model_dump()
+    expected["run_dir"] = Path("runs/llava-recipe-13b")
+    expected["teacher"]["lora"].update(r=128, alpha=256)
+    expected["teacher"]["train"].update(learning_rate=2e-4, projector_learning_rate=2e-5,
+                                        deepspeed=Path("configs/deepspeed/zero3.json"))
+    assert recipe.model_dump() == expected
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_base_chain_merges_mappings_and_replaces_lists(tmp_path):
+    _write(tmp_path, "root.yaml", "run_dir: r\nseed: 1\ndata: {root: d, workers: 3}\nteacher: {model: m}\n"
+                                  "students: {archs: [vgg19_gru, vit_transformer], epochs: 4}\n")
+    _write(tmp_path, "mid/mid.yaml", "base: ../root.yaml\nseed: 2\ndata: {split: {val: 0.2}}\n")
+    leaf = _write(tmp_path, "mid/leaf.yaml", "base: mid.yaml\nstudents: {archs: [resnet101_gru]}\n")
+    cfg = load_config(leaf, ["data.workers=5"])
+    assert (cfg.seed, cfg.data.root, cfg.data.workers, cfg.data.split.val) == (2, Path("d"), 5, 0.2)
+    assert cfg.students.archs == ["resnet101_gru"] and cfg.students.epochs == 4
+
+
+def test_config_errors_name_the_file_the_key_came_from(tmp_path):
+    base = _write(tmp_path, "base.yaml", "run_dir: r\ndata: {root: d}\nteacher: {model: m}\nstudents: {epochs: 0}\n")
+    child = _write(tmp_path, "child.yaml", "base: base.yaml\nstudents: {epochs: 3, batch_sise: 8}\n")
+    with pytest.raises(ConfigError, match=f"^{child}: students.batch_sise: unknown key$"):
+        load_config(child)
+    _write(tmp_path, "child.yaml", "base: base.yaml\ndistill: {temperature: 0.5}\n")
+    with pytest.raises(ConfigError, match=f"^{base}: students.epochs: "):
+        load_config(child)
+    with pytest.raises(ConfigError, match="^override: distill.temperature: "):
+        load_config(child, ["students.epochs=2", "distill.temperature=hot"])
+
+
+def test_bad_and_cyclic_bases_are_refused(tmp_path):
+    a = _write(tmp_path, "a.yaml", "base: b.yaml\nseed: 1\n")
+    b = _write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=f"^{b}: base: a.yaml leads back to .*a.yaml \\(a cycle\\)"):
+        load_config(a)
+    _write(tmp_path, "b.yaml", "base: nope.yaml\n")
+    with pytest.raises(ConfigError, match=f"^{b}: base: config file .*nope.yaml does not exist"):
+        load_config(a)
+    _write(tmp_path, "b.yaml", "base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=f"^{b}: base: expected the path of a config file"):
+        load_config(a)
