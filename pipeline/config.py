@@ -1,6 +1,8 @@
 """Typed, validated pipeline configuration: YAML files plus dotted command-line overrides.
 
-Every section forbids unknown keys, so a typo fails loudly with the dotted key that caused it.
+A file may name ``base: <path relative to itself>`` and set only what differs: mappings merge key by key, lists
+and scalars replace, bases may have bases. Every section forbids unknown keys, so a typo fails loudly with the
+dotted key that caused it and the file (or override) it came from.
 """
 
 from __future__ import annotations
@@ -189,12 +191,24 @@ class Config(Section):
         return self
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+Origins = dict[tuple[str, ...], str]  # key path -> the file (or "override") that set it
+
+
+def _source(origins: Origins, loc: tuple, default: str) -> str:
+    """Where the value at ``loc`` (or its nearest set parent) came from; ``default`` for what no file set."""
+    key = tuple(str(p) for p in loc)
+    for n in range(len(key), 0, -1):
+        if key[:n] in origins:
+            return origins[key[:n]]
+    return default
+
+
+def _format_error(err: ValidationError, origins: Origins, default: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{source}: {key}: {msg}")
+        lines.append(f"{_source(origins, e['loc'], default)}: {key}: {msg}")
     return "; ".join(lines)
 
 
@@ -237,9 +251,27 @@ def interpolate_run_dir(node: Any, run_dir: str) -> Any:
     return node.replace(RUN_DIR_VARIABLE, run_dir) if isinstance(node, str) else node
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, resolve ``${run_dir}``, and validate the result."""
-    path = Path(path)
+def _origins(tree: dict[str, Any], source: str, prefix: tuple[str, ...] = ()) -> Origins:
+    """Every key path of ``tree`` (sections too), attributed to ``source``."""
+    out: Origins = {}
+    for key, value in tree.items():
+        out[(*prefix, str(key))] = source
+        if isinstance(value, dict):
+            out.update(_origins(value, source, (*prefix, str(key))))
+    return out
+
+
+def merge_trees(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key, lists and scalars replace."""
+    merged = dict(base)
+    for key, value in child.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_trees(merged[key], value) if both else value
+    return merged
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
+    """The YAML mapping in ``path`` over its chain of ``base:`` files, and the file each key came from."""
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -248,17 +280,42 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
+    base = tree.pop("base", None)
+    origins = _origins(tree, str(path))
+    if base is None:
+        return tree, origins
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of a config file, got {base!r}")
+    base_path, chain = path.parent / base, (*chain, path.resolve())
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: config file {base_path} does not exist")
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{path}: base: {base} leads back to {base_path.resolve()} (a cycle)")
+    base_tree, base_origins = _read_tree(base_path, chain)
+    return merge_trees(base_tree, tree), {**base_origins, **origins}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (over its ``base:`` chain), apply ``key=value`` overrides, resolve ``${run_dir}``, and
+    validate the result."""
+    path = Path(path)
+    tree, origins = _read_tree(path)
     for text in overrides:
-        apply_override(tree, *parse_override(text))
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+        for n in range(1, len(parts)):  # sections the override creates
+            origins.setdefault(tuple(parts[:n]), "override")
+        origins.update(_origins({parts[-1]: value}, "override", tuple(parts[:-1])))
     run_dir = tree.get("run_dir")
     if isinstance(run_dir, str):
         if RUN_DIR_VARIABLE in run_dir:
-            raise ConfigError(f"{path}: run_dir cannot refer to {RUN_DIR_VARIABLE}")
+            raise ConfigError(f"{_source(origins, ('run_dir',), str(path))}: run_dir cannot refer to "
+                              f"{RUN_DIR_VARIABLE}")
         tree = interpolate_run_dir(tree, run_dir)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, str(path))) from None
+        raise ConfigError(_format_error(exc, origins, str(path))) from None
 
 
 def config_slice(cfg: Config, *sections: str) -> dict[str, Any]:

@@ -4,31 +4,37 @@ Text goes through pycocoevalcap's PTB tokenizer (Stanford CoreNLP jar, Java) fir
 pycocoevalcap's ``Cider`` is CIDEr-D (Gaussian length penalty, clipped n-gram counts, sigma 6, x10), with document
 frequencies from the references being scored.
 
-Speed (scoring is in every validation round): the METEOR 1.5 jar processes are started once per scorer and kept
-alive; each scores its share of the pairs with pycocoevalcap's own ``SCORE`` protocol, written in one go instead of
-one round trip per pair, while Python computes BLEU, ROUGE-L and CIDEr-D. ROUGE-L's longest common subsequence
-runs in rapidfuzz (C++) instead of pycocoevalcap's pure-Python ``my_lcs``; the formula around it stays
-pycocoevalcap's. Every score equals pycocoevalcap's scorers called directly (tested).
+Speed (scoring is in every validation round): the METEOR 1.5 jar that ships with pycocoevalcap is started once per
+scorer and kept alive (``MeteorProcess``); each process scores its share of the pairs with the jar's own ``SCORE``
+protocol, written in one go instead of one round trip per pair, while Python computes BLEU, ROUGE-L and CIDEr-D.
+ROUGE-L is pycocoevalcap's formula with the longest common subsequence from rapidfuzz (C++) instead of its
+pure-Python ``my_lcs``. Every score equals pycocoevalcap's scorers called directly (tested).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
-from unittest import mock
+from importlib.resources import files
+
+import numpy as np
 
 from pipeline.errors import PipelineError
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 FAMILIES = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D")
+ROUGE_BETA = 1.2  # pycocoevalcap's Rouge.beta
 
 
 class CaptionScorer:
     """Score hypotheses against references. ``meteor=False`` skips METEOR (and its Java start-up, ~10 s);
     ``meteor_processes`` METEOR jars share the pairs of each call (default: 1 below 4 CPUs, where a second jar
-    only competes with Python's BLEU/CIDEr-D for the cores, else 2)."""
+    only competes with Python's BLEU/CIDEr-D for the cores, else 2). ``close()`` (or leaving a ``with`` block)
+    stops the jars."""
 
     def __init__(self, meteor: bool = True, meteor_processes: int | None = None):
         if shutil.which("java") is None:
@@ -36,19 +42,16 @@ class CaptionScorer:
                                 "(Debian/Ubuntu: apt-get install default-jre-headless)")
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.rouge.rouge import Rouge
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         self._tokenizer = PTBTokenizer()
-        self._bleu, self._rouge, self._cider = Bleu(4), Rouge(), Cider()
-        self._meteors: list = []
+        self._bleu, self._cider = Bleu(4), Cider()
+        self._meteors: list[MeteorProcess] = []
         if meteor:
-            from pycocoevalcap.meteor.meteor import Meteor
-
             if meteor_processes is None:
                 meteor_processes = 1 if _usable_cpus() < 4 else 2
-            # each Meteor() starts its jar now; it loads its paraphrase tables while the caller goes on
-            self._meteors = [Meteor() for _ in range(max(1, meteor_processes))]
+            # each jar starts now and loads its paraphrase tables while the caller goes on
+            self._meteors = [MeteorProcess() for _ in range(max(1, meteor_processes))]
 
     def tokenize(self, captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         return self._tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
@@ -75,7 +78,7 @@ class CaptionScorer:
             bleu, _ = self._bleu.compute_score(gts, res, verbose=0)
             out.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
         if "ROUGE-L" in wanted:
-            out["ROUGE-L"] = self._rouge_l(gts, res)
+            out["ROUGE-L"] = rouge_l(gts, res)
         if "CIDEr-D" in wanted:
             out["CIDEr-D"] = float(self._cider.compute_score(gts, res)[0])
         if meteor is not None:
@@ -92,17 +95,10 @@ class CaptionScorer:
         res = {k: [both[f"h{k}"][0] if both[f"h{k}"][0].strip() else "<empty>"] for k in references}
         return gts, res
 
-    def _rouge_l(self, gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
-        """pycocoevalcap's ROUGE-L with rapidfuzz's C++ LCS length in place of its pure-Python ``my_lcs``
-        (same value, ~30x faster on 50-word captions)."""
-        import pycocoevalcap.rouge.rouge as rouge_module
-        from rapidfuzz.distance import LCSseq
-
-        with mock.patch.object(rouge_module, "my_lcs", LCSseq.similarity):
-            return float(self._rouge.compute_score(gts, res)[0])
-
     def close(self) -> None:
-        """Stop the METEOR Java processes (pycocoevalcap stops each when its scorer object is collected)."""
+        """Stop the METEOR Java processes and wait for them to end."""
+        for meteor in self._meteors:
+            meteor.close()
         self._meteors = []
 
     def __enter__(self) -> CaptionScorer:
@@ -112,6 +108,25 @@ class CaptionScorer:
         self.close()
 
 
+def rouge_l(gts: Mapping[str, Sequence[str]], res: Mapping[str, Sequence[str]]) -> float:
+    """pycocoevalcap's ROUGE-L (``Rouge.compute_score``): per image the F-measure (beta 1.2) of the best precision
+    and best recall over its references, averaged over images. The LCS length comes from rapidfuzz (C++), ~30x
+    faster than pycocoevalcap's pure-Python ``my_lcs`` on 50-word captions; the value is the same."""
+    from rapidfuzz.distance import LCSseq
+
+    scores = []
+    for key, refs in gts.items():
+        candidate, tokens = res[key][0].split(" "), [ref.split(" ") for ref in refs]
+        lcs = [LCSseq.similarity(ref, candidate) for ref in tokens]
+        prec = max(n / float(len(candidate)) for n in lcs)
+        rec = max(n / float(len(ref)) for n, ref in zip(lcs, tokens))
+        if prec != 0 and rec != 0:
+            scores.append(((1 + ROUGE_BETA**2) * prec * rec) / float(rec + ROUGE_BETA**2 * prec))
+        else:
+            scores.append(0.0)
+    return float(np.mean(np.array(scores)))
+
+
 def _usable_cpus() -> int:
     """CPUs this process may run on (a Slurm/cgroup allotment on Linux; every CPU where that is unknown, e.g. macOS)."""
     if hasattr(os, "sched_getaffinity"):
@@ -119,17 +134,74 @@ def _usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+class MeteorProcess:
+    """One METEOR 1.5 jar (the copy inside the pycocoevalcap package), driven over its ``-stdio`` protocol.
+
+    Why ours: pycocoevalcap's ``Meteor`` makes one stdin/stdout round trip per pair and offers its process only
+    as internal attributes, so batching meant reaching into them, and dropping it did not reliably stop the jar.
+    This class owns its process: ``statistics`` writes all ``SCORE`` lines at once, ``evaluate`` sends one
+    ``EVAL`` line, and ``close`` (also on garbage collection and at interpreter exit) terminates it and waits.
+    """
+
+    def __init__(self):
+        folder = files("pycocoevalcap").joinpath("meteor")
+        if not folder.joinpath("meteor-1.5.jar").is_file():
+            raise PipelineError(f"METEOR jar not found: {folder}/meteor-1.5.jar; reinstall pycocoevalcap")
+        # pycocoevalcap's command line and working folder (the jar finds data/paraphrase-en.gz there)
+        self._proc = subprocess.Popen(["java", "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en",
+                                       "-norm"], cwd=str(folder), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL)
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _stop, self._proc)
+
+    def statistics(self, lines: list[bytes]) -> list[str]:
+        """The statistics line of each ``SCORE`` request; a writer thread keeps the pipe full while they are read
+        ("" where the jar stopped answering)."""
+        with self._lock:
+            writer = threading.Thread(target=_write_lines, args=(self._proc.stdin, lines), daemon=True)
+            writer.start()
+            stats = [self._proc.stdout.readline().decode().strip() for _ in lines]
+            writer.join()
+        return stats
+
+    def evaluate(self, stats: Sequence[float]) -> float:
+        """The METEOR score of one ``EVAL`` line carrying (summed) statistics."""
+        with self._lock:
+            _write_lines(self._proc.stdin, [("EVAL ||| " + " ".join(repr(x) for x in stats) + "\n").encode()])
+            self._proc.stdout.readline()  # the one "pair"'s score, then the aggregate: equal here
+            return float(self._proc.stdout.readline().strip())
+
+    def close(self) -> None:
+        """Terminate the jar and wait for it to end (again: nothing)."""
+        self._finalizer()
+
+    def __enter__(self) -> MeteorProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a jar and reap it (killed if it has not ended within 10 s)."""
+    proc.terminate()
+    try:
+        proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
 class _MeteorRun:
-    """METEOR over pycocoevalcap's jar processes, in background threads.
+    """METEOR over the scorer's jar processes, in background threads.
 
     pycocoevalcap's ``Meteor.compute_score`` sends one ``SCORE ||| refs ||| hyp`` line per pair and waits for its
     statistics line before the next, then one ``EVAL ||| stats ||| ...`` line for the corpus score. Here every
-    process gets its share of the SCORE lines written at once (a writer thread keeps the pipe full while the
-    statistics are read back), then the statistics, added up, go to the first process in one EVAL line: the same
-    score, without a round trip per pair.
+    process gets its share of the SCORE lines written at once, then the statistics, added up, go to the first
+    process in one EVAL line: the same score, without a round trip per pair.
     """
 
-    def __init__(self, meteors: list, gts: dict[str, list[str]], res: dict[str, list[str]]):
+    def __init__(self, meteors: list[MeteorProcess], gts: dict[str, list[str]], res: dict[str, list[str]]):
         keys = list(gts)
         self._meteors = meteors
         self._lines = [_score_line(gts[k], res[k][0]) for k in keys]
@@ -141,16 +213,10 @@ class _MeteorRun:
         for t in self._threads:
             t.start()
 
-    def _run(self, meteor, share: range) -> None:
+    def _run(self, meteor: MeteorProcess, share: range) -> None:
         try:
-            with meteor.lock:
-                proc = meteor.meteor_p
-                writer = threading.Thread(target=_write_lines, args=(proc.stdin, [self._lines[i] for i in share]),
-                                          daemon=True)
-                writer.start()
-                for i in share:
-                    self._stats[i] = proc.stdout.readline().decode().strip()
-                writer.join()
+            for i, stats in zip(share, meteor.statistics([self._lines[i] for i in share])):
+                self._stats[i] = stats
         except BaseException as exc:  # re-raised in result()
             self._errors.append(exc)
 
@@ -164,13 +230,7 @@ class _MeteorRun:
         # METEOR's 23 statistics are aggregable: EVAL adds every pair's up before it scores the corpus. Adding
         # them here (in the same order) sends one statistics line instead of one per pair; the score is the same.
         totals = [sum(column) for column in zip(*([float(x) for x in s.split()] for s in self._stats))]
-        meteor = self._meteors[0]
-        with meteor.lock:
-            proc = meteor.meteor_p
-            proc.stdin.write(("EVAL ||| " + " ".join(repr(x) for x in totals) + "\n").encode())
-            proc.stdin.flush()
-            proc.stdout.readline()  # the one "pair"'s score, then the aggregate: equal here
-            return float(proc.stdout.readline().strip())
+        return self._meteors[0].evaluate(totals)
 
 
 def _score_line(references: list[str], hypothesis: str) -> bytes:

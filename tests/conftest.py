@@ -16,22 +16,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def write_config(tmp_path: Path, **sections) -> Path:
     """A demo-shaped config under ``tmp_path`` with ``sections`` merged in (nested dicts merge)."""
+    from pipeline.config import merge_trees
+
     base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     base["run_dir"] = str(tmp_path / "run")
     base["data"]["root"] = str(tmp_path / "raw")
     base["data"]["synthetic"] = {"num_images": 60, "image_size": 32, "layout": "single"}
     base["teacher"]["model"] = str(tmp_path / "tiny-llava")
-
-    def merge(dst, src):
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                merge(dst[k], v)
-            else:
-                dst[k] = v
-
-    merge(base, sections)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(base))
+    path.write_text(yaml.safe_dump(merge_trees(base, sections)))
     return path
 
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,51 @@ def test_malformed_override_and_file(tmp_path, make_config):
     bad.write_text("run_dir: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_recipe_config_is_the_full_config_with_its_delta():
+    """configs/llava-recipe-13b.yaml names deepfashion-13b.yaml as its base; resolved, it is the full config it
+    was before (77 lines) with LLaVA-1.5's LoRA recipe."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    full, recipe = load_config(configs / "deepfashion-13b.yaml"), load_config(configs / "llava-recipe-13b.yaml")
+    assert full.run_dir == Path("runs/deepfashion-13b") and full.teacher.lora.r == 64
+    assert full.teacher.train.deepspeed == Path("configs/deepspeed/zero2.json")
+    expected = full.model_dump()
+    expected["run_dir"] = Path("runs/llava-recipe-13b")
+    expected["teacher"]["lora"].update(r=128, alpha=256)
+    expected["teacher"]["train"].update(learning_rate=2e-4, projector_learning_rate=2e-5,
+                                        deepspeed=Path("configs/deepspeed/zero3.json"))
+    assert recipe.model_dump() == expected
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_base_chain_merges_mappings_and_replaces_lists(tmp_path):
+    _write(tmp_path, "root.yaml", "run_dir: r\nseed: 1\ndata: {root: d, workers: 3}\nteacher: {model: m}\n"
+                                  "students: {archs: [vgg19_gru, vit_transformer], epochs: 4}\n")
+    _write(tmp_path, "mid/mid.yaml", "base: ../root.yaml\nseed: 2\ndata: {split: {val: 0.2}}\n")
+    leaf = _write(tmp_path, "mid/leaf.yaml", "base: mid.yaml\nstudents: {archs: [resnet101_gru]}\n")
+    cfg = load_config(leaf, ["data.workers=5"])
+    assert (cfg.seed, cfg.data.root, cfg.data.workers, cfg.data.split.val) == (2, Path("d"), 5, 0.2)
+    assert cfg.students.archs == ["resnet101_gru"] and cfg.students.epochs == 4
+
+
+@pytest.mark.parametrize("child, overrides, message", [
+    ("base: base.yaml\nstudents: {epochs: 3, batch_sise: 8}\n", [],
+     "{dir}/child.yaml: students.batch_sise: unknown key$"),
+    ("base: base.yaml\n", [], "{dir}/base.yaml: students.epochs: "),  # a bad value the child inherits
+    ("base: base.yaml\n", ["students.epochs=2", "distill.temperature=hot"], "override: distill.temperature: "),
+    ("base: loop.yaml\n", [], "{dir}/loop.yaml: base: child.yaml leads back to {dir}/child.yaml \\(a cycle\\)"),
+    ("base: nope.yaml\n", [], "{dir}/child.yaml: base: config file {dir}/nope.yaml does not exist"),
+    ("base: [base.yaml]\n", [], "{dir}/child.yaml: base: expected the path of a config file"),
+])
+def test_config_errors_name_the_file_the_key_came_from(tmp_path, child, overrides, message):
+    (tmp_path / "base.yaml").write_text("run_dir: r\ndata: {root: d}\nteacher: {model: m}\nstudents: {epochs: 0}\n")
+    (tmp_path / "loop.yaml").write_text("base: child.yaml\n")
+    (tmp_path / "child.yaml").write_text(child)
+    with pytest.raises(ConfigError, match="^" + message.replace("{dir}", re.escape(str(tmp_path.resolve())))):
+        load_config(tmp_path.resolve() / "child.yaml", overrides)

@@ -32,12 +32,13 @@ def _scaled(n: int, width: float) -> int:
 
 
 class VGGFc7(nn.Module):
-    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the seed's feature)."""
+    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the seed's feature).
+    ``imagenet``: torchvision's VGG19 weights (its own state-dict layout), loaded before the classifier is cut."""
 
-    def __init__(self, settings: EncoderSettings):
+    def __init__(self, settings: EncoderSettings, imagenet: dict[str, torch.Tensor] | None = None):
         super().__init__()
         if settings.pretrained or settings.width == 1.0:
-            vgg = models.vgg19()
+            vgg = _loaded(models.vgg19(), imagenet)
             self.features, self.pool = vgg.features, vgg.avgpool
             self.fc = vgg.classifier[:-1]  # fc6-relu-drop-fc7-relu-drop
         else:
@@ -59,12 +60,13 @@ class VGGFc7(nn.Module):
 
 
 class ResNetGrid(nn.Module):
-    """ResNet-101 without pooling/classifier: a grid of region features [B, H*W, 2048] (7x7 at 224 px)."""
+    """ResNet-101 without pooling/classifier: a grid of region features [B, H*W, 2048] (7x7 at 224 px).
+    ``imagenet``: torchvision's ResNet-101 weights, loaded before pooling and classifier are cut."""
 
-    def __init__(self, settings: EncoderSettings):
+    def __init__(self, settings: EncoderSettings, imagenet: dict[str, torch.Tensor] | None = None):
         super().__init__()
         if settings.pretrained or settings.width == 1.0:
-            net = models.resnet101()
+            net = _loaded(models.resnet101(), imagenet)
         else:
             net = ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=_scaled(64, settings.width))
         self.body = nn.Sequential(*list(net.children())[:-2])
@@ -74,21 +76,33 @@ class ResNetGrid(nn.Module):
 
 
 class ViTTokens(nn.Module):
-    """ViT-B/16 encoder output: the class token and one token per 16x16 patch [B, 1+N, 768]."""
+    """ViT-B/16 encoder output: the class token and one token per 16x16 patch [B, 1+N, 768].
+    ``imagenet``: torchvision's ViT-B/16 weights."""
 
-    def __init__(self, settings: EncoderSettings):
+    def __init__(self, settings: EncoderSettings, imagenet: dict[str, torch.Tensor] | None = None):
         super().__init__()
         if settings.pretrained or settings.width == 1.0:
-            self.vit = models.vit_b_16(image_size=224 if settings.pretrained else settings.image_size)
+            self.vit = _loaded(models.vit_b_16(image_size=224 if settings.pretrained else settings.image_size),
+                               imagenet)
         else:
             hidden = _scaled(768, settings.width) // 4 * 4
             self.vit = VisionTransformer(image_size=settings.image_size, patch_size=16, num_layers=2, num_heads=4,
                                          hidden_dim=hidden, mlp_dim=hidden * 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.vit._process_input(x)
+        size = self.vit.image_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(f"ViT encoder built for {size}x{size} images got {tuple(x.shape[-2:])}")
+        # VisionTransformer's own patch embedding: [B, hidden, H/16, W/16] -> [B, H/16 * W/16, hidden]
+        patches = self.vit.conv_proj(x).flatten(2).transpose(1, 2)
         cls = self.vit.class_token.expand(x.shape[0], -1, -1)
-        return self.vit.encoder(torch.cat([cls, x], dim=1))
+        return self.vit.encoder(torch.cat([cls, patches], dim=1))
+
+
+def _loaded(model: nn.Module, state: dict[str, torch.Tensor] | None) -> nn.Module:
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
 
 BUILDERS = {"vgg19": VGGFc7, "resnet101": ResNetGrid, "vit_b_16": ViTTokens}
@@ -105,32 +119,13 @@ def build_encoder(name: str, settings: EncoderSettings, seed: int = 0) -> nn.Mod
     torch.manual_seed(seed)
     if settings.pretrained and name == "vit_b_16" and settings.image_size != 224:
         raise PipelineError(f"students.encoder.image_size={settings.image_size}: pretrained ViT-B/16 needs 224")
-    encoder = BUILDERS[name](settings)
-    if settings.pretrained:
-        path = weights_file(name, settings)
-        if not path.is_file():
-            raise PipelineError(f"ImageNet weights for {name} not found at {path}; put {path.name} there (or set "
-                                "students.encoder.weights_dir) or use students.encoder.pretrained=false")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        target = encoder.vit if name == "vit_b_16" else _full_model(name)
-        target.load_state_dict(state)
-        if name != "vit_b_16":
-            encoder = _from_full(name, target)
-    return encoder
-
-
-def _full_model(name: str) -> nn.Module:
-    return models.vgg19() if name == "vgg19" else models.resnet101()
-
-
-def _from_full(name: str, full: nn.Module) -> nn.Module:
-    """Wrap a torchvision model (with loaded weights) as the feature encoder."""
-    enc = BUILDERS[name](EncoderSettings(pretrained=True))
-    if name == "vgg19":
-        enc.features, enc.pool, enc.fc = full.features, full.avgpool, full.classifier[:-1]
-    else:
-        enc.body = nn.Sequential(*list(full.children())[:-2])
-    return enc
+    if not settings.pretrained:
+        return BUILDERS[name](settings)
+    path = weights_file(name, settings)
+    if not path.is_file():
+        raise PipelineError(f"ImageNet weights for {name} not found at {path}; put {path.name} there (or set "
+                            "students.encoder.weights_dir) or use students.encoder.pretrained=false")
+    return BUILDERS[name](settings, torch.load(path, map_location="cpu", weights_only=True))
 
 
 def image_transform(image_size: int):
