@@ -23,6 +23,7 @@ from importlib.resources import files
 
 import numpy as np
 
+from pipeline.cpus import usable_cpus
 from pipeline.errors import PipelineError
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -49,7 +50,7 @@ class CaptionScorer:
         self._meteors: list[MeteorProcess] = []
         if meteor:
             if meteor_processes is None:
-                meteor_processes = 1 if _usable_cpus() < 4 else 2
+                meteor_processes = 1 if usable_cpus() < 4 else 2
             # each jar starts now and loads its paraphrase tables while the caller goes on
             self._meteors = [MeteorProcess() for _ in range(max(1, meteor_processes))]
 
@@ -125,13 +126,6 @@ def rouge_l(gts: Mapping[str, Sequence[str]], res: Mapping[str, Sequence[str]]) 
         else:
             scores.append(0.0)
     return float(np.mean(np.array(scores)))
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (a Slurm/cgroup allotment on Linux; every CPU where that is unknown, e.g. macOS)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 class MeteorProcess:
