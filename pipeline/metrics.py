@@ -13,7 +13,6 @@ pure-Python ``my_lcs``. Every score equals pycocoevalcap's scorers called direct
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
