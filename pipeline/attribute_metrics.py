@@ -33,6 +33,19 @@ ATTRIBUTES = {
     "neckwear": "neckwear", "wrist": "wrist accessory", "ring": "ring", "waist": "waist accessory", "socks": "socks",
 }
 SLEEVE_OF_NOUN = {"tank": "sleeveless", "t-shirt": "short", "sweater": "long"}
+_FABRICS = ("cotton", "denim", "leather", "furry", "knitting", "chiffon", "mixed", "other")
+_PATTERNS = ("solid", "floral", "graphic", "striped", "lattice", "color_block", "mixed")
+# every value an attribute can take (ABSENT first): the classes of the pretraining stand-ins' attribute heads
+ATTRIBUTE_VALUES = {
+    "gender": ("female", "male"), "sleeve": ("sleeveless", "short", "medium", "long"),
+    "neckline": ("v", "square", "round", "stand", "lapel", "suspenders"), "upper_fabric": _FABRICS,
+    "upper_pattern": _PATTERNS, "lower_kind": ("skirt", "other"),
+    "lower_length": ("three-point", "short", "medium", "three-quarter", "long"), "lower_fabric": _FABRICS,
+    "lower_pattern": _PATTERNS, "outer": ("yes",), "outer_fabric": _FABRICS, "outer_pattern": _PATTERNS,
+    "hat": ("yes",), "glasses": ("sunglasses", "eyeglasses", "in_hand"), "neckwear": ("yes",), "wrist": ("yes",),
+    "ring": ("yes",), "waist": ("belt", "clothing"), "socks": ("yes",),
+}
+ATTRIBUTE_VALUES = {a: (ABSENT, *values) for a, values in ATTRIBUTE_VALUES.items()}
 
 
 def outfit_labels(outfit: Outfit) -> dict[str, str]:

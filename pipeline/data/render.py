@@ -16,7 +16,9 @@ from pipeline.data.attributes import Garment, Outfit
 
 UNIT = 128  # drawing coordinates; the image is rendered at 2x its final size and downsampled
 SLEEVE_FRACTION = {"sleeveless": 0.0, "short": 0.3, "medium": 0.6, "long": 1.0, None: 0.3}
-LOWER_FRACTION = {"three-point": 0.25, "short": 0.4, "medium": 0.55, "three-quarter": 0.75, "long": 1.0, None: 0.55}
+# share of the legs below the hip band that the lower garment covers
+LOWER_FRACTION = {"three-point": 0.12, "short": 0.32, "medium": 0.55, "three-quarter": 0.78, "long": 1.0, None: 0.55}
+HIP_BOTTOM = 84  # every lower garment covers the hips down to here, so its fabric and pattern always show
 SKIN_TONES = [(241, 194, 167), (224, 172, 138), (198, 134, 100), (141, 85, 58), (255, 219, 190)]
 TORSO = (48, 32, 80, 72)
 ARM_TOP, ARM_BOTTOM = 34, 76
@@ -45,22 +47,24 @@ def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _texture(size: int, garment: Garment, rng: np.random.Generator) -> Image.Image:
-    """Full-canvas RGB fill for one garment: fabric texture, then pattern overlay."""
+    """Full-canvas RGB fill for one garment: fabric texture, then pattern overlay. Textures are coarse (periods of
+    6+ units, i.e. 3+ pixels at 64 px) so they survive the demo's low resolutions."""
     base = _colour(rng, garment.fabric)
     arr = np.empty((size, size, 3), np.float32)
     arr[:] = base
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) * (UNIT / size)
     fabric = garment.fabric
-    if fabric == "denim":
-        arr *= (1.0 - 0.25 * (((xx + yy) // 2) % 2))[..., None]
-    elif fabric == "knitting":
-        arr *= (1.0 - 0.3 * ((xx // 2) % 2))[..., None]
-    elif fabric == "furry":
-        arr += rng.normal(0, 35, size=(size, size, 1))
-    elif fabric == "leather":
-        arr += (60 * np.exp(-((xx - yy * 0.3 - 40) % 40 - 20) ** 2 / 30))[..., None]
-    elif fabric in ("mixed", "other"):
-        arr *= (1.0 - 0.2 * ((yy // 6 + xx // 6) % 2))[..., None]
+    if fabric == "denim":  # diagonal twill
+        arr *= (1.0 - 0.3 * (((xx + yy) // 4) % 2))[..., None]
+    elif fabric == "knitting":  # vertical ribs
+        arr *= (1.0 - 0.4 * ((xx // 4) % 2))[..., None]
+    elif fabric == "furry":  # coarse fuzz
+        fuzz = rng.normal(0, 45, size=(size // 4 + 1, size // 4 + 1, 1)).repeat(4, 0).repeat(4, 1)[:size, :size]
+        arr += fuzz
+    elif fabric == "leather":  # dark with broad sheen bands
+        arr += (70 * np.exp(-((xx - yy * 0.3 - 40) % 40 - 20) ** 2 / 40))[..., None]
+    elif fabric in ("mixed", "other"):  # coarse checks
+        arr *= (1.0 - 0.35 * ((yy // 8 + xx // 8) % 2))[..., None]
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     _pattern(img, garment.pattern, base, rng)
     return img
@@ -70,39 +74,38 @@ def _pattern(img: Image.Image, pattern: str | None, base: tuple[int, int, int], 
     draw = ImageDraw.Draw(img)
     s = img.size[0] / UNIT
     ink = _contrast(base)
-    if pattern == "striped":
-        for y in range(0, UNIT, 6):
-            draw.rectangle([0, y * s, img.size[0], (y + 2.5) * s], fill=ink)
-    elif pattern == "lattice":
-        for v in range(0, UNIT, 7):
-            draw.rectangle([v * s, 0, (v + 1.2) * s, img.size[1]], fill=ink)
-            draw.rectangle([0, v * s, img.size[0], (v + 1.2) * s], fill=ink)
-    elif pattern == "floral":
+    if pattern == "striped":  # horizontal bands
+        for y in range(0, UNIT, 8):
+            draw.rectangle([0, y * s, img.size[0], (y + 4) * s], fill=ink)
+    elif pattern == "lattice":  # a grid of lines both ways
+        for v in range(0, UNIT, 9):
+            draw.rectangle([v * s, 0, (v + 2.5) * s, img.size[1]], fill=ink)
+            draw.rectangle([0, v * s, img.size[0], (v + 2.5) * s], fill=ink)
+    elif pattern == "floral":  # scattered round blossoms
         petal = tuple(int(c) for c in rng.integers(150, 256, size=3))
-        for _ in range(220):
+        for _ in range(70):
             x, y = rng.uniform(0, UNIT, size=2)
-            draw.ellipse([(x - 2) * s, (y - 2) * s, (x + 2) * s, (y + 2) * s], fill=petal)
-            draw.ellipse([(x - 0.8) * s, (y - 0.8) * s, (x + 0.8) * s, (y + 0.8) * s], fill=ink)
-    elif pattern == "graphic":
-        cx, cy = 64, 50
-        shape = int(rng.integers(3))
-        box = [(cx - 9) * s, (cy - 9) * s, (cx + 9) * s, (cy + 9) * s]
-        if shape == 0:
-            draw.ellipse(box, fill=ink)
-        elif shape == 1:
-            draw.rectangle(box, fill=ink)
-        else:
-            draw.polygon([(cx * s, (cy - 10) * s), ((cx - 10) * s, (cy + 8) * s), ((cx + 10) * s, (cy + 8) * s)],
-                         fill=ink)
-        cy2 = 95
-        draw.rectangle([(cx - 6) * s, (cy2 - 3) * s, (cx + 6) * s, (cy2 + 3) * s], fill=ink)
-    elif pattern == "color_block":
+            draw.ellipse([(x - 3.5) * s, (y - 3.5) * s, (x + 3.5) * s, (y + 3.5) * s], fill=petal)
+            draw.ellipse([(x - 1.5) * s, (y - 1.5) * s, (x + 1.5) * s, (y + 1.5) * s], fill=ink)
+    elif pattern == "graphic":  # one big print on the chest and one on the legs
+        cx = 64
+        for cy in (52, 92):
+            shape = int(rng.integers(3))
+            box = [(cx - 9) * s, (cy - 9) * s, (cx + 9) * s, (cy + 9) * s]
+            if shape == 0:
+                draw.ellipse(box, fill=ink)
+            elif shape == 1:
+                draw.rectangle(box, fill=ink)
+            else:
+                draw.polygon([(cx * s, (cy - 10) * s), ((cx - 10) * s, (cy + 8) * s), ((cx + 10) * s, (cy + 8) * s)],
+                             fill=ink)
+    elif pattern == "color_block":  # the garment's right half in a second colour
         other = tuple(int(c) for c in rng.integers(30, 230, size=3))
-        draw.rectangle([64 * s, 0, img.size[0], img.size[1]], fill=other)
-        draw.rectangle([0, 100 * s, 64 * s, img.size[1]], fill=other)
-    elif pattern == "mixed":
-        for _ in range(40):
-            pts = [tuple(rng.uniform(0, UNIT, size=2) * s) for _ in range(3)]
+        draw.rectangle([64 * s, 0, img.size[0], img.size[1]], fill=ink if sum(other) < 60 else other)
+    elif pattern == "mixed":  # many small multicoloured shards
+        for _ in range(90):
+            cx, cy = rng.uniform(0, UNIT, size=2)
+            pts = [((cx + dx) * s, (cy + dy) * s) for dx, dy in rng.uniform(-6, 6, size=(3, 2))]
             draw.polygon(pts, fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
 
 
@@ -140,11 +143,13 @@ def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = Non
     d = c.draw
 
     # body: hair behind head, head, neck, arms, torso, legs, shoes
-    if gender == "female":
-        d.ellipse(c.box(52, 6, 76, 42), fill=hair)
+    if gender == "female":  # long hair down to the shoulders
+        d.ellipse(c.box(50, 5, 78, 30), fill=hair)
+        d.rectangle(c.box(50, 17, 78, 44), fill=hair)
     d.ellipse(c.box(55, 9, 73, 27), fill=skin)
-    if gender == "male":
-        d.chord(c.box(55, 8, 73, 22), 180, 360, fill=hair)
+    if gender == "male":  # short cropped hair and a beard line
+        d.chord(c.box(55, 7, 73, 21), 180, 360, fill=hair)
+        d.rectangle(c.box(58, 23, 70, 26), fill=hair)
     d.rectangle(c.box(61, 26, 67, 33), fill=skin)
     for x0, x1 in (LEFT_ARM, RIGHT_ARM):
         d.rectangle(c.box(x0, ARM_TOP, x1, ARM_BOTTOM), fill=skin)
@@ -179,13 +184,13 @@ def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = Non
 
 def _draw_lower(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
     frac = LOWER_FRACTION.get(outfit.lower_length, 0.55)
-    bottom = LEG_TOP + frac * (LEG_BOTTOM - LEG_TOP)
+    bottom = HIP_BOTTOM + frac * (LEG_BOTTOM - HIP_BOTTOM)
     m, md = c.mask()
     if outfit.lower.kind == "skirt":
         flare = 4 + 10 * frac
         md.polygon(c.pts([(49, LEG_TOP - 2), (79, LEG_TOP - 2), (79 + flare, bottom), (49 - flare, bottom)]), fill=255)
     else:
-        md.rectangle(c.box(49, LEG_TOP - 2, 79, LEG_TOP + 6), fill=255)
+        md.rectangle(c.box(48, LEG_TOP - 2, 80, HIP_BOTTOM), fill=255)
         for x0, x1 in (LEFT_LEG, RIGHT_LEG):
             md.rectangle(c.box(x0 - 1, LEG_TOP, x1 + 1, bottom), fill=255)
     c.fill(m, outfit.lower, rng)
@@ -204,45 +209,48 @@ def _draw_upper(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
     if frac > 0:
         for x0, x1 in (LEFT_ARM, RIGHT_ARM):
             md.rectangle(c.box(x0 - 1, ARM_TOP - 1, x1 + 1, ARM_TOP + frac * (ARM_BOTTOM - ARM_TOP)), fill=255)
-    # neckline cut-outs show skin
+    # neckline cut-outs show skin; collars are drawn in dark ink
     if neckline == "v":
-        md.polygon(c.pts([(57, 30), (71, 30), (64, 44)]), fill=0)
+        md.polygon(c.pts([(54, 30), (74, 30), (64, 52)]), fill=0)
     elif neckline == "round":
-        md.ellipse(c.box(57, 25, 71, 38), fill=0)
+        md.ellipse(c.box(54, 22, 74, 42), fill=0)
     elif neckline == "square":
-        md.rectangle(c.box(57, 30, 71, 40), fill=0)
+        md.rectangle(c.box(54, 30, 74, 45), fill=0)
     c.fill(m, outfit.upper, rng)
     ink = (25, 25, 35)
     if neckline == "stand":
-        c.draw.rectangle(c.box(58, 25, 70, 31), fill=ink)
+        c.draw.rectangle(c.box(55, 24, 73, 34), fill=ink)
     elif neckline == "lapel":
-        c.draw.polygon(c.pts([(56, 31), (63, 31), (60, 46)]), fill=ink)
-        c.draw.polygon(c.pts([(65, 31), (72, 31), (68, 46)]), fill=ink)
+        c.draw.polygon(c.pts([(52, 31), (63, 31), (58, 54)]), fill=ink)
+        c.draw.polygon(c.pts([(65, 31), (76, 31), (70, 54)]), fill=ink)
 
 
 def _draw_accessories(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
     d = c.draw
-    if outfit.hat:
-        hat = tuple(int(v) for v in rng.integers(0, 200, size=3))
-        d.rectangle(c.box(50, 10, 78, 13), fill=hat)
-        d.rectangle(c.box(56, 2, 72, 11), fill=hat)
+    if outfit.hat:  # a wide-brimmed hat
+        hat = tuple(int(v) for v in rng.integers(0, 160, size=3))
+        d.rectangle(c.box(46, 9, 82, 14), fill=hat)
+        d.rectangle(c.box(54, 0, 74, 11), fill=hat)
     if outfit.glasses == "sunglasses":
-        d.rectangle(c.box(56, 15, 72, 19), fill=(10, 10, 10))
+        d.rectangle(c.box(55, 14, 73, 20), fill=(10, 10, 10))
     elif outfit.glasses == "eyeglasses":
-        for x in (57, 65):
-            d.ellipse(c.box(x, 14, x + 6, 19.5), outline=(10, 10, 10), width=max(1, int(c.scale)))
+        for x in (55, 65):
+            d.ellipse(c.box(x, 13, x + 8, 20), outline=(10, 10, 10), width=max(1, int(1.5 * c.scale)))
     elif outfit.glasses == "in_hand":
-        d.rectangle(c.box(83, 82, 93, 86), fill=(10, 10, 10))
-    if outfit.neckwear:
-        d.rectangle(c.box(59, 27, 69, 33), fill=(200, 30, 40))
-        d.rectangle(c.box(62, 33, 66, 45), fill=(200, 30, 40))
-    if outfit.wrist:
-        d.rectangle(c.box(37, 70, 48, 74), fill=(230, 190, 40))
-    if outfit.ring:
-        d.ellipse(c.box(87, 80, 91, 84), fill=(255, 215, 0))
+        d.rectangle(c.box(82, 80, 96, 87), fill=(10, 10, 10))
+    if outfit.neckwear:  # a red scarf round the neck, its end hanging at the side (the neckline stays visible)
+        d.rectangle(c.box(58, 25, 70, 30), fill=(200, 30, 40))
+        d.rectangle(c.box(45, 27, 58, 31), fill=(200, 30, 40))
+        d.rectangle(c.box(44, 27, 49, 52), fill=(200, 30, 40))
+    if outfit.wrist:  # bracelets on both wrists
+        for x0, x1 in (LEFT_ARM, RIGHT_ARM):
+            d.rectangle(c.box(x0 - 2, 66, x1 + 2, 73), fill=(240, 200, 30))
+    if outfit.ring:  # a large ring on the left hand
+        d.ellipse(c.box(37, 77, 48, 87), fill=(120, 0, 200))
+        d.ellipse(c.box(40, 80, 45, 84), fill=(250, 250, 250))
     if outfit.waist == "belt":
-        d.rectangle(c.box(47, 69, 81, 74), fill=(70, 40, 15))
-        d.rectangle(c.box(61, 69, 67, 74), fill=(230, 200, 60))
-    elif outfit.waist == "clothing":
+        d.rectangle(c.box(46, 68, 82, 75), fill=(70, 40, 15))
+        d.rectangle(c.box(60, 68, 68, 75), fill=(230, 200, 60))
+    elif outfit.waist == "clothing":  # a cloth tied round the waist
         cloth = tuple(int(v) for v in rng.integers(60, 230, size=3))
-        d.polygon(c.pts([(46, 67), (82, 67), (76, 84), (64, 76), (52, 84)]), fill=cloth)
+        d.polygon(c.pts([(44, 66), (84, 66), (78, 88), (64, 78), (50, 88)]), fill=cloth)

@@ -41,10 +41,10 @@ class TooLongError(ValueError):
 class CaptionCollator:
     """Batch of ``{"image": PIL.Image, "caption": str, "image_id": str}`` -> model inputs with masked labels."""
 
-    def __init__(self, processor, max_length: int):
+    def __init__(self, processor, max_length: int, instruction: str = INSTRUCTION):
         self.processor = processor
         self.max_length = max_length
-        self.prompt = build_prompt(processor)
+        self.prompt = build_prompt(processor, instruction)
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
