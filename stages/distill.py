@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import depends
 from pipeline.config import Config
 from pipeline.data.diagnostics import caption_diagnostics
-from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_dataset
+from pipeline.data.formats import load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
-from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, require_stage,
+from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir,
                              reset_work_dir, write_manifest)
 from stages.cli import stage_main
 
@@ -65,12 +66,6 @@ def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
     if (merged / "config.json").is_file():
         return merged, None
     return cfg.teacher.model, rd.teacher / "adapter"
-
-
-def distill_config(cfg: Config) -> dict:
-    d = cfg.distill
-    return {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
-            "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend}
 
 
 def generate_shard(cfg: Config, rows: list[dict], out: Path, i: int, n: int, model_dir: Path,
@@ -152,12 +147,9 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
-    data_manifest = require_stage(rd.data, "prepare")
-    teacher_manifest = require_stage(rd.teacher, "finetune")
+    config, inputs = depends.distill(cfg, rd)
     model_dir, adapter = teacher_paths(cfg, rd)
     out = rd.distill(cfg.distill.dataset_name)
-    config = distill_config(cfg)
-    inputs = {"data": data_manifest["fingerprint"], "teacher": teacher_manifest["fingerprint"]}
     if not args.force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date (use --force to rerun)", out)
         return out

@@ -15,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, config_slice
+from pipeline import depends
+from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
 from pipeline.errors import PipelineError
 from pipeline.reporting import (ARCH_NAMES, SEED_ORDER, csv_text, gallery_html, markdown_table, plot_curves,
                                 plot_length_histograms, plot_metric_bars, student_rows)
-from pipeline.rundir import (RunDir, atomic_write_text, is_up_to_date, publish_dir, read_manifest,
-                             require_stage, write_manifest)
+from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
 from stages.cli import stage_main
 from stages.students import finished_results, source_dir
 
@@ -99,9 +99,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     rd = RunDir(cfg.run_dir)
     require_stage(rd.data, "prepare")
     results, baselines = _student_results(rd)
-    inputs = {r["folder"].name: read_manifest(r["folder"])["fingerprint"] for r in results}
-    inputs.update({f"distill/{n}": read_manifest(rd.distill(n))["fingerprint"] for n in rd.distilled_sources()})
-    config = {"seed": cfg.seed, "report": config_slice(cfg, "report")["report"]}
+    config, inputs = depends.report(cfg, rd)
     if not args.force and is_up_to_date(rd.report, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.report)
         return rd.report

@@ -19,8 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 
-from pipeline.config import Config, config_slice
+from pipeline import depends
+from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
+from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
@@ -31,10 +33,6 @@ from stages.cli import stage_main
 log = logging.getLogger("students")
 SPLITS = ("train", "val", "test")
 TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
-
-
-def source_dir(rd: RunDir, source: str) -> Path:
-    return rd.data if source == "gt" else rd.distill(source)
 
 
 def resolve_sources(cfg: Config, rd: RunDir) -> list[str]:
@@ -76,12 +74,7 @@ def train_one(cfg: Config, rd: RunDir, arch: str, source: str, rows: dict[str, l
     from pipeline.students.vocab import Vocabulary
 
     out = rd.students / f"{arch}__{source}"
-    config = {"seed": cfg.seed, "arch": arch, "source": source,
-              "students": config_slice(cfg, "students")["students"]}
-    for key in ("archs", "sources", "num_workers"):
-        config["students"].pop(key)
-    inputs = {"captions": read_manifest(source_dir(rd, source))["fingerprint"],
-              "ground_truth": read_manifest(rd.data)["fingerprint"]}
+    config, inputs = depends.student(cfg, rd, arch, source)
     if not args.force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date", out.name)
         return json.loads((out / "metrics.json").read_text())
