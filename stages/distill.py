@@ -32,6 +32,8 @@ log = logging.getLogger("distill")
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default=None, help="i/n: generate only slice i of n (default: Slurm array or 0/1)")
     parser.add_argument("--merge", action="store_true", help="only join the finished shards into the dataset")
+    parser.add_argument("--reset", action="store_true", help="only make the work folder ready for these settings "
+                        "(wiped with --force or when made with others), once before parallel shards start")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -152,6 +154,9 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     out = rd.distill(cfg.distill.dataset_name)
     if not args.force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date (use --force to rerun)", out)
+        return out
+    if getattr(args, "reset", False):
+        reset_work_dir(out, config, inputs, force=args.force)
         return out
     i, n = parse_shard(getattr(args, "shard", None))
     merging = getattr(args, "merge", False)

@@ -35,6 +35,11 @@ SPLITS = ("train", "val", "test")
 TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features-only", action="store_true", help="only build the frozen encoders' feature "
+                        "caches (the Slurm job before the students array)")
+
+
 def resolve_sources(cfg: Config, rd: RunDir) -> list[str]:
     sources = cfg.students.sources or ["gt", *rd.distilled_sources()]
     for s in sources:
@@ -133,7 +138,6 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     unknown = [a for a in cfg.students.archs if a not in ENCODER_OF]
     if unknown:
         raise PipelineError(f"students.archs: unknown architecture(s) {unknown}; known: {sorted(ENCODER_OF)}")
-    sources = resolve_sources(cfg, rd)
     gt = _rows(rd.data)
     test_rows = gt["test"]
     if not test_rows:
@@ -148,6 +152,12 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
                                          num_workers=cfg.students.num_workers)
         return cache[enc]
 
+    if getattr(args, "features_only", False):  # a fine-tuned encoder runs in the loop: nothing to cache
+        if not cfg.students.encoder.finetune:
+            for arch in cfg.students.archs:
+                feature_table(arch)
+        return rd.students / "features"
+    sources = resolve_sources(cfg, rd)
     with CaptionScorer(meteor=True) as scorer:
         for source in sources:
             rows = gt if source == "gt" else _rows(rd.distill(source))
@@ -163,4 +173,4 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("students", run))
+    sys.exit(stage_main("students", run, add_args))
