@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 from pipeline.attribute_metrics import attribute_accuracy, majority_baseline
+from pipeline import depends
 from pipeline.config import Config
 from pipeline.data.diagnostics import caption_diagnostics
-from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_dataset
+from pipeline.data.formats import load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
-from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, require_stage,
-                             reset_work_dir, write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, reset_work_dir,
+                             write_manifest)
 from stages.cli import stage_main
 
 log = logging.getLogger("distill")
@@ -32,6 +33,8 @@ log = logging.getLogger("distill")
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default=None, help="i/n: generate only slice i of n (default: Slurm array or 0/1)")
     parser.add_argument("--merge", action="store_true", help="only join the finished shards into the dataset")
+    parser.add_argument("--reset", action="store_true", help="only make the work folder ready for these settings "
+                        "(wiped with --force or when made with others), once before parallel shards start")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -66,12 +69,6 @@ def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
     if (merged / "config.json").is_file():
         return merged, None
     return cfg.teacher.model, rd.teacher / "adapter"
-
-
-def distill_config(cfg: Config) -> dict:
-    d = cfg.distill
-    return {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
-            "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend}
 
 
 def generate_shard(cfg: Config, rows: list[dict], out: Path, i: int, n: int, model_dir: Path,
@@ -165,14 +162,14 @@ def _attributes(rows: list[dict], generations: dict[str, dict]) -> dict:
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
-    data_manifest = require_stage(rd.data, "prepare")
-    teacher_manifest = require_stage(rd.teacher, "finetune")
+    config, inputs = depends.distill(cfg, rd)
     model_dir, adapter = teacher_paths(cfg, rd)
     out = rd.distill(cfg.distill.dataset_name)
-    config = distill_config(cfg)
-    inputs = {"data": data_manifest["fingerprint"], "teacher": teacher_manifest["fingerprint"]}
     if not args.force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date (use --force to rerun)", out)
+        return out
+    if getattr(args, "reset", False):
+        reset_work_dir(out, config, inputs, force=args.force)
         return out
     i, n = parse_shard(getattr(args, "shard", None))
     merging = getattr(args, "merge", False)

@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, config_slice
+from pipeline import depends
+from pipeline.config import Config
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
-from pipeline.rundir import (RunDir, atomic_write_json, fingerprint_tree, is_up_to_date, require_stage,
-                             reset_work_dir, wait_for_work_dir, write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, require_stage, reset_work_dir,
+                             wait_for_work_dir, write_manifest)
 from stages.cli import stage_main
 
 log = logging.getLogger("finetune")
@@ -40,11 +41,6 @@ def ensure_base_model(cfg: Config, train_captions: list[str]) -> Path:
         while not (path / "config.json").is_file():
             time.sleep(1)
     return path
-
-
-def teacher_inputs(cfg: Config, rd: RunDir) -> dict[str, str]:
-    data = require_stage(rd.data, "prepare")
-    return {"data": data["fingerprint"], "base_model": fingerprint_tree(cfg.teacher.model, "*.json", content=True)}
 
 
 def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict:
@@ -90,8 +86,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     data = load_captions(rd.data / "captions")
     train_rows, val_rows = split_rows(data, "train"), split_rows(data, "val")
     ensure_base_model(cfg, [r["caption"] for r in train_rows])
-    config = {"seed": cfg.seed, "teacher": config_slice(cfg, "teacher")["teacher"]}
-    inputs = teacher_inputs(cfg, rd)
+    config, inputs = depends.finetune(cfg, rd)
     if not args.force and is_up_to_date(rd.teacher, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.teacher)
         return rd.teacher

@@ -15,12 +15,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import Config, config_slice
+from pipeline import depends
+from pipeline.config import Config
 from pipeline.data import synthetic
 from pipeline.data.deepfashion import IMAGE_DIR, DataError, detect_layout, problems_as_dicts, read_dataset
 from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, to_hf_dataset
-from pipeline.rundir import (RunDir, atomic_write_json, fingerprint_tree, is_up_to_date, publish_dir, sha256_file,
-                             write_manifest)
+from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, publish_dir, write_manifest
 from stages.cli import stage_main
 
 log = logging.getLogger("prepare")
@@ -44,20 +44,12 @@ def ensure_raw_data(cfg: Config) -> None:
     synthetic.generate(cfg.data.root, syn, cfg.seed, workers=cfg.data.workers)
 
 
-def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
-    files = ["captions.json"] if layout == "single" else ["train_captions.json", "test_captions.json"]
-    out = {f: sha256_file(root / f) for f in files}
-    out[IMAGE_DIR] = fingerprint_tree(root / IMAGE_DIR) if (root / IMAGE_DIR).is_dir() else "missing"
-    return out
-
-
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
     ensure_raw_data(cfg)
     layout = detect_layout(cfg.data.root, cfg.data.layout)
-    config = {"seed": cfg.seed, "data": config_slice(cfg, "data")["data"]}
-    inputs = raw_fingerprints(cfg.data.root, layout)
+    config, inputs = depends.prepare(cfg)
     if not args.force and is_up_to_date(rd.data, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.data)
         return rd.data

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from pipeline.attribute_metrics import ATTRIBUTES
-from pipeline.config import Config, config_slice
+from pipeline import depends
+from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
 from pipeline.errors import PipelineError
@@ -25,9 +26,8 @@ from pipeline.plots import plot_attribute_heatmap, plot_curves, plot_length_hist
 from pipeline.reporting import (TEACHER_COLUMNS, csv_text, gallery_html, gallery_samples, results_markdown,
                                 teacher_rows)
 from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
-from pipeline.rundir import (RunDir, atomic_write_text, is_up_to_date, publish_dir, read_manifest, require_stage,
-                             write_manifest)
-from pipeline.students.experiment import source_dir
+from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
+from pipeline.depends import source_dir
 from stages.cli import stage_main
 
 log = logging.getLogger("report")
@@ -40,9 +40,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     results, baselines = finished_results(rd)
     if not results:
         raise PipelineError(f"{rd.students}: no finished students; run the 'students' stage first")
-    inputs = {r["folder"].name: read_manifest(r["folder"])["fingerprint"] for r in results}
-    inputs.update({f"distill/{n}": read_manifest(rd.distill(n))["fingerprint"] for n in rd.distilled_sources()})
-    config = {"seed": cfg.seed, "report": config_slice(cfg, "report")["report"]}
+    config, inputs = depends.report(cfg, rd)
     if not args.force and is_up_to_date(rd.report, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.report)
         return rd.report

@@ -21,13 +21,19 @@ from pipeline.metrics import CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
 from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, source_baselines
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, require_stage
-from pipeline.students.experiment import SPLITS, run_experiment, source_dir
+from pipeline.depends import source_dir
+from pipeline.students.experiment import SPLITS, run_experiment
 from stages.cli import stage_main
 
 
 def _rows(folder: Path) -> dict[str, list[dict]]:
     data = load_captions(folder / "captions")
     return {s: split_rows(data, s) for s in SPLITS}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features-only", action="store_true", help="only build the frozen encoders' feature "
+                        "caches (the Slurm job before the students array)")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Path:
@@ -39,14 +45,17 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     unknown = [a for a in cfg.students.archs if a not in ENCODER_OF]
     if unknown:
         raise PipelineError(f"students.archs: unknown architecture(s) {unknown}; known: {sorted(ENCODER_OF)}")
-    sources = cfg.students.sources or ["gt", *rd.distilled_sources()]
-    for s in sources:
-        require_stage(source_dir(rd, s), "prepare" if s == "gt" else "distill")
     gt = _rows(rd.data)
     if not gt["test"]:
         raise PipelineError(f"{rd.data}: the ground-truth test split is empty")
     decoder_inputs = DecoderInputs(rd.students / "features", cfg.students, cfg.seed,
                                    sorted({r["image_path"] for s in SPLITS for r in gt[s]}))
+    if getattr(args, "features_only", False):
+        decoder_inputs.build_caches(cfg.students.archs)
+        return rd.students / "features"
+    sources = cfg.students.sources or ["gt", *rd.distilled_sources()]
+    for s in sources:
+        require_stage(source_dir(rd, s), "prepare" if s == "gt" else "distill")
     with CaptionScorer(meteor=True) as scorer:
         for source in sources:
             rows = gt if source == "gt" else _rows(rd.distill(source))
@@ -64,4 +73,4 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("students", run))
+    sys.exit(stage_main("students", run, add_args))

@@ -1,7 +1,8 @@
-"""`make submit`: the whole chain as Slurm batch jobs (scripts in <run_dir>/slurm/, ids in jobs.json).
+"""`make submit`: the whole chain as Slurm batch jobs (scripts and submit.sh in <run_dir>/slurm/, ids in jobs.json).
 
-``--dry-run`` prints the scripts without submitting. Stages whose outputs are finished are not submitted again
-(``--force`` submits everything).
+``--dry-run`` prints the scripts and the dependency graph without submitting. A job whose output is up to date by
+its stage's own rule, and none of whose dependencies is submitted, is left out; ``--force`` submits every job and
+passes ``--force`` on to them.
 """
 
 from __future__ import annotations
@@ -10,28 +11,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cluster.slurm import plan_chain, submit, write_scripts
-from pipeline.config import Config
+from pipeline.cluster.slurm import describe_chain, plan_chain, submit, write_scripts
+from pipeline.config import Config, load_config
 from stages.cli import stage_main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and the DAG, submit nothing")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
     config = Path(args.config).resolve()
     overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={cfg.run_dir.resolve()}"]
+    cfg = load_config(config, overrides)  # what the jobs load: their manifests record its absolute paths
     jobs = plan_chain(cfg, config, overrides, force=args.force)
     scripts = write_scripts(cfg, jobs, PROJECT_ROOT)
+    folder = scripts[jobs[0].name].parent
     if args.dry_run:
         for job in jobs:
-            print(f"# ---- {scripts[job.name]}{'  (finished: not submitted)' if job.done else ''}")
+            print(f"# ---- {scripts[job.name]}{'  (up to date: not submitted)' if job.done else ''}")
             print(scripts[job.name].read_text())
+        print(describe_chain(jobs))
+        print(f"\nnothing submitted; by hand: bash {folder / 'submit.sh'}")
         return {}
     ids = submit(cfg, jobs, scripts)
+    print(describe_chain(jobs))
     for job in jobs:
         print(f"{job.name:24s} {'finished, skipped' if job.done else 'job ' + ids[job.name]}")
     return ids

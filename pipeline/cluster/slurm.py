@@ -1,8 +1,10 @@
 """The pipeline as Slurm batch jobs: render sbatch scripts, submit them with ``afterok`` dependencies, poll states.
 
-Chain: prepare -> finetune (1..N nodes) -> for each temperature: distill array over shards -> merge -> students
-array over (architecture x source) -> report. Scripts are written into ``<run_dir>/slurm/`` before anything is
-submitted, so they can be read and resubmitted by hand; ``jobs.json`` records the submitted ids.
+Chain: prepare -> finetune (1..N nodes) -> for each temperature: [reset ->] distill array over shards -> merge;
+prepare -> features (the frozen encoders' caches) -> students array over (architecture x source) -> report. A job
+is left out when its stage's own rule (:mod:`pipeline.depends`) finds its output up to date and no job it depends
+on is submitted. Scripts and ``submit.sh`` (the same chain by hand) are written into ``<run_dir>/slurm/`` before
+anything is submitted; ``jobs.json`` records the submitted ids.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline import depends
+from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, read_manifest
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest
 
+SHARD_ARG = '--shard "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"'
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
@@ -32,7 +38,7 @@ class Job:
     array: int | None = None  # number of array tasks
     nodes: int = 1
     gpus: int = 0
-    done: bool = False  # output already finished: not submitted
+    done: bool = False  # output up to date: not submitted
 
 
 def _stage_args(config: Path, overrides: list[str], *extra: str) -> str:
@@ -44,48 +50,91 @@ def _stage(module: str, config: Path, overrides: list[str], *extra: str) -> str:
     return f"python -m stages.{module} {_stage_args(config, overrides, *extra)}"
 
 
-def _finetune_command(cfg: Config, config: Path, overrides: list[str]) -> str:
+def _finetune_command(cfg: Config, config: Path, overrides: list[str], *extra: str) -> str:
     nodes, gpus = cfg.slurm.nodes.get("finetune", 1), cfg.slurm.gpus_per_node
     if nodes > 1:  # one torchrun per node, rendezvous on the first node
         return ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
                 f"srun --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc_per_node={max(gpus, 1)} "
                 '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head:29500" '
-                f"-m stages.finetune {_stage_args(config, overrides)}")
+                f"-m stages.finetune {_stage_args(config, overrides, *extra)}")
     if gpus > 1:
         return (f"python -m deepspeed.launcher.runner --num_gpus {gpus} --module stages.finetune "
-                f"{_stage_args(config, overrides)}")
-    return _stage("finetune", config, overrides)
+                f"{_stage_args(config, overrides, *extra)}")
+    return _stage("finetune", config, overrides, *extra)
+
+
+def _up_to_date(folder: Path, key: Callable[[], depends.Depends]) -> bool:
+    """The stage's own rule: ``folder`` holds a finished output of exactly the config and inputs ``key`` gives."""
+    if read_manifest(folder) is None:
+        return False
+    try:
+        return is_up_to_date(folder, *key())
+    except (PipelineError, OSError):  # an input is missing or unreadable: the job runs and its stage says what
+        return False
 
 
 def plan_chain(cfg: Config, config: Path, overrides: list[str], force: bool = False) -> list[Job]:
-    """The jobs of the whole pipeline; those whose outputs are finished are marked done (unless ``force``)."""
+    """The jobs of the whole pipeline in submission order; ``cfg`` is what ``config`` + ``overrides`` load.
+
+    A job is marked done (not submitted) only when no job it depends on is submitted and its stage's up-to-date
+    rule holds for the config the job loads (its own overrides included). ``force`` submits every job with
+    ``--force``, except the distill shards: their reset job wipes the folder once for all of them.
+    """
     rd = RunDir(cfg.run_dir)
-    finished = (lambda folder: False) if force else (lambda folder: read_manifest(folder) is not None)
     gpus = cfg.slurm.gpus_per_node
-    jobs = [Job("prepare", _stage("prepare", config, overrides), done=finished(rd.data)),
-            Job("finetune", _finetune_command(cfg, config, overrides), ["prepare"],
-                nodes=cfg.slurm.nodes.get("finetune", 1), gpus=gpus, done=finished(rd.teacher))]
-    sources = cfg.students.sources or ["gt", *cfg.distill.temperatures]
-    datasets = []  # the job that finishes each distilled dataset
+    flags = ["--force"] if force else []
+    jobs: dict[str, Job] = {}
+
+    def add(job: Job, folder: Path, key: Callable[[], depends.Depends]) -> Job:
+        job.done = not force and all(jobs[name].done for name in job.after) and _up_to_date(folder, key)
+        jobs[job.name] = job
+        return job
+
+    add(Job("prepare", _stage("prepare", config, overrides, *flags)), rd.data, partial(depends.prepare, cfg))
+    add(Job("finetune", _finetune_command(cfg, config, overrides, *flags), ["prepare"],
+            nodes=cfg.slurm.nodes.get("finetune", 1), gpus=gpus), rd.teacher, partial(depends.finetune, cfg, rd))
+    datasets: dict[str, Job] = {}  # distilled dataset name -> the job that finishes it
+    shards = cfg.slurm.distill_shards
     for name, temperature in cfg.distill.temperatures.items():
         pinned = [*overrides, f"distill.temperature={temperature}", f"distill.name={name}"]
-        shards = cfg.slurm.distill_shards
-        shard_arg = '--shard "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"' if shards > 1 else ""
-        done = finished(rd.distill(name))
-        jobs.append(Job(f"distill-{name}", _stage("distill", config, pinned, shard_arg).rstrip(), ["finetune"],
-                        array=shards if shards > 1 else None, gpus=min(gpus, 1), done=done))
-        if shards > 1:
-            jobs.append(Job(f"merge-{name}", _stage("distill", config, pinned, "--merge"), [f"distill-{name}"],
-                            done=done))
-        datasets.append(jobs[-1].name)
+        folder = rd.distill(name)
+        key = partial(depends.distill, load_config(config, pinned), rd)
+        if shards == 1:
+            datasets[name] = add(Job(f"distill-{name}", _stage("distill", config, pinned, *flags), ["finetune"],
+                                     gpus=min(gpus, 1)), folder, key)
+            continue
+        add(Job(f"reset-{name}", _stage("distill", config, pinned, "--reset", *flags), ["finetune"]), folder, key)
+        add(Job(f"distill-{name}", _stage("distill", config, pinned, SHARD_ARG), [f"reset-{name}"], array=shards,
+                gpus=min(gpus, 1)), folder, key)
+        datasets[name] = add(Job(f"merge-{name}", _stage("distill", config, pinned, "--merge", *flags),
+                                 [f"distill-{name}"]), folder, key)
+
+    sources = cfg.students.sources or ["gt", *cfg.distill.temperatures]
     combos = [(a, s) for s in sources for a in cfg.students.archs]
-    pairs = " ".join(shlex.quote(f"{a} {s}") for a, s in combos)
+    stale = []  # the (arch, source) models to train: an input job is submitted or the model is not up to date
+    for arch, source in combos:
+        upstream = [jobs["prepare"], *([datasets[source]] if source in datasets else [])]
+        pinned = [*overrides, f"students.archs=[{arch}]", f"students.sources=[{source}]"]
+        key = partial(depends.student, load_config(config, pinned), rd, arch, source)
+        if force or not all(j.done for j in upstream) or not _up_to_date(rd.students / f"{arch}__{source}", key):
+            stale.append((arch, source))
+    todo = stale or combos  # the script of a finished students job still lists every model
+    todo_sources = {s for _, s in todo}
+    after = ["prepare", *(job.name for s, job in datasets.items() if s in todo_sources)]
+    if not cfg.students.encoder.finetune:  # frozen encoders: their feature caches are built once, before the array
+        archs = list(dict.fromkeys(a for a, _ in todo))
+        feature_args = [*overrides, f"students.archs=[{','.join(archs)}]"]
+        jobs["features"] = Job("features", _stage("students", config, feature_args, "--features-only", *flags),
+                               ["prepare"], gpus=min(gpus, 1), done=not stale)
+        after.insert(1, "features")
+    pairs = " ".join(shlex.quote(f"{a} {s}") for a, s in todo)
     student_cmd = (f"combos=({pairs})\nset -- ${{combos[$SLURM_ARRAY_TASK_ID]}}\n"
-                   + _stage("students", config, overrides, '"students.archs=[$1]"', '"students.sources=[$2]"'))
-    jobs.append(Job("students", student_cmd, ["prepare", *datasets], array=len(combos), gpus=min(gpus, 1),
-                    done=all(finished(rd.students / f"{a}__{s}") for a, s in combos)))
-    jobs.append(Job("report", _stage("report", config, overrides), ["students"], done=finished(rd.report)))
-    return jobs
+                   + _stage("students", config, overrides, '"students.archs=[$1]"', '"students.sources=[$2]"',
+                            *flags))
+    jobs["students"] = Job("students", student_cmd, after, array=len(todo), gpus=min(gpus, 1), done=not stale)
+    add(Job("report", _stage("report", config, overrides, *flags), ["students", *(j.name for j in datasets.values())]),
+        rd.report, partial(depends.report, cfg, rd))
+    return list(jobs.values())
 
 
 def render_script(cfg: Config, job: Job, log_dir: Path, workdir: Path) -> str:
@@ -108,13 +157,48 @@ def render_script(cfg: Config, job: Job, log_dir: Path, workdir: Path) -> str:
     return "\n".join(lines)
 
 
+def parents(job: Job, jobs: list[Job]) -> list[str]:
+    """The submitted jobs ``job`` waits for (``afterok``); finished ones are no dependency."""
+    submitted = {j.name for j in jobs if not j.done}
+    return [name for name in job.after if name in submitted]
+
+
+def render_submit_script(jobs: list[Job], scripts: dict[str, Path]) -> str:
+    """``submit.sh``: sbatch every job to be submitted, in order, with the same ``afterok`` wiring."""
+    lines = ["#!/bin/bash", "# The chain as `make submit` submits it, by hand: bash submit.sh (prints names and ids)",
+             *(f"# {job.name}: up to date when planned, not submitted" for job in jobs if job.done),
+             "set -euo pipefail", "declare -A id"]
+    for job in jobs:
+        if job.done:
+            continue
+        deps = ":".join(f"${{id[{name}]}}" for name in parents(job, jobs))
+        dependency = f" --dependency=afterok:{deps}" if deps else ""
+        script = shlex.quote(str(scripts[job.name]))
+        lines += [f"id[{job.name}]=$(sbatch --parsable{dependency} {script} | cut -d';' -f1)",
+                  f'echo "{job.name} ${{id[{job.name}]}}"']
+    return "\n".join(lines) + "\n"
+
+
+def describe_chain(jobs: list[Job]) -> str:
+    """The DAG as a table: job, array size, the submitted jobs it waits for (afterok)."""
+    rows = [f"{'job':20s} {'array':>5s}  afterok"]
+    for job in jobs:
+        after = ", ".join(parents(job, jobs)) or "-"
+        rows.append(f"{job.name:20s} {job.array or '-':>5}  {'(up to date: not submitted)' if job.done else after}")
+    return "\n".join(rows)
+
+
 def write_scripts(cfg: Config, jobs: list[Job], workdir: Path) -> dict[str, Path]:
+    """Write one sbatch script per job and ``submit.sh`` into ``<run_dir>/slurm/`` (older numbered scripts go)."""
     folder = RunDir(cfg.run_dir).root.resolve() / "slurm"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for i, job in enumerate(jobs):
-        paths[job.name] = folder / f"{i:02d}-{job.name}.sbatch"
+    paths = {job.name: folder / f"{i:02d}-{job.name}.sbatch" for i, job in enumerate(jobs)}
+    for old in set(folder.glob("[0-9][0-9]-*.sbatch")) - set(paths.values()):
+        old.unlink()
+    for job in jobs:
         atomic_write_text(paths[job.name], render_script(cfg, job, folder / "logs", workdir))
+    atomic_write_text(folder / "submit.sh", render_submit_script(jobs, paths))
+    (folder / "submit.sh").chmod(0o755)
     return paths
 
 
@@ -134,7 +218,7 @@ def submit(cfg: Config, jobs: list[Job], scripts: dict[str, Path]) -> dict[str, 
     for job in jobs:
         if job.done:
             continue
-        deps = [ids[name] for name in job.after if name in ids]
+        deps = [ids[name] for name in parents(job, jobs)]
         cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{':'.join(deps)}"] if deps else [])
         ids[job.name] = _run([*cmd, str(scripts[job.name])]).strip().split(";")[0]
     atomic_write_json(RunDir(cfg.run_dir).root / "slurm" / "jobs.json", ids)

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from pipeline.attribute_metrics import attribute_accuracy
-from pipeline.config import Config, config_slice
+from pipeline import depends
+from pipeline.config import Config
+from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
-                             reset_work_dir, write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, reset_work_dir,
+                             write_manifest)
 from pipeline.students.train import FeatureFn, decode_split, load_student, train_student
 from pipeline.students.vocab import Vocabulary
 
@@ -29,11 +31,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 RELIANCE_SEED = 1234  # the test-image permutation of the image-reliance control (fixed across runs and models)
-
-
-def source_dir(rd: RunDir, source: str) -> Path:
-    """Folder of a caption source: ``gt`` is the prepared data, anything else a distilled dataset."""
-    return rd.data if source == "gt" else rd.distill(source)
 
 
 def student_dir(rd: RunDir, arch: str, source: str) -> Path:
@@ -62,27 +59,13 @@ def image_reliance(scores: dict, permuted: dict) -> dict:
             "seed": RELIANCE_SEED}
 
 
-def experiment_config(cfg: Config, arch: str, source: str) -> dict:
-    """What a student's output depends on (its manifest's config slice)."""
-    config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": "ngram+attributes+reliance",
-              "students": config_slice(cfg, "students")["students"]}
-    for key in ("archs", "sources", "num_workers"):
-        config["students"].pop(key)
-    return config
-
-
-def experiment_inputs(rd: RunDir, source: str) -> dict[str, str]:
-    return {"captions": read_manifest(source_dir(rd, source))["fingerprint"],
-            "ground_truth": read_manifest(rd.data)["fingerprint"]}
-
-
 def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
                    test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable, force: bool) -> dict:
     """Train ``arch`` on ``rows`` (train/val of the source), score it on the ground-truth ``test_rows``; returns its
     metrics (also in ``metrics.json``). An up-to-date output is read back instead; ``decoder_inputs(arch, paths)``
     gives (features, encoder being fine-tuned or None)."""
     out = student_dir(rd, arch, source)
-    config, inputs = experiment_config(cfg, arch, source), experiment_inputs(rd, source)
+    config, inputs = depends.student(cfg, rd, arch, source)
     if not force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date", out.name)
         return json.loads((out / "metrics.json").read_text())

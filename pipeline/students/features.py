@@ -8,9 +8,12 @@ or any image computes a new cache instead of reusing a stale one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from tqdm import tqdm
 from pipeline.config import EncoderSettings, StudentsConfig
 from pipeline.data.images import load_rgb
 from pipeline.rundir import atomic_write_bytes
-from pipeline.students.encoders import build_encoder, image_transform, weights_file
+from pipeline.students.encoders import ENCODER_OF, build_encoder, image_transform, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +69,42 @@ def compute_features(encoder: torch.nn.Module, paths: list[str], image_size: int
     return torch.cat(chunks)
 
 
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (an flock: the system releases it when the holder dies)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish %s", lock_file.with_suffix("").name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed: int, paths: list[str],
                     batch_size: int = 64, num_workers: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
-    """Features of ``paths`` (one row per path, float32) and the path -> row index; computed once then reused."""
+    """Features of ``paths`` (one row per path, float32) and the path -> row index; computed once then reused.
+
+    Concurrent callers (a Slurm array's tasks) are safe: one computes under a per-file lock while the others wait
+    for it and read its file, which appears in one rename.
+    """
     from safetensors.torch import load_file, save
 
     key = cache_key(encoder, settings, seed, paths)
     file = folder / f"{encoder}-{key}.safetensors"
     index = {p: i for i, p in enumerate(paths)}
-    if file.is_file():
-        log.info("feature cache hit: %s", file.name)
-        return load_file(file)["features"].float(), index
-    log.info("computing %s features for %d images -> %s", encoder, len(paths), file.name)
-    feats = compute_features(build_encoder(encoder, settings, seed), paths, settings.image_size, batch_size,
-                             num_workers, desc=f"{encoder} features")
-    atomic_write_bytes(file, save({"features": feats.half().contiguous()}, metadata={"encoder": encoder,
-                                                                                     "images": str(len(paths))}))
-    return feats.half().float(), index
+    if not file.is_file():
+        with exclusive(file.with_suffix(".lock")):
+            if not file.is_file():  # not written by another process while this one waited
+                log.info("computing %s features for %d images -> %s", encoder, len(paths), file.name)
+                feats = compute_features(build_encoder(encoder, settings, seed), paths, settings.image_size,
+                                         batch_size, num_workers, desc=f"{encoder} features")
+                atomic_write_bytes(file, save({"features": feats.half().contiguous()},
+                                              metadata={"encoder": encoder, "images": str(len(paths))}))
+                return feats.half().float(), index
+    log.info("feature cache hit: %s", file.name)
+    return load_file(file)["features"].float(), index
 
 
 def decoder_input(arch: str, x: torch.Tensor) -> torch.Tensor:
@@ -140,14 +162,22 @@ class DecoderInputs:
         self.folder, self.cfg, self.seed, self.all_paths = folder, cfg, seed, all_paths
         self.tables: dict[str, tuple[torch.Tensor, dict[str, int]]] = {}
 
-    def __call__(self, arch: str, paths: dict[str, list[str]]):
-        from pipeline.students.encoders import ENCODER_OF
+    def table(self, encoder: str) -> tuple[torch.Tensor, dict[str, int]]:
+        """The frozen ``encoder``'s features of every image (computed or read from the cache once)."""
+        if encoder not in self.tables:
+            self.tables[encoder] = cached_features(self.folder, encoder, self.cfg.encoder, self.seed, self.all_paths,
+                                                   num_workers=self.cfg.num_workers)
+        return self.tables[encoder]
 
+    def __call__(self, arch: str, paths: dict[str, list[str]]):
         name, settings = ENCODER_OF[arch], self.cfg.encoder
         if settings.finetune:
             encoder = build_encoder(name, settings, self.seed)
             return EncoderFeatures(arch, encoder, settings.image_size, paths, self.cfg.num_workers), encoder
-        if name not in self.tables:
-            self.tables[name] = cached_features(self.folder, name, settings, self.seed, self.all_paths,
-                                                num_workers=self.cfg.num_workers)
-        return CachedFeatures(arch, *self.tables[name], paths), None
+        return CachedFeatures(arch, *self.table(name), paths), None
+
+    def build_caches(self, archs: list[str]) -> None:
+        """Compute the feature cache of every frozen encoder ``archs`` use (a fine-tuned encoder has none)."""
+        if not self.cfg.encoder.finetune:
+            for name in dict.fromkeys(ENCODER_OF[a] for a in archs):
+                self.table(name)

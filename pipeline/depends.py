@@ -1,0 +1,79 @@
+"""What each stage's output depends on: its config slice and its inputs' fingerprints.
+
+One function per stage, called by the stage itself (it skips its work when its manifest matches, see
+:func:`pipeline.rundir.is_up_to_date`) and by :func:`pipeline.cluster.slurm.plan_chain` (it skips a job at submission
+for the same reason), so the two never disagree. Each returns ``(config slice, input fingerprints)``; a missing
+earlier output raises :class:`~pipeline.rundir.StageInputError` naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, config_slice
+from pipeline.data.deepfashion import IMAGE_DIR, detect_layout
+from pipeline.data.formats import INSTRUCTION
+from pipeline.rundir import RunDir, fingerprint_tree, read_manifest, require_stage, sha256_file
+
+Depends = tuple[dict[str, Any], dict[str, str]]
+STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
+SCORING = "ngram+attributes+reliance"  # what a student's metrics.json holds: a change rescores every student
+
+
+def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
+    """The raw dataset's caption files (content) and image folder (names, sizes, mtimes)."""
+    files = ["captions.json"] if layout == "single" else ["train_captions.json", "test_captions.json"]
+    out = {f: sha256_file(root / f) for f in files}
+    out[IMAGE_DIR] = fingerprint_tree(root / IMAGE_DIR) if (root / IMAGE_DIR).is_dir() else "missing"
+    return out
+
+
+def prepare(cfg: Config) -> Depends:
+    """`prepare`: the seed and the data section; the raw dataset at ``data.root``."""
+    layout = detect_layout(cfg.data.root, cfg.data.layout)
+    return {"seed": cfg.seed, "data": config_slice(cfg, "data")["data"]}, raw_fingerprints(cfg.data.root, layout)
+
+
+def finetune(cfg: Config, rd: RunDir) -> Depends:
+    """`finetune`: the seed and the teacher section; the prepared data and the base model's JSON files."""
+    inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
+              "base_model": fingerprint_tree(cfg.teacher.model, "*.json", content=True)}
+    return {"seed": cfg.seed, "teacher": config_slice(cfg, "teacher")["teacher"]}, inputs
+
+
+def distill(cfg: Config, rd: RunDir) -> Depends:
+    """`distill` of ``cfg.distill.dataset_name``: the sampling settings and prompt; the data and the teacher."""
+    d = cfg.distill
+    config = {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
+              "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend}
+    inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
+              "teacher": require_stage(rd.teacher, "finetune")["fingerprint"]}
+    return config, inputs
+
+
+def source_dir(rd: RunDir, source: str) -> Path:
+    """The folder of a caption source: the prepared data for ``gt``, else the distilled dataset of that name."""
+    return rd.data if source == "gt" else rd.distill(source)
+
+
+def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
+    """One `students` model: the seed, architecture, source and student settings; its captions and the ground truth."""
+    settings = config_slice(cfg, "students")["students"]
+    for key in STUDENT_KEYS_IGNORED:
+        settings.pop(key)
+    inputs = {"captions": require_stage(source_dir(rd, source), "prepare" if source == "gt" else "distill")
+              ["fingerprint"], "ground_truth": require_stage(rd.data, "prepare")["fingerprint"]}
+    return {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}, inputs
+
+
+def report(cfg: Config, rd: RunDir) -> Depends:
+    """`report`: the seed and report section; every finished student and distilled dataset of the run."""
+    inputs = {}
+    for folder in sorted(rd.students.glob("*__*")):
+        manifest = read_manifest(folder)
+        if manifest is not None and not folder.name.startswith("baseline__"):
+            inputs[folder.name] = manifest["fingerprint"]
+    inputs.update({f"distill/{n}": require_stage(rd.distill(n), "distill")["fingerprint"]
+                   for n in rd.distilled_sources()})
+    return {"seed": cfg.seed, "report": config_slice(cfg, "report")["report"]}, inputs
