@@ -38,6 +38,14 @@ class SplitConfig(Section):
     val: float = Field(0.1, gt=0.0, lt=1.0)  # share of the train split carved out for validation
 
 
+class PretrainingImages(Section):
+    """Rendered images of real captions that are in no split: what the demo's pretraining stand-ins (the tiny
+    LLaVA's and the students' encoders') train on, as real checkpoints were pretrained on other data."""
+
+    images: int = Field(2000, gt=0)
+    root: Path
+
+
 class DataConfig(Section):
     root: Path
     layout: Literal["auto", "single", "split"] = "auto"
@@ -46,6 +54,24 @@ class DataConfig(Section):
     check_images: Literal["header", "decode"] = "decode"  # decode = full pixel decode per image
     workers: int = Field(2, ge=1)
     synthetic: SyntheticData | None = None  # when set, DeepFashion-lite is generated into data.root if missing
+    pretraining: PretrainingImages | None = None  # rendered (needs `synthetic`) for the demo's stand-ins
+
+    @model_validator(mode="after")
+    def _pretraining_needs_synthetic(self) -> DataConfig:
+        if self.pretraining is not None and self.synthetic is None:
+            raise ValueError("data.pretraining renders images: it needs data.synthetic")
+        return self
+
+
+class TinyPretraining(Section):
+    """How the tiny LLaVA is pretrained before `finetune`: the vision tower and projector on attribute labels (as CLIP
+    learnt from image-text pairs), then the whole model answering a question in a style other than DeepFashion's."""
+
+    vision_epochs: int = Field(15, ge=0)
+    vision_learning_rate: float = Field(3e-3, gt=0)
+    language_epochs: int = Field(3, ge=0)
+    language_learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
 
 
 class TinyTeacher(Section):
@@ -61,6 +87,7 @@ class TinyTeacher(Section):
     image_size: int = 64
     patch_size: int = 16
     vocab_extra: int = 0  # spare rows in the embedding matrix
+    pretrain: TinyPretraining | None = None  # a stand-in for LLaVA's own pretraining (on data.pretraining)
 
 
 class LoraConfig(Section):
@@ -123,12 +150,22 @@ class DistillConfig(Section):
         return "precise" if self.temperature < 0.5 else "creative"
 
 
+class EncoderStandIn(Section):
+    """A stand-in for ImageNet pretraining: each (scaled) torchvision encoder is trained on attribute labels of the
+    pretraining images and saved in torchvision's own file layout under ``weights_dir``."""
+
+    epochs: int = Field(12, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
 class EncoderSettings(Section):
     pretrained: bool = False  # ImageNet weights from the local torch cache or `weights_dir`
     weights_dir: Path | None = None
     finetune: bool = False  # train the encoder too (then features are not cached)
-    width: float = Field(1.0, gt=0)  # demo: scale of the randomly initialised small encoders
+    width: float = Field(1.0, gt=0)  # demo: scale of the small encoders of each family
     image_size: int = 224
+    stand_in: EncoderStandIn | None = None  # demo: build `weights_dir`'s weights by pretraining on data.pretraining
 
 
 class StudentsConfig(Section):
@@ -188,6 +225,15 @@ class Config(Section):
     def _check(self) -> Config:
         if self.teacher.train.bf16 and self.teacher.train.fp16:
             raise ValueError("teacher.train.bf16 and teacher.train.fp16 are both true; choose one")
+        stand_ins = {"teacher.tiny.pretrain": self.teacher.tiny and self.teacher.tiny.pretrain,
+                     "students.encoder.stand_in": self.students.encoder.stand_in}
+        for key, wanted in stand_ins.items():
+            if wanted and self.data.pretraining is None:
+                raise ValueError(f"{key} trains on the pretraining images: set data.pretraining")
+        if self.students.encoder.stand_in and not (self.students.encoder.pretrained
+                                                   and self.students.encoder.weights_dir):
+            raise ValueError("students.encoder.stand_in writes the weights it loads: it needs "
+                             "students.encoder.pretrained=true and students.encoder.weights_dir")
         return self
 
 
