@@ -23,7 +23,7 @@ from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_
 from pipeline.errors import PipelineError
 from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, require_stage,
                              reset_work_dir, write_manifest)
-from stages.cli import stage_main
+from stages.cli import claims, stage_main
 
 log = logging.getLogger("distill")
 
@@ -70,7 +70,8 @@ def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
 def distill_config(cfg: Config) -> dict:
     d = cfg.distill
     return {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
-            "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend}
+            "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend,
+            "precision": cfg.teacher.precision, "attn_implementation": cfg.teacher.attn_implementation}
 
 
 def generate_shard(cfg: Config, rows: list[dict], out: Path, i: int, n: int, model_dir: Path,
@@ -149,6 +150,13 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     return out
 
 
+def shard_part(cfg: Config, args: argparse.Namespace) -> str:
+    """The part of the output a run locks: its shard (so different shards run in parallel), else the whole."""
+    i, n = parse_shard(getattr(args, "shard", None))
+    return f"shard-{i}-of-{n}" if n > 1 and not getattr(args, "merge", False) else ""
+
+
+@claims(lambda cfg, args: RunDir(cfg.run_dir).distill(cfg.distill.dataset_name), part=shard_part)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)

@@ -23,7 +23,7 @@ from pipeline.reporting import (ARCH_NAMES, SEED_ORDER, csv_text, gallery_html, 
                                 plot_length_histograms, plot_metric_bars, student_rows)
 from pipeline.rundir import (RunDir, atomic_write_text, is_up_to_date, publish_dir, read_manifest,
                              require_stage, write_manifest)
-from stages.cli import stage_main
+from stages.cli import claims, stage_main
 from stages.students import finished_results, source_dir
 
 log = logging.getLogger("report")
@@ -94,6 +94,7 @@ def _gallery_samples(cfg: Config, rd: RunDir, results: list[dict]) -> list[dict]
     return samples
 
 
+@claims(lambda cfg, args: RunDir(cfg.run_dir).report)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)

@@ -24,9 +24,9 @@ from pipeline.data.formats import load_captions, split_rows
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
-from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
-                             require_stage, reset_work_dir, write_manifest)
-from stages.cli import stage_main
+from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, claim_output, is_up_to_date,
+                             read_manifest, require_stage, reset_work_dir, write_manifest)
+from stages.cli import stage_main, waits
 
 log = logging.getLogger("students")
 SPLITS = ("train", "val", "test")
@@ -160,8 +160,9 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
             rows = gt if source == "gt" else _rows(rd.distill(source))
             atomic_write_json(rd.students / f"baseline__{source}" / "metrics.json",
                               baseline(scorer, [r["caption"] for r in rows["train"]], test_rows))
-            for arch in cfg.students.archs:
-                train_one(cfg, rd, arch, source, rows, test_rows, scorer, feature_table, args)
+            for arch in cfg.students.archs:  # one lock per model: array tasks train different ones in parallel
+                with claim_output(rd.students / f"{arch}__{source}", wait=waits(args)):
+                    train_one(cfg, rd, arch, source, rows, test_rows, scorer, feature_table, args)
     md, table = summary_table(*finished_results(rd))
     atomic_write_text(rd.students / "summary.md", md)
     atomic_write_text(rd.students / "summary.csv", table)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
+from pipeline.data.images import load_rgb
 from pipeline.rundir import read_manifest
 from pipeline.teacher.collator import IGNORE_INDEX, CaptionCollator, TooLongError, build_prompt
 from pipeline.teacher.loading import TeacherError, load_base_model, load_processor, load_teacher
@@ -26,7 +27,7 @@ def _rows(cfg, split="train"):
 
 
 def _batch(rows):
-    return [{"image": Image.open(r["image_path"]).convert("RGB"), "caption": r["caption"],
+    return [{"image": load_rgb(r["image_path"]), "caption": r["caption"],
              "image_id": r["image_id"]} for r in rows]
 
 
