@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, run_stage
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
+from pipeline.metrics import CaptionScorer
 from pipeline.rundir import read_manifest
 from pipeline.teacher.distill import read_generations
 from stages import distill, finetune
@@ -72,7 +73,14 @@ def test_outputs_meta_and_diagnostics(trained):
     for key in ("length_mean", "length_p50", "length_p95", "vocabulary", "distinct_1", "distinct_2",
                 "share_empty", "share_truncated"):
         assert key in diag
-    assert 0 <= diag["vs_ground_truth"]["BLEU-4"] <= 1
+    # the agreement figures are the teacher's train+val captions scored against the ground truth of those images
+    gt = load_captions(cfg.run_dir / "data" / "captions")
+    rows = split_rows(gt, "train") + split_rows(gt, "val")
+    generations = read_generations(out / "generations.jsonl")
+    with CaptionScorer(meteor=False) as scorer:
+        agree = scorer.score({r["image_id"]: [r["caption"]] for r in rows},
+                             {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
+    assert diag["vs_ground_truth"] == pytest.approx({k: agree[k] for k in ("BLEU-4", "CIDEr-D")})
     # max_new_tokens=24 cuts most captions: they are listed, not kept
     rejected = json.loads((out / "rejected.json").read_text())
     truncated = [r for r in rejected if "truncated" in r["reason"]]
