@@ -144,10 +144,9 @@ def foreign_entry(folder: str | Path) -> Path | None:
     if not names:
         return None
     try:
-        owned = json.loads((folder / OWNER_FILE).read_text())["entries"]
-    except (OSError, ValueError, KeyError, TypeError):
+        allowed = set(json.loads((folder / OWNER_FILE).read_text())["entries"]) | {MANIFEST, WORK_STAMP, OWNER_FILE}
+    except (OSError, ValueError, KeyError, TypeError):  # no marker: a manifest or a work stamp proves it
         return None if names & {MANIFEST, WORK_STAMP} else folder
-    allowed = set(owned) | {MANIFEST, WORK_STAMP, OWNER_FILE}
     unknown = sorted(n for n in names - allowed if not (n.startswith(".") and n.endswith(".tmp")))
     return folder / unknown[0] if unknown else None
 
@@ -178,8 +177,8 @@ def _is_leftover(temp: Path, final: Path) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False
+    except PermissionError:  # alive, another user's
+        pass
     return False
 
 

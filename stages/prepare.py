@@ -53,20 +53,13 @@ def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
     return out
 
 
-def prepare_config(cfg: Config) -> dict:
-    """What the outputs depend on: the data settings, the seed (split, synthetic images) and the vocabulary
-    threshold reported in stats.json."""
-    return {"seed": cfg.seed, "data": config_slice(cfg, "data")["data"],
-            "min_word_count": cfg.students.min_word_count}
-
-
 @claims(lambda cfg, args: RunDir(cfg.run_dir).data)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
     ensure_raw_data(cfg, waits(args))
     layout = detect_layout(cfg.data.root, cfg.data.layout)
-    config = prepare_config(cfg)
+    config = {"seed": cfg.seed, "data": config_slice(cfg, "data")["data"]}  # all the outputs depend on
     inputs = raw_fingerprints(cfg.data.root, layout)
     if not args.force and is_up_to_date(rd.data, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.data)
@@ -87,7 +80,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         log.warning("... %d more skipped records, all listed in skipped.json", len(problems) - 10)
 
     rows = [{**asdict(r), "source": "gt"} for r in records]
-    stats = caption_stats(rows, cfg.students.min_word_count)
+    stats = caption_stats(rows)
     stats["layout"] = layout
     stats["skipped"] = len(problems)
     image_folder = Path(os.path.abspath(cfg.data.root / IMAGE_DIR))  # symlinks kept: paths as the dataset names them
