@@ -12,7 +12,7 @@ from conftest import ROOT, run_stage
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import read_manifest
+from pipeline.rundir import OutputInUseError, StageInputError, read_manifest
 from pipeline.teacher.distill import read_generations
 from stages import distill, finetune
 
@@ -127,3 +127,29 @@ def test_missing_teacher_or_adapter_is_a_clear_error(teacher_world, trained, tmp
         assert res.returncode == 1 and "LoRA adapter" in res.stderr.strip().splitlines()[-1]
     finally:
         (adapter / "moved.json").rename(adapter / "adapter_config.json")
+
+
+SHARD_HOLDER = """
+import sys, time
+from pipeline.rundir import output_lock
+with output_lock(sys.argv[1], part=sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_each_shard_has_its_own_lock(make_config):
+    cfg = load_config(make_config())
+    out = cfg.run_dir / "distill" / cfg.distill.dataset_name
+    holder = subprocess.Popen([sys.executable, "-c", SHARD_HOLDER, str(out), "shard-0-of-2"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputInUseError, match=rf"^{out} \(shard-0-of-2\) is in use by process {holder.pid} "):
+            distill.run(cfg, Namespace(force=False, shard="0/2", merge=False))
+        for shard, merge in (("1/2", False), (None, True), (None, False)):  # other shards, the merge, unsharded
+            with pytest.raises(StageInputError, match="run the 'prepare' stage first"):  # past the lock
+                distill.run(cfg, Namespace(force=False, shard=shard, merge=merge))
+    finally:
+        holder.kill()
+        holder.wait()
