@@ -7,13 +7,15 @@ dotted key that caused it and the file (or override) it came from.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 
 
 class ConfigError(PipelineError):
@@ -21,28 +23,35 @@ class ConfigError(PipelineError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys, booleans given as numbers (and numbers as booleans), infinities and NaN are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]  # becomes a folder name inside the run
+Positive = Annotated[StrictInt, Field(gt=0)]
+Rate = Annotated[StrictFloat, Field(gt=0)]  # learning rates, clip norms: finite and above zero
 
 
 class SyntheticData(Section):
     """DeepFashion-lite: rendered images for real DeepFashion-MultiModal captions."""
 
-    num_images: int = Field(2000, gt=0)
-    image_size: int = Field(96, ge=32, le=1024)
+    num_images: Positive = 2000
+    image_size: StrictInt = Field(96, ge=32, le=1024)
     layout: Literal["single", "split"] = "single"
     captions: Path | None = None  # folder with train/test_captions.json; None = the bundled copy
 
 
 class SplitConfig(Section):
-    test: float = Field(0.2, gt=0.0, lt=1.0)  # share of images held out for test (single captions.json layout)
-    val: float = Field(0.1, gt=0.0, lt=1.0)  # share of the train split carved out for validation
+    test: StrictFloat = Field(0.2, gt=0.0, lt=1.0)  # share of images held out for test (single captions.json layout)
+    val: StrictFloat = Field(0.1, gt=0.0, lt=1.0)  # share of the train split carved out for validation
 
 
 class PretrainingImages(Section):
     """Rendered images of real captions that are in no split: what the demo's pretraining stand-ins (the tiny
     LLaVA's and the students' encoders') train on, as real checkpoints were pretrained on other data."""
 
-    images: int = Field(2000, gt=0)
+    images: Positive = 2000
     root: Path
 
 
@@ -52,8 +61,8 @@ class DataConfig(Section):
     split: SplitConfig = SplitConfig()
     on_bad_record: Literal["skip", "fail"] = "skip"
     check_images: Literal["header", "decode"] = "decode"  # decode = full pixel decode per image
-    workers: int = Field(2, ge=1)
-    synthetic: SyntheticData | None = None  # when set, DeepFashion-lite is generated into data.root if missing
+    workers: Positive = 2
+    synthetic: SyntheticData | None = None  # when set and data.root is missing, DeepFashion-lite is generated there
     pretraining: PretrainingImages | None = None  # rendered (needs `synthetic`) for the demo's stand-ins
 
     @model_validator(mode="after")
@@ -67,61 +76,71 @@ class TinyPretraining(Section):
     """How the tiny LLaVA is pretrained before `finetune`: the vision tower and projector on attribute labels (as CLIP
     learnt from image-text pairs), then the whole model answering a question in a style other than DeepFashion's."""
 
-    vision_epochs: int = Field(15, ge=0)
-    vision_learning_rate: float = Field(3e-3, gt=0)
-    language_epochs: int = Field(3, ge=0)
-    language_learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, gt=0)
+    vision_epochs: StrictInt = Field(15, ge=0)
+    vision_learning_rate: Rate = 3e-3
+    language_epochs: StrictInt = Field(3, ge=0)
+    language_learning_rate: Rate = 1e-3
+    batch_size: Positive = 32
 
 
 class TinyTeacher(Section):
     """Shape of the small LLaVA the demo builds from scratch (Llama text model + CLIP vision tower)."""
 
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    vision_hidden_size: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    image_size: int = 64
-    patch_size: int = 16
-    vocab_extra: int = 0  # spare rows in the embedding matrix
+    hidden_size: Positive = 128
+    num_layers: Positive = 2
+    num_heads: Positive = 4
+    intermediate_size: Positive = 256
+    vision_hidden_size: Positive = 64
+    vision_layers: Positive = 2
+    vision_heads: Positive = 4
+    image_size: Positive = 64
+    patch_size: Positive = 16
+    vocab_extra: StrictInt = Field(0, ge=0)  # spare rows in the embedding matrix
     pretrain: TinyPretraining | None = None  # a stand-in for LLaVA's own pretraining (on data.pretraining)
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyTeacher:
+        for key, by in (("hidden_size", "num_heads"), ("vision_hidden_size", "vision_heads"),
+                        ("image_size", "patch_size")):
+            if getattr(self, key) % getattr(self, by):
+                raise ValueError(f"teacher.tiny.{key}: {getattr(self, key)} is not divisible by teacher.tiny.{by}="
+                                 f"{getattr(self, by)}")
+        return self
 
 
 class LoraConfig(Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: Positive = 8
+    alpha: Positive = 16
+    dropout: StrictFloat = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    train_projector: bool = True  # multi_modal_projector fully trainable (saved via peft modules_to_save)
+    train_projector: StrictBool = True  # multi_modal_projector fully trainable (saved via peft modules_to_save)
     modules_to_save: list[str] = []  # further fully trained modules, e.g. [lm_head, embed_tokens] for a random base
 
 
 class TeacherTrain(Section):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
-    per_device_batch_size: int = Field(16, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    projector_learning_rate: float | None = None
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    epochs: Rate = 1.0
+    max_steps: StrictInt = Field(-1, ge=-1)  # -1: run `epochs`
+    per_device_batch_size: Positive = 16
+    gradient_accumulation_steps: Positive = 1
+    learning_rate: Rate = 2e-5
+    projector_learning_rate: Rate | None = None
+    weight_decay: StrictFloat = Field(0.0, ge=0)
+    warmup_ratio: StrictFloat = Field(0.03, ge=0, lt=1)
     lr_scheduler: str = "cosine"
-    max_length: int = Field(2048, gt=0)
-    gradient_checkpointing: bool = True
-    bf16: bool = False
-    fp16: bool = False
-    tf32: bool = False
-    eval_steps: int = Field(50, gt=0)
-    save_steps: int = Field(50, gt=0)
-    logging_steps: int = Field(10, gt=0)
-    max_val_samples: int | None = None
+    max_length: Positive = 2048
+    gradient_checkpointing: StrictBool = True
+    bf16: StrictBool = False
+    fp16: StrictBool = False
+    tf32: StrictBool = False
+    eval_steps: Positive = 50
+    save_steps: Positive = 50
+    logging_steps: Positive = 10
+    max_val_samples: StrictInt | None = Field(None, ge=0)
     deepspeed: Path | None = None  # a ZeRO config JSON, e.g. configs/deepspeed/zero2.json
-    resume: bool = True
-    merge: bool = False  # also write the merged model (merge_and_unload) in llava layout
-    eval_generation_samples: int = 64  # held-out images captioned before/after training to show it learned
+    resume: StrictBool = True
+    merge: StrictBool = False  # also write the merged model (merge_and_unload) in llava layout
+    eval_generation_samples: StrictInt = Field(64, ge=0)  # held-out images captioned before/after to show it learned
+    eval_max_new_tokens: Positive = 200  # token limit of those captions
 
 
 class TeacherConfig(Section):
@@ -135,13 +154,14 @@ class TeacherConfig(Section):
 
 
 class DistillConfig(Section):
-    temperature: float = Field(0.2, ge=0.0)
-    name: str | None = None  # dataset name; default "precise" for T<0.5, else "creative"
-    top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1.0 = plain temperature sampling (LLaVA's own eval scripts)
-    max_new_tokens: int = Field(200, gt=0)
-    batch_size: int = Field(16, gt=0)
+    temperature: StrictFloat = Field(0.2, ge=0.0)
+    name: Name | None = None  # dataset name; default "precise" for T<0.5, else "creative"
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)  # 1.0 = plain temperature sampling (LLaVA's own eval scripts)
+    max_new_tokens: Positive = 200
+    batch_size: Positive = 16
     backend: Literal["transformers"] = "transformers"  # batched HF generate (a vLLM backend is not built yet)
-    temperatures: dict[str, float] = {"precise": 0.2, "creative": 0.9}  # what `make demo` / `make submit` run
+    # what `make demo` / `make submit` run
+    temperatures: dict[Name, Annotated[StrictFloat, Field(ge=0.0)]] = {"precise": 0.2, "creative": 0.9}
 
     @property
     def dataset_name(self) -> str:
@@ -154,66 +174,76 @@ class EncoderStandIn(Section):
     """A stand-in for ImageNet pretraining: each (scaled) torchvision encoder is trained on attribute labels of the
     pretraining images and saved in torchvision's own file layout under ``weights_dir``."""
 
-    epochs: int = Field(12, gt=0)
-    learning_rate: float = Field(2e-3, gt=0)
-    batch_size: int = Field(64, gt=0)
+    epochs: Positive = 12
+    learning_rate: Rate = 2e-3
+    batch_size: Positive = 64
 
 
 class EncoderSettings(Section):
-    pretrained: bool = False  # ImageNet weights from the local torch cache or `weights_dir`
+    pretrained: StrictBool = False  # ImageNet weights from the local torch cache or `weights_dir`
     weights_dir: Path | None = None
-    finetune: bool = False  # train the encoder too (then features are not cached)
-    width: float = Field(1.0, gt=0)  # demo: scale of the small encoders of each family
-    image_size: int = 224
+    finetune: StrictBool = False  # train the encoder too (then features are not cached)
+    width: Rate = 1.0  # demo: scale of the small encoders of each family
+    image_size: StrictInt = Field(224, ge=32, le=1024)
     stand_in: EncoderStandIn | None = None  # demo: build `weights_dir`'s weights by pretraining on data.pretraining
 
 
 class StudentsConfig(Section):
     archs: list[str] = ["vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer"]
-    sources: list[str] | None = None  # caption sources; None = gt + every distilled dataset in the run
+    sources: list[Name] | None = None  # caption sources; None = gt + every distilled dataset in the run
     encoder: EncoderSettings = EncoderSettings()
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    num_layers: int = 1
-    dropout: float = Field(0.5, ge=0, lt=1)
-    min_word_count: int = Field(5, ge=1)
-    max_length: int = Field(100, gt=1)
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    encoder_lr: float = 1e-5
-    decoder_lr: float = 5e-4
-    grad_clip: float = 5.0
-    attention_reg: float = 1.0  # doubly-stochastic attention regulariser weight
-    beam_size: int = Field(5, gt=0)
-    val_every_epochs: int = Field(1, gt=0)
-    val_every_steps: int | None = Field(None, gt=0)  # validate every N optimizer steps instead of epochs
-    val_beam_size: int = Field(1, gt=0)
-    early_stop_patience: int = Field(3, gt=0)  # stop after this many validations without a better val CIDEr-D
-    transformer_layers: int = 3
-    transformer_heads: int = 8
-    num_workers: int = Field(0, ge=0)  # image-decoding workers (feature cache; the encoder-in-the-loop batches)
+    embed_dim: Positive = 512
+    hidden_dim: Positive = 512
+    num_layers: Positive = 1
+    dropout: StrictFloat = Field(0.5, ge=0, lt=1)
+    min_word_count: Positive = 5
+    max_length: StrictInt = Field(100, gt=1)
+    epochs: Positive = 10
+    batch_size: Positive = 64
+    encoder_lr: Rate = 1e-5
+    decoder_lr: Rate = 5e-4
+    grad_clip: Rate = 5.0  # max gradient norm
+    attention_reg: StrictFloat = Field(1.0, ge=0)  # doubly-stochastic attention regulariser weight
+    beam_size: Positive = 5
+    val_every_epochs: Positive = 1
+    val_every_steps: Positive | None = None  # validate every N optimizer steps instead of epochs
+    val_beam_size: Positive = 1
+    early_stop_patience: Positive = 3  # stop after this many validations without a better val CIDEr-D
+    transformer_layers: Positive = 3
+    transformer_heads: Positive = 8
+    num_workers: StrictInt = Field(0, ge=0)  # image-decoding workers (feature cache; the encoder-in-the-loop batches)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentsConfig:
+        if self.hidden_dim % self.transformer_heads:
+            raise ValueError(f"students.hidden_dim: {self.hidden_dim} is not divisible by students.transformer_heads="
+                             f"{self.transformer_heads}")
+        if "vit_transformer" in self.archs and self.encoder.image_size % 16:
+            raise ValueError(f"students.encoder.image_size: {self.encoder.image_size} is not a multiple of 16 "
+                             "(the ViT's patch size)")
+        return self
 
 
 class ReportConfig(Section):
-    gallery_size: int = Field(12, gt=0)
+    gallery_size: Positive = 12
 
 
 class SlurmConfig(Section):
     partition: str | None = None
     account: str | None = None
     time: dict[str, str] = {"default": "04:00:00"}
-    gpus_per_node: int = 1
-    nodes: dict[str, int] = {"finetune": 1}
-    cpus_per_task: int = 2
+    gpus_per_node: StrictInt = Field(1, ge=0)
+    nodes: dict[str, Positive] = {"finetune": 1}
+    cpus_per_task: Positive = 2
     mem: str | None = None
-    distill_shards: int = 1
+    distill_shards: Positive = 1
     setup: list[str] = ["source .venv/bin/activate"]  # shell lines before each job (cwd: the project root)
     extra_args: list[str] = []
 
 
 class Config(Section):
     run_dir: Path
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # numpy's seeding takes 32 bits
     data: DataConfig
     teacher: TeacherConfig
     distill: DistillConfig = DistillConfig()
@@ -225,6 +255,11 @@ class Config(Section):
     def _check(self) -> Config:
         if self.teacher.train.bf16 and self.teacher.train.fp16:
             raise ValueError("teacher.train.bf16 and teacher.train.fp16 are both true; choose one")
+        for key, path in (("data.root", self.data.root), ("teacher.model", self.teacher.model)):
+            for output in RunDir(self.run_dir).output_folders():
+                if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(output)):
+                    raise ValueError(f"{key}: {path} is inside {output}, an output folder the pipeline replaces; "
+                                     "put it elsewhere")
         stand_ins = {"teacher.tiny.pretrain": self.teacher.tiny and self.teacher.tiny.pretrain,
                      "students.encoder.stand_in": self.students.encoder.stand_in}
         for key, wanted in stand_ins.items():
@@ -252,6 +287,9 @@ def _source(origins: Origins, loc: tuple, default: str) -> str:
 def _format_error(err: ValidationError, origins: Origins, default: str) -> str:
     lines = []
     for e in err.errors():
+        if e["type"] == "value_error":  # a cross-field check: its message starts with the key
+            lines.append(f"{_source(origins, e['loc'], default)}: {e['ctx']['error']}")
+            continue
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"{_source(origins, e['loc'], default)}: {key}: {msg}")

@@ -46,7 +46,8 @@ def distill(cfg: Config, rd: RunDir) -> Depends:
     """`distill` of ``cfg.distill.dataset_name``: the sampling settings and prompt; the data and the teacher."""
     d = cfg.distill
     config = {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
-              "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend}
+              "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend,
+              "precision": cfg.teacher.precision, "attn_implementation": cfg.teacher.attn_implementation}
     inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
               "teacher": require_stage(rd.teacher, "finetune")["fingerprint"]}
     return config, inputs

@@ -118,13 +118,12 @@ def gallery_samples(rd: RunDir, results: Sequence[dict], size: int, seed: int) -
 
 
 def _image_data_uri(path: str, size: int = 192) -> str:
-    from PIL import Image
+    from pipeline.data.images import load_rgb
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=88)
+    im = load_rgb(path)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=88)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

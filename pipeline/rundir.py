@@ -3,15 +3,23 @@
 A stage's output folder counts as finished only when its ``manifest.json`` exists; readers go through
 :func:`require_stage`, so a half-written folder is never read. Stages that produce one folder in one go publish it
 with :func:`publish_dir` (build in a sibling temp folder, then rename into place).
+
+A stage replaces only what it wrote itself: every folder it writes carries a marker (:data:`OWNER_FILE`, listing the
+entries it wrote, or the work stamp of a resumable run), and :func:`require_replaceable` refuses anything else in the
+way. While it runs, a stage holds :func:`output_lock` on its output, so two runs never write the same folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -22,12 +30,24 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MANIFEST = "manifest.json"
+OWNER_FILE = ".fashion-distill.json"  # in every folder this pipeline writes: the entries it wrote there
 TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "peft", "accelerate", "deepspeed", "datasets",
                     "bitsandbytes", "pycocoevalcap", "fashion-distill")
 
 
+log = logging.getLogger(__name__)
+
+
 class StageInputError(PipelineError):
     """An earlier stage's output is missing or unfinished."""
+
+
+class ForeignDataError(PipelineError):
+    """Something this pipeline did not write is where it would write; the message names the path."""
+
+
+class OutputInUseError(PipelineError):
+    """Another live process holds the lock on an output."""
 
 
 class RunDir:
@@ -62,6 +82,10 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report"
 
+    def output_folders(self) -> tuple[Path, ...]:
+        """The folders stages replace as a whole or in parts."""
+        return self.data, self.teacher, self.root / "distill", self.students, self.report
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -70,20 +94,27 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
+
+    An OSError (disk full, read-only folder) names ``path`` when the system did not name a file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should be as readable as any other file
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; outputs are as readable as other files
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
         raise
 
 
@@ -95,21 +126,82 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def _write_owner_file(folder: Path) -> None:
+    """Record the entries of ``folder`` as written by this pipeline."""
+    entries = sorted({p.name for p in folder.iterdir()} | {OWNER_FILE})
+    atomic_write_json(folder / OWNER_FILE, {"written_by": "fashion-distill", "entries": entries})
+
+
+def foreign_entry(folder: str | Path) -> Path | None:
+    """What stands in the way of replacing ``folder``: the folder itself when nothing proves this pipeline wrote it
+    (no marker, manifest or work stamp), an entry its marker does not list; None when it may be replaced."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return folder
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        return None
+    try:
+        allowed = set(json.loads((folder / OWNER_FILE).read_text())["entries"]) | {MANIFEST, WORK_STAMP, OWNER_FILE}
+    except (OSError, ValueError, KeyError, TypeError):  # no marker: a manifest or a work stamp proves it
+        return None if names & {MANIFEST, WORK_STAMP} else folder
+    unknown = sorted(n for n in names - allowed if not (n.startswith(".") and n.endswith(".tmp")))
+    return folder / unknown[0] if unknown else None
+
+
+def require_replaceable(folder: str | Path) -> None:
+    """Refuse (naming the path) when ``folder`` holds anything this pipeline did not write."""
+    entry = foreign_entry(folder)
+    if entry is None:
+        return
+    if entry == Path(folder):
+        raise ForeignDataError(f"{entry} exists and was not written by fashion-distill (no {MANIFEST}); refusing "
+                               "to replace it: move it away or choose another run_dir")
+    raise ForeignDataError(f"{entry} was not written by fashion-distill; refusing to replace {folder} with it "
+                           "inside: move it away")
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _is_leftover(temp: Path, final: Path) -> bool:
+    """A temp folder of ``final`` left by a dead process on this host (a live one's is still being filled)."""
+    owner, _, _ = temp.name[len(_temp_prefix(final)):].rpartition("-")
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
 @contextlib.contextmanager
 def publish_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder next to ``final``; on success it replaces ``final`` in one rename.
 
-    A crash leaves only the temp folder (``.name.tmp-*``), which no reader looks at; the previous ``final`` (if any)
-    stays intact until the new one is complete.
+    A crash leaves only the temp folder (``.name.tmp-*``), which no reader looks at and a later run removes; the
+    previous ``final`` (if any) stays intact until the new one is complete. ``final`` must hold only what this
+    pipeline wrote (:func:`require_replaceable`); the new folder records its entries in :data:`OWNER_FILE`.
     """
     final = Path(final)
+    require_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    for stale in final.parent.glob(f"{_temp_prefix(final)}*"):
+        if _is_leftover(stale, final):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}@{socket.gethostname()}-",
+                                dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _write_owner_file(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,6 +212,78 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth (flock is per open file, not process)
+
+
+def lock_file(output: str | Path, part: str = "") -> Path:
+    """The lock file of ``output`` (or of one ``part`` of it, e.g. a shard): beside it, so it outlives replacing."""
+    output = Path(output)
+    return output.parent / f".{output.name}{'.' + part if part else ''}.lock"
+
+
+def _holder(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        if text := path.read_text().strip():
+            return text
+    return "an unknown process"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, *, part: str = "", wait: bool = False) -> Iterator[Path]:
+    """Hold the exclusive lock on ``output`` (or on one ``part`` of it) while the block runs.
+
+    The lock is ``flock`` on :func:`lock_file` with the holder's pid and host written inside; the system drops it
+    when the holder dies, so a killed run's lock is simply taken over. Held elsewhere: wait when ``wait``, otherwise
+    fail naming the holder. Nested calls in one process share the lock.
+    """
+    path = lock_file(output, part)
+    key = os.path.abspath(path)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            where = f"{output}{' (' + part + ')' if part else ''}"
+            if not wait:
+                raise OutputInUseError(f"{where} is in use by {_holder(path)} (lock {path}); wait for it to "
+                                       "finish or rerun with --wait") from None
+            log.info("waiting for %s, in use by %s", where, _holder(path))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claim_output(output: str | Path, *, part: str = "", wait: bool = False) -> Iterator[None]:
+    """Lock ``output`` (:func:`output_lock`) and refuse, before anything is written, when something this pipeline
+    did not write is in it (:func:`require_replaceable`)."""
+    with output_lock(output, part=part, wait=wait):
+        require_replaceable(output)
+        yield
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -194,8 +358,10 @@ def is_stale_work(stage_dir: str | Path, config: dict[str, Any], inputs: dict[st
 
 def reset_work_dir(stage_dir: str | Path, config: dict[str, Any], inputs: dict[str, str], *, force: bool) -> None:
     """Make ``stage_dir`` the work folder of a resumable run with these settings: keep partial work of the same
-    settings (resume), wipe it on ``force``, a finished output, or other settings."""
+    settings (resume), wipe it on ``force``, a finished output, or other settings. A folder this pipeline did not
+    write is refused (:func:`require_replaceable`) before anything is touched."""
     stage_dir = Path(stage_dir)
+    require_replaceable(stage_dir)
     if force or is_stale_work(stage_dir, config, inputs):
         shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +387,8 @@ def require_stage(stage_dir: str | Path, stage: str) -> dict[str, Any]:
 
 def write_manifest(stage_dir: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str],
                    started: float, figures: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Write ``manifest.json`` last: config slice, input fingerprints, versions, wall time and key figures."""
+    """Write ``manifest.json`` last: config slice, input fingerprints, versions, wall time and key figures; the
+    folder's marker then lists everything in it as written by this stage."""
     manifest = {
         "stage": stage,
         "fingerprint": stage_fingerprint(config, inputs),
@@ -234,4 +401,5 @@ def write_manifest(stage_dir: str | Path, *, stage: str, config: dict[str, Any],
         "figures": figures or {},
     }
     atomic_write_json(Path(stage_dir) / MANIFEST, manifest)
+    _write_owner_file(Path(stage_dir))
     return manifest

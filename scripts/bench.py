@@ -79,9 +79,9 @@ def _peak_rss_mb() -> float:
 def bench_teacher(work: Path) -> dict:
     """Fine-tune the demo teacher, then caption images batched (32) and one at a time (16 of the same images)."""
     import torch
-    from PIL import Image
 
     from pipeline.data.formats import load_captions, split_rows
+    from pipeline.data.images import load_rgb
     from pipeline.teacher.generate import generate_captions
     from pipeline.teacher.loading import load_processor, load_teacher
     from stages import finetune
@@ -90,7 +90,7 @@ def bench_teacher(work: Path) -> dict:
     finetune.run(cfg, Namespace(force=False))
     fig = json.loads((cfg.run_dir / "teacher" / "manifest.json").read_text())["figures"]
     rows = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "train")
-    images = [Image.open(r["image_path"]).convert("RGB") for r in rows[:64]]
+    images = [load_rgb(r["image_path"]) for r in rows[:64]]
     ids = [r["image_id"] for r in rows[:64]]
     processor = load_processor(cfg.run_dir / "teacher" / "adapter")
     model = load_teacher(cfg.teacher.model, cfg.run_dir / "teacher" / "adapter", precision="fp32", merge=True)

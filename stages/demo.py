@@ -8,7 +8,7 @@ import sys
 
 from pipeline.config import Config
 from stages import distill, finetune, prepare, report, students
-from stages.cli import stage_main
+from stages.cli import stage_main, waits
 
 log = logging.getLogger("demo")
 
@@ -24,8 +24,8 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     prepare.run(cfg, args)
     finetune.run(cfg, args)
     for name, temperature in cfg.distill.temperatures.items():
-        distill.run(with_temperature(cfg, name, temperature), argparse.Namespace(force=args.force, shard=None,
-                                                                                  merge=False))
+        distill.run(with_temperature(cfg, name, temperature), argparse.Namespace(force=args.force, wait=waits(args),
+                                                                                  shard=None, merge=False))
     students.run(cfg, args)
     report.run(cfg, args)
     print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}\n"

@@ -25,7 +25,7 @@ from pipeline.data.formats import load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
 from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, reset_work_dir,
                              write_manifest)
-from stages.cli import stage_main
+from stages.cli import claims, stage_main
 
 log = logging.getLogger("distill")
 
@@ -159,6 +159,13 @@ def _attributes(rows: list[dict], generations: dict[str, dict]) -> dict:
                               {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
 
 
+def shard_part(cfg: Config, args: argparse.Namespace) -> str:
+    """The part of the output a run locks: its shard (so different shards run in parallel), else the whole."""
+    i, n = parse_shard(getattr(args, "shard", None))
+    return f"shard-{i}-of-{n}" if n > 1 and not getattr(args, "merge", False) else ""
+
+
+@claims(lambda cfg, args: RunDir(cfg.run_dir).distill(cfg.distill.dataset_name), part=shard_part)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)

@@ -17,9 +17,9 @@ from pathlib import Path
 from pipeline import depends
 from pipeline.config import Config
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
-from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, require_stage, reset_work_dir,
+from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, output_lock, require_stage, reset_work_dir,
                              wait_for_work_dir, write_manifest)
-from stages.cli import stage_main
+from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("finetune")
 
@@ -28,15 +28,19 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def ensure_base_model(cfg: Config, train_captions: list[str]) -> Path:
-    """Build the tiny demo teacher at ``teacher.model`` if configured and missing (rank 0 builds, others wait)."""
+def ensure_base_model(cfg: Config, train_captions: list[str], wait: bool = False) -> Path:
+    """Build the tiny demo teacher at ``teacher.model`` if configured and missing (rank 0 builds holding the
+    folder's lock, other ranks wait for it)."""
     path = cfg.teacher.model
     if (path / "config.json").is_file() or cfg.teacher.tiny is None:
         return path
     if rank() == 0:
         from pipeline.teacher.tiny import build_tiny_llava
 
-        build_tiny_llava(path, cfg.teacher.tiny, train_captions + [INSTRUCTION, "USER: ASSISTANT:"], seed=cfg.seed)
+        with output_lock(path, wait=wait):
+            if not (path / "config.json").is_file():  # not built meanwhile by a run that held the lock
+                build_tiny_llava(path, cfg.teacher.tiny, train_captions + [INSTRUCTION, "USER: ASSISTANT:"],
+                                 seed=cfg.seed)
     else:
         while not (path / "config.json").is_file():
             time.sleep(1)
@@ -54,12 +58,13 @@ def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict
     model = load_teacher(cfg.teacher.model, adapter, precision=cfg.teacher.precision,
                          attn_implementation=cfg.teacher.attn_implementation, merge=True)
     captions: dict[str, str] = {}
-    bs = cfg.distill.batch_size
+    bs = cfg.teacher.train.per_device_batch_size
     for i in range(0, len(rows), bs):
         chunk = rows[i: i + bs]
         images = [load_rgb(r["image_path"]) for r in chunk]
         gens = generate_captions(model, processor, images, [r["image_id"] for r in chunk], seed=cfg.seed,
-                                 temperature=0.0, top_p=1.0, max_new_tokens=cfg.distill.max_new_tokens)
+                                 temperature=0.0, top_p=1.0,
+                                 max_new_tokens=cfg.teacher.train.eval_max_new_tokens)
         captions.update({r["image_id"]: g.caption for r, g in zip(chunk, gens)})
     with CaptionScorer(meteor=False) as scorer:
         scores = scorer.score({r["image_id"]: [r["caption"]] for r in rows}, captions)
@@ -77,6 +82,7 @@ def merge_adapter(cfg: Config, adapter: Path, out: Path) -> None:
         load_processor(adapter).save_pretrained(tmp)
 
 
+@claims(lambda cfg, args: RunDir(cfg.run_dir).teacher if rank() == 0 else None)  # other ranks follow rank 0
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     from pipeline.teacher.train import finetune
 
@@ -85,7 +91,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     require_stage(rd.data, "prepare")
     data = load_captions(rd.data / "captions")
     train_rows, val_rows = split_rows(data, "train"), split_rows(data, "val")
-    ensure_base_model(cfg, [r["caption"] for r in train_rows])
+    ensure_base_model(cfg, [r["caption"] for r in train_rows], waits(args))
     config, inputs = depends.finetune(cfg, rd)
     if not args.force and is_up_to_date(rd.teacher, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.teacher)

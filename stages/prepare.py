@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -20,34 +21,39 @@ from pipeline.config import Config
 from pipeline.data import synthetic
 from pipeline.data.deepfashion import IMAGE_DIR, DataError, detect_layout, problems_as_dicts, read_dataset
 from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, to_hf_dataset
-from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, publish_dir, write_manifest
-from stages.cli import stage_main
+from pipeline.rundir import (RunDir, atomic_write_json, foreign_entry, is_up_to_date, output_lock, publish_dir,
+                             write_manifest)
+from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("prepare")
 
 
-def ensure_raw_data(cfg: Config) -> None:
-    """Generate DeepFashion-lite into ``data.root`` when configured and not already there with these settings."""
-    syn = cfg.data.synthetic
+def ensure_raw_data(cfg: Config, wait: bool = False) -> None:
+    """Generate DeepFashion-lite into ``data.root`` when configured and the folder is missing (or empty, or one it
+    generated with other settings). Any other existing folder is the dataset, read as it is."""
+    syn, root = cfg.data.synthetic, cfg.data.root
     if syn is None:
         return
-    readme = cfg.data.root / "README.json"
-    wanted = {"dataset": "DeepFashion-lite", "seed": cfg.seed, **syn.model_dump(mode="json")}
-    if readme.is_file():
-        have = json.loads(readme.read_text())
-        if {k: have.get(k) for k in wanted} == wanted:
-            return
-        log.info("DeepFashion-lite settings changed; regenerating %s", cfg.data.root)
-    elif cfg.data.root.exists() and any(cfg.data.root.iterdir()):
-        raise DataError(f"data.root {cfg.data.root} exists and is not DeepFashion-lite; refusing to overwrite it "
-                        "(unset data.synthetic to read it as a real dataset)")
-    synthetic.generate(cfg.data.root, syn, cfg.seed, workers=cfg.data.workers)
+    with output_lock(root, wait=wait):
+        wanted = {"dataset": "DeepFashion-lite", "seed": cfg.seed, **syn.model_dump(mode="json")}
+        if root.is_dir() and any(root.iterdir()):
+            readme = root / "README.json"
+            if foreign_entry(root) is not None or not readme.is_file():
+                log.info("reading the existing dataset at data.root %s (data.synthetic generates only into a "
+                         "missing folder)", root)
+                return
+            have = json.loads(readme.read_text())
+            if {k: have.get(k) for k in wanted} == wanted:
+                return
+            log.info("DeepFashion-lite settings changed; regenerating %s", root)
+        synthetic.generate(root, syn, cfg.seed, workers=cfg.data.workers)
 
 
+@claims(lambda cfg, args: RunDir(cfg.run_dir).data)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
-    ensure_raw_data(cfg)
+    ensure_raw_data(cfg, waits(args))
     layout = detect_layout(cfg.data.root, cfg.data.layout)
     config, inputs = depends.prepare(cfg)
     if not args.force and is_up_to_date(rd.data, config, inputs):
@@ -69,19 +75,20 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         log.warning("... %d more skipped records, all listed in skipped.json", len(problems) - 10)
 
     rows = [{**asdict(r), "source": "gt"} for r in records]
-    stats = caption_stats(rows, cfg.students.min_word_count)
+    stats = caption_stats(rows)
     stats["layout"] = layout
     stats["skipped"] = len(problems)
+    image_folder = Path(os.path.abspath(cfg.data.root / IMAGE_DIR))  # symlinks kept: paths as the dataset names them
     with publish_dir(rd.data) as tmp:
         to_hf_dataset(rows).save_to_disk(str(tmp / "captions"))
         train = [r for r in rows if r["split"] == "train"]
-        atomic_write_json(tmp / "llava_train.json", llava_conversations(train, (cfg.data.root / IMAGE_DIR).resolve()))
+        atomic_write_json(tmp / "llava_train.json", llava_conversations(train, image_folder))
         atomic_write_json(tmp / "karpathy.json", karpathy_json(rows))
         atomic_write_json(tmp / "stats.json", stats)
         atomic_write_json(tmp / "skipped.json", problems_as_dicts(problems))
         write_manifest(tmp, stage="prepare", config=config, inputs=inputs, started=started, seed=cfg.seed,
                        figures={"counts": stats["counts"], "skipped": len(problems),
-                                "image_folder": str((cfg.data.root / IMAGE_DIR).resolve())})
+                                "image_folder": str(image_folder)})
     log.info("%s -> %s (train %d, val %d, test %d; %d skipped)", cfg.data.root, rd.data,
              *(stats["counts"][s] for s in ("train", "val", "test")), len(problems))
     return rd.data

@@ -28,11 +28,13 @@ from pipeline.reporting import (TEACHER_COLUMNS, csv_text, gallery_html, gallery
 from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
 from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
 from pipeline.depends import source_dir
-from stages.cli import stage_main
+from stages.cli import claims, stage_main
 
 log = logging.getLogger("report")
 
 
+@claims(lambda cfg, args: RunDir(cfg.run_dir).report)
+@claims(lambda cfg, args: RunDir(cfg.run_dir).report)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)

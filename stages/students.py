@@ -20,10 +20,10 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
 from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, source_baselines
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, require_stage
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, claim_output, require_stage
 from pipeline.depends import source_dir
-from pipeline.students.experiment import SPLITS, run_experiment
-from stages.cli import stage_main
+from pipeline.students.experiment import SPLITS, run_experiment, student_dir
+from stages.cli import stage_main, waits
 
 
 def _rows(folder: Path) -> dict[str, list[dict]]:
@@ -61,9 +61,10 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
             rows = gt if source == "gt" else _rows(rd.distill(source))
             atomic_write_json(rd.students / f"baseline__{source}" / "metrics.json",
                               source_baselines(scorer, [r["caption"] for r in rows["train"]], gt["test"]))
-            for arch in cfg.students.archs:
-                run_experiment(cfg, rd, arch=arch, source=source, rows=rows, test_rows=gt["test"], scorer=scorer,
-                               decoder_inputs=decoder_inputs, force=args.force)
+            for arch in cfg.students.archs:  # one lock per model: array tasks train different ones in parallel
+                with claim_output(student_dir(rd, arch, source), wait=waits(args)):
+                    run_experiment(cfg, rd, arch=arch, source=source, rows=rows, test_rows=gt["test"], scorer=scorer,
+                                   decoder_inputs=decoder_inputs, force=args.force)
     rows = result_rows(*finished_results(rd))
     md = markdown_table(RESULT_COLUMNS, rows)
     atomic_write_text(rd.students / "summary.md", md)

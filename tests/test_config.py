@@ -11,8 +11,9 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
-    assert cfg.run_dir and cfg.data.root and cfg.teacher.model
-    assert cfg.students.archs
+    assert cfg.run_dir == Path("runs") / path.stem  # each config writes its own run folder
+    assert not cfg.data.root.is_relative_to(cfg.run_dir / "data") and cfg.teacher.model.name
+    assert set(cfg.students.archs) <= {"vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer"}
 
 
 def test_dotted_overrides_are_typed(make_config):
@@ -46,11 +47,44 @@ def test_default_distill_name_follows_temperature(make_config):
     ("students.batch_size=0", "students.batch_size"),          # out of range
     ("data.on_bad_record=ignore", "data.on_bad_record"),       # not an allowed value
     ("nosuchsection.x=1", "nosuchsection"),
+    ("students.decoder_lr=-5", "students.decoder_lr"),
+    ("students.encoder_lr=0", "students.encoder_lr"),
+    ("distill.temperature=.inf", "distill.temperature"),
+    ("distill.temperature=.nan", "distill.temperature"),
+    ("distill.top_p=0", "distill.top_p"),
+    ("students.embed_dim=0", "students.embed_dim"),
+    ("students.grad_clip=-1", "students.grad_clip"),
+    ("students.attention_reg=-0.1", "students.attention_reg"),
+    ("slurm.distill_shards=0", "slurm.distill_shards"),
+    ("slurm.nodes.finetune=0", "slurm.nodes.finetune"),
+    ("seed=true", "seed"),
+    ("seed=-1", "seed"),
+    ("students.epochs=2.5", "students.epochs"),
+    ("students.encoder.pretrained=1", "students.encoder.pretrained"),
+    ("teacher.train.learning_rate=.inf", "teacher.train.learning_rate"),
+    ("teacher.train.max_steps=-2", "teacher.train.max_steps"),
+    ("teacher.tiny.hidden_size=130", "teacher.tiny.hidden_size"),  # not divisible by num_heads
+    ("students.hidden_dim=130", "students.hidden_dim"),  # not divisible by transformer_heads
+    ("students.encoder.image_size=40", "students.encoder.image_size"),  # the ViT's patches are 16 px
+    ("distill.temperatures.hot=-1", "distill.temperatures.hot"),
+    ("distill.name=../../elsewhere", "distill.name"),  # a folder name inside the run, nothing else
+    ("data.synthetic.num_images=0", "data.synthetic.num_images"),
 ])
 def test_bad_values_name_the_key(make_config, override, key):
+    path = make_config()
     with pytest.raises(ConfigError) as err:
-        load_config(make_config(), [override])
-    assert key in str(err.value)
+        load_config(path, [override])
+    assert str(err.value).startswith(f"{path}: {key}: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, where", [("data.root", "data/raw"), ("data.root", "report"),
+                                        ("teacher.model", "teacher/base"), ("data.root", "distill/x")])
+def test_inputs_inside_an_output_folder_are_refused(make_config, key, where):
+    path = make_config()
+    run_dir = load_config(path).run_dir
+    with pytest.raises(ConfigError, match=rf"^{path}: {key}: {run_dir / where} is inside {run_dir}/"):
+        load_config(path, [f"{key}={run_dir / where}"])
+    assert load_config(path, [f"{key}={run_dir / 'inputs'}"])  # beside the outputs is fine
 
 
 def test_missing_required_value_names_the_key(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, run_stage
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
-from pipeline.rundir import read_manifest
+from pipeline.metrics import CaptionScorer
+from pipeline.rundir import OutputInUseError, StageInputError, read_manifest
 from pipeline.teacher.distill import read_generations
 from stages import distill, finetune
 
@@ -72,7 +73,14 @@ def test_outputs_meta_and_diagnostics(trained):
     for key in ("length_mean", "length_p50", "length_p95", "vocabulary", "distinct_1", "distinct_2",
                 "share_empty", "share_truncated"):
         assert key in diag
-    assert 0 <= diag["vs_ground_truth"]["BLEU-4"] <= 1
+    # the agreement figures are the teacher's train+val captions scored against the ground truth of those images
+    gt = load_captions(cfg.run_dir / "data" / "captions")
+    rows = split_rows(gt, "train") + split_rows(gt, "val")
+    generations = read_generations(out / "generations.jsonl")
+    with CaptionScorer(meteor=False) as scorer:
+        agree = scorer.score({r["image_id"]: [r["caption"]] for r in rows},
+                             {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
+    assert diag["vs_ground_truth"] == pytest.approx({k: agree[k] for k in ("BLEU-4", "CIDEr-D")})
     # max_new_tokens=24 cuts most captions: they are listed, not kept
     rejected = json.loads((out / "rejected.json").read_text())
     truncated = [r for r in rejected if "truncated" in r["reason"]]
@@ -119,3 +127,29 @@ def test_missing_teacher_or_adapter_is_a_clear_error(teacher_world, trained, tmp
         assert res.returncode == 1 and "LoRA adapter" in res.stderr.strip().splitlines()[-1]
     finally:
         (adapter / "moved.json").rename(adapter / "adapter_config.json")
+
+
+SHARD_HOLDER = """
+import sys, time
+from pipeline.rundir import output_lock
+with output_lock(sys.argv[1], part=sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_each_shard_has_its_own_lock(make_config):
+    cfg = load_config(make_config())
+    out = cfg.run_dir / "distill" / cfg.distill.dataset_name
+    holder = subprocess.Popen([sys.executable, "-c", SHARD_HOLDER, str(out), "shard-0-of-2"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputInUseError, match=rf"^{out} \(shard-0-of-2\) is in use by process {holder.pid} "):
+            distill.run(cfg, Namespace(force=False, shard="0/2", merge=False))
+        for shard, merge in (("1/2", False), (None, True), (None, False)):  # other shards, the merge, unsharded
+            with pytest.raises(StageInputError, match="run the 'prepare' stage first"):  # past the lock
+                distill.run(cfg, Namespace(force=False, shard=shard, merge=merge))
+    finally:
+        holder.kill()
+        holder.wait()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import EncoderSettings, StudentsConfig, load_config
+from pipeline.metrics import CaptionScorer
 from pipeline.rundir import read_manifest
 from pipeline.students import features as features_mod
 from pipeline.students.beam import beam_search, greedy_decode
@@ -220,7 +221,6 @@ def test_students_stage_fine_tunes_the_encoder(make_config):
     students.run(cfg, Namespace(force=False))
     out = cfg.run_dir / "students" / "resnet101_gru__gt"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test"]["CIDEr-D"] >= 0 and metrics["test_images"] > 0
     assert not (cfg.run_dir / "students" / "features").exists()  # nothing cached: the encoder changes
     from safetensors.torch import load_file
 
@@ -241,6 +241,12 @@ def test_students_stage_fine_tunes_the_encoder(make_config):
     hyps = decode_split(model, feats, "test", len(test_rows), vocab, 2, cfg.students.max_length)
     saved = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert saved == [{"image_id": r["image_id"], "caption": h} for r, h in zip(test_rows, hyps)]
+    # metrics.json scores exactly those predictions against the ground-truth test captions
+    with CaptionScorer(meteor=False) as scorer:
+        again = scorer.score({r["image_id"]: [r["caption"]] for r in test_rows},
+                             {p["image_id"]: p["caption"] for p in saved})
+    assert metrics["test_images"] == len(test_rows) > 0
+    assert {k: metrics["test"][k] for k in again} == pytest.approx(again)
 
 
 @pytest.mark.slow
@@ -354,3 +360,31 @@ def test_killed_students_stage_resumes_from_its_last_epoch(make_config):
     assert metrics["epochs_run"] == 40 and metrics["steps"] == 40 * -(-n_train // 8)
     curves = json.loads((out / "curves.json").read_text())
     assert [step for step, _ in curves["val_cider"]] == [k * -(-n_train // 8) for k in (10, 20, 30, 40)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["vgg19_gru", "vit_transformer"])
+def test_students_train_and_decode_on_cuda_under_autocast(tmp_path, arch):
+    from pipeline.students.train import decode_split
+
+    torch.manual_seed(0)
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    shape = ARCH_FEATS[arch]
+    table = {"train": torch.randn(32, *shape), "val": torch.randn(4, *shape)}
+    feats = lambda split, idx: table[split][idx]  # noqa: E731
+    cfg = SMALL.model_copy(update={"epochs": 8, "batch_size": 8, "val_every_epochs": 4, "early_stop_patience": 9,
+                                   "decoder_lr": 3e-3})
+
+    class ExactMatch:
+        def score(self, refs, hyps, only=None):
+            return {"CIDEr-D": sum(hyps[k] == refs[k][0] for k in refs) / len(refs)}
+
+    result = train_student(arch, cfg, feats, shape[-1], caps, vocab, tmp_path, 0, ExactMatch())
+    losses = [loss for _, loss in result["curves"]["train_loss"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    model, vocab, _ = load_student(tmp_path / "best", cfg)
+    assert next(model.parameters()).device.type == "cuda"
+    hyps = decode_split(model, feats, "val", 4, vocab, 2, cfg.max_length)
+    assert all(h.startswith("the lady wears a ") for h in hyps), hyps

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
+from pipeline.data.images import load_rgb
 from pipeline.rundir import read_manifest
 from pipeline.teacher.collator import IGNORE_INDEX, CaptionCollator, TooLongError, build_prompt
+from pipeline.teacher.generate import PerRowSampler, generate_captions
 from pipeline.teacher.loading import TeacherError, load_base_model, load_processor, load_teacher
 from stages import finetune
 
@@ -26,7 +28,7 @@ def _rows(cfg, split="train"):
 
 
 def _batch(rows):
-    return [{"image": Image.open(r["image_path"]).convert("RGB"), "caption": r["caption"],
+    return [{"image": load_rgb(r["image_path"]), "caption": r["caption"],
              "image_id": r["image_id"]} for r in rows]
 
 
@@ -117,8 +119,13 @@ def test_killed_finetune_resumes_from_last_checkpoint(teacher_world):
     assert fig["resumed_from"] and fig["resumed_from"].startswith("checkpoint-")
     assert 10 <= int(fig["resumed_from"].split("-")[1]) < 9999
     assert fig["global_steps"] == 3 * -(-fig["train_samples"] // 8)
-    model = load_teacher(cfg.teacher.model, cfg.run_dir / "teacher" / "adapter", precision="fp32")
-    assert model is not None
+    adapter = cfg.run_dir / "teacher" / "adapter"
+    _check_adapter(adapter)  # the resumed run saved trained LoRA and projector weights
+    model = load_teacher(cfg.teacher.model, adapter, precision="fp32")
+    saved = load_file(adapter / "adapter_model.safetensors")
+    loaded = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    assert len(loaded) == sum("lora_B" in k for k in saved)
+    assert all(float(p.abs().sum()) > 0 for p in loaded.values())  # they reach the model, not zeros
 
 
 def _check_adapter(adapter_dir: Path) -> None:
@@ -174,3 +181,95 @@ def test_qlora_finetune_path(teacher_world):
         pytest.skip("bitsandbytes did not quantise on this device")
     finetune.run(cfg, Namespace(force=False))
     _check_adapter(cfg.run_dir / "teacher" / "adapter")
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> list[int]:
+    """The most likely tokens, most likely first, until their mass reaches ``top_p`` (computed by hand)."""
+    kept, mass = [], 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -float(probs[t])):
+        kept.append(token)
+        mass += float(probs[token])
+        if mass >= top_p:
+            break
+    return kept
+
+
+def test_per_row_sampler_top_p_draws_from_the_nucleus_in_proportion():
+    logits = torch.tensor([2.0, 1.6, 1.1, 0.4, 0.0, -1.0, -3.0])
+    temperature, top_p, rows = 0.7, 0.8, 4000
+    probs = torch.softmax(logits / temperature, -1)
+    nucleus = _nucleus(probs, top_p)
+    assert nucleus == [0, 1, 2]  # the top three hold 0.8 of the mass only together
+    out = PerRowSampler(range(rows), temperature, top_p)(torch.zeros(rows, 1, dtype=torch.long),
+                                                         logits.repeat(rows, 1))
+    assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == rows * (len(logits) - 1)
+    drawn = out.argmax(-1)
+    assert set(drawn.tolist()) == set(nucleus)  # never outside the nucleus, every nucleus token drawn
+    freq = torch.bincount(drawn, minlength=len(logits)).double() / rows
+    expected = torch.zeros(len(logits), dtype=torch.double)
+    expected[nucleus] = probs[nucleus].double() / probs[nucleus].sum()
+    assert (freq - expected).abs().max() < 0.03  # ~4 standard errors at 4000 draws
+    again = PerRowSampler(range(rows), temperature, top_p)(torch.zeros(rows, 1, dtype=torch.long),
+                                                           logits.repeat(rows, 1))
+    assert torch.equal(again.argmax(-1), drawn)  # the same seeds draw the same tokens
+
+
+class _Projected(torch.nn.Module):
+    """Parameter names as in a peft-wrapped LLaVA: a projector, a language-model layer, a frozen tower."""
+
+    def __init__(self):
+        super().__init__()
+        self.multi_modal_projector = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        self.language_model = torch.nn.Linear(4, 4)
+        self.vision_tower = torch.nn.Linear(4, 4).requires_grad_(False)
+
+    def forward(self, x):
+        return self.language_model(self.multi_modal_projector(x))
+
+
+def test_projector_gets_its_own_learning_rate(tmp_path):
+    from transformers import TrainingArguments
+
+    from pipeline.teacher.train import TeacherTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True,
+                             report_to=[])
+    model = _Projected()
+    optimizer = TeacherTrainer(model=model, args=args, projector_lr=3e-3).create_optimizer()
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert len(group_of) == sum(p.requires_grad for p in model.parameters())  # frozen weights are not optimised
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        group = group_of[id(p)]
+        assert group["lr"] == (3e-3 if name.startswith("multi_modal_projector.") else 1e-4), name
+        decays = name.endswith("weight") and not name.startswith("multi_modal_projector.1")  # no decay: bias, norm
+        assert group["weight_decay"] == (0.1 if decays else 0.0), name
+    single = TeacherTrainer(model=_Projected(), args=args).create_optimizer()
+    assert {g["lr"] for g in single.param_groups} == {1e-4}  # without projector_learning_rate: one rate
+
+
+@pytest.mark.gpu
+def test_sampler_on_cuda_draws_as_on_cpu():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(64, 1, dtype=torch.long)
+    cpu = PerRowSampler(range(64), 0.9, 0.9)(ids, logits)
+    cuda = PerRowSampler(range(64), 0.9, 0.9)(ids.cuda(), logits.cuda())
+    assert cuda.device.type == "cuda" and torch.equal(cuda.cpu().argmax(-1), cpu.argmax(-1))
+
+
+@pytest.mark.gpu
+def test_teacher_generation_on_cuda_is_reproducible(teacher_world):
+    cfg = load_config(teacher_world("cuda-generation"))
+    processor = load_processor(cfg.teacher.model)
+    model = load_teacher(cfg.teacher.model, None, precision="fp32").cuda()
+    rows = _rows(cfg)[:6]
+    images, ids = [load_rgb(r["image_path"]) for r in rows], [r["image_id"] for r in rows]
+    first = generate_captions(model, processor, images, ids, seed=3, temperature=0.9, top_p=0.9, max_new_tokens=12)
+    again = generate_captions(model, processor, images, ids, seed=3, temperature=0.9, top_p=0.9, max_new_tokens=12)
+    assert first == again and len(first) == 6 and all(g.num_tokens > 0 for g in first)
+    greedy = generate_captions(model, processor, images, ids, seed=3, temperature=0.0, top_p=1.0,
+                               max_new_tokens=12)
+    model_cpu = load_teacher(cfg.teacher.model, None, precision="fp32")
+    assert greedy == generate_captions(model_cpu, processor, images, ids, seed=3, temperature=0.0, top_p=1.0,
+                                       max_new_tokens=12)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -141,7 +142,8 @@ def read_dataset(root: Path, layout: str, *, seed: int, test_fraction: float, va
             split = "test" if unit_hash(seed, "test", group) < test_fraction else "train"
         if split == "train" and unit_hash(seed, "val", group) < val_fraction:
             split = "val"
-        records.append(Record(Path(key).stem, key, str((image_dir / key).resolve()), caption, split))
+        # absolute but not resolved: an image that is a symlink (DVC, git-annex) keeps the name the dataset gives it
+        records.append(Record(Path(key).stem, key, os.path.abspath(image_dir / key), caption, split))
     return records, problems
 
 

@@ -75,15 +75,16 @@ def karpathy_json(rows: Sequence[dict[str, Any]], dataset: str = "deepfashion") 
     return {"dataset": dataset, "images": images}
 
 
-def caption_stats(rows: Sequence[dict[str, Any]], min_word_count: int = 5) -> dict[str, Any]:
-    """Counts per split, caption length distribution (words) and vocabulary size."""
+def caption_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per split, caption length distribution (words) and vocabulary size, also for each minimum word count
+    1-10 (so the stats do not depend on `students.min_word_count`)."""
     lengths = [len(tokenize(r["caption"], keep_punct=False)) for r in rows]
     words = Counter(w for r in rows if r["split"] == "train" for w in tokenize(r["caption"], keep_punct=False))
     out: dict[str, Any] = {
         "counts": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
         "total": len(rows),
         "vocabulary": {"train_words": len(words),
-                       f"train_words_min_count_{min_word_count}": sum(c >= min_word_count for c in words.values())},
+                       "train_words_by_min_count": {k: sum(c >= k for c in words.values()) for k in range(1, 11)}},
     }
     if lengths:
         q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19

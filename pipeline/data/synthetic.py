@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import SyntheticData
+from pipeline.config import ConfigError, SyntheticData
 from pipeline.data.attributes import parse_caption
 from pipeline.data.render import render_outfit
 from pipeline.rundir import atomic_write_json, publish_dir
@@ -49,7 +49,7 @@ def generate(root: Path, cfg: SyntheticData, seed: int, workers: int = 2) -> dic
     rng = np.random.default_rng(seed)
     total = sum(len(v) for v in pool.values())
     if cfg.num_images > total:
-        raise ValueError(f"data.synthetic.num_images={cfg.num_images} exceeds the {total} captions available")
+        raise ConfigError(f"data.synthetic.num_images: {cfg.num_images} exceeds the {total} captions available")
     chosen: dict[str, dict[str, str]] = {}
     for split, captions in pool.items():
         n = round(cfg.num_images * len(captions) / total)
