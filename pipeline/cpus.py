@@ -2,13 +2,16 @@
 
 torch's default (one thread per core of the machine) oversubscribes as soon as anything else runs: a second rank, a
 Slurm job sharing the node, the METEOR jar while a student trains. On 2 cores, two torch threads competing with one
-busy core trained a small CNN ~20x slower than one thread.
+busy core trained a small CNN ~20x slower than one thread, so cores other processes keep busy when a stage starts
+are left to them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +29,32 @@ def _positive_int(name: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def cpu_share() -> int:
-    """Threads for this process: ``OMP_NUM_THREADS`` when set; else Slurm's ``SLURM_CPUS_PER_TASK``; else the usable
-    CPUs; divided among the ranks a launcher started on this machine (``LOCAL_WORLD_SIZE``) unless set explicitly."""
+def busy_cpus(samples: int = 5) -> int:
+    """CPUs other processes keep busy right now: the runnable tasks in ``/proc/loadavg`` besides this one (median
+    of a few samples; 0 where that file does not exist)."""
+    counts = []
+    for _ in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+        counts.append(max(0, running - 1))
+        time.sleep(0.01)
+    return sorted(counts)[len(counts) // 2]
+
+
+def cpu_share(busy: int | None = None) -> int:
+    """Threads for this process: ``OMP_NUM_THREADS`` when set; else Slurm's ``SLURM_CPUS_PER_TASK`` (an allotment
+    of its own); else the usable CPUs less those other processes keep busy (``busy``, measured when None); divided
+    among the ranks a launcher started on this machine (``LOCAL_WORLD_SIZE``)."""
     explicit = _positive_int("OMP_NUM_THREADS")
     if explicit:
         return explicit
-    cpus = _positive_int("SLURM_CPUS_PER_TASK") or usable_cpus()
+    slurm = _positive_int("SLURM_CPUS_PER_TASK")
+    if slurm:
+        cpus = slurm
+    else:
+        cpus = max(1, usable_cpus() - (busy_cpus() if busy is None else busy))
     return max(1, cpus // (_positive_int("LOCAL_WORLD_SIZE") or 1))
 
 
@@ -42,5 +64,5 @@ def set_torch_threads() -> int:
 
     n = cpu_share()
     torch.set_num_threads(n)
-    log.debug("torch threads: %d", n)
+    log.debug("torch threads: %d (of %d usable CPUs)", n, usable_cpus())
     return n

@@ -29,20 +29,24 @@ def rank() -> int:
 
 
 def ensure_base_model(cfg: Config, train_captions: list[str], wait: bool = False) -> Path:
-    """Build the tiny demo teacher at ``teacher.model`` if configured and missing (rank 0 builds holding the
-    folder's lock, other ranks wait for it)."""
-    path = cfg.teacher.model
-    if (path / "config.json").is_file() or cfg.teacher.tiny is None:
+    """Build the tiny demo teacher at ``teacher.model`` if configured and missing or built with other settings (rank
+    0 builds holding the folder's lock, other ranks wait for it). Any other checkpoint there is used as it is."""
+    from pipeline.teacher.tiny import build_tiny_llava, is_current, tiny_settings
+
+    path, tiny = cfg.teacher.model, cfg.teacher.tiny
+    if tiny is None:
+        return path
+    pretraining_root = cfg.data.pretraining.root if cfg.data.pretraining else None
+    settings = tiny_settings(tiny, cfg.seed, pretraining_root)
+    if is_current(path, settings):
         return path
     if rank() == 0:
-        from pipeline.teacher.tiny import build_tiny_llava
-
         with output_lock(path, wait=wait):
-            if not (path / "config.json").is_file():  # not built meanwhile by a run that held the lock
-                build_tiny_llava(path, cfg.teacher.tiny, train_captions + [INSTRUCTION, "USER: ASSISTANT:"],
-                                 seed=cfg.seed)
+            if not is_current(path, settings):  # not built meanwhile by a run that held the lock
+                build_tiny_llava(path, tiny, train_captions + [INSTRUCTION, "USER: ASSISTANT:"], seed=cfg.seed,
+                                 pretraining_root=pretraining_root)
     else:
-        while not (path / "config.json").is_file():
+        while not is_current(path, settings):
             time.sleep(1)
     return path
 

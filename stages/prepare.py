@@ -49,11 +49,22 @@ def ensure_raw_data(cfg: Config, wait: bool = False) -> None:
         synthetic.generate(root, syn, cfg.seed, workers=cfg.data.workers)
 
 
+def ensure_pretraining_images(cfg: Config, wait: bool = False) -> None:
+    """Render the pretraining stand-ins' images (captions in no split of ``data.root``) when configured."""
+    pre = cfg.data.pretraining
+    if pre is None:
+        return
+    with output_lock(pre.root, wait=wait):
+        synthetic.generate_held_out(pre.root, "pretraining", pre.images, cfg.data.synthetic, cfg.seed,
+                                    synthetic.dataset_names(cfg.data.root), workers=cfg.data.workers)
+
+
 @claims(lambda cfg, args: RunDir(cfg.run_dir).data)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)
     ensure_raw_data(cfg, waits(args))
+    ensure_pretraining_images(cfg, waits(args))
     layout = detect_layout(cfg.data.root, cfg.data.layout)
     config, inputs = depends.prepare(cfg)
     if not args.force and is_up_to_date(rd.data, config, inputs):

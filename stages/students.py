@@ -49,7 +49,8 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     if not gt["test"]:
         raise PipelineError(f"{rd.data}: the ground-truth test split is empty")
     decoder_inputs = DecoderInputs(rd.students / "features", cfg.students, cfg.seed,
-                                   sorted({r["image_path"] for s in SPLITS for r in gt[s]}))
+                                   sorted({r["image_path"] for s in SPLITS for r in gt[s]}),
+                                   cfg.data.pretraining.root if cfg.data.pretraining else None)
     if getattr(args, "features_only", False):
         decoder_inputs.build_caches(cfg.students.archs)
         return rd.students / "features"

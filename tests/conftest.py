@@ -29,14 +29,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 def write_config(tmp_path: Path, **sections) -> Path:
-    """A demo-shaped config under ``tmp_path`` with ``sections`` merged in (nested dicts merge)."""
+    """A demo-shaped config under ``tmp_path`` with ``sections`` merged in (nested dicts merge). The demo's
+    pretraining stand-ins are off (random teacher and encoders) unless ``sections`` turn them on."""
     from pipeline.config import merge_trees
 
     base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     base["run_dir"] = str(tmp_path / "run")
     base["data"]["root"] = str(tmp_path / "raw")
     base["data"]["synthetic"] = {"num_images": 60, "image_size": 32, "layout": "single"}
+    base["data"]["split"] = {"test": 0.2, "val": 0.1}
+    base["data"].pop("pretraining")
     base["teacher"]["model"] = str(tmp_path / "tiny-llava")
+    base["teacher"]["tiny"] = {}
+    base["students"]["encoder"] = {"pretrained": False, "width": 0.25, "image_size": 96}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(merge_trees(base, sections)))
     return path

@@ -22,7 +22,33 @@ def test_cpu_share(monkeypatch, env, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert cpu_share() == expected(usable_cpus())
+    assert cpu_share(busy=0) == expected(usable_cpus())
+
+
+def test_cores_busy_with_other_work_are_left_to_it(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    n = usable_cpus()
+    assert cpu_share(busy=1) == max(1, n - 1) and cpu_share(busy=n + 3) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert cpu_share(busy=3) == 4  # a Slurm allotment is this job's own
+
+
+def test_busy_cpus_sees_a_spinning_process():
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.cpus import busy_cpus
+
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg on this platform")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cpus(samples=9) >= 1
+    finally:
+        spin.kill()
 
 
 def test_usable_cpus_follows_the_affinity_mask():

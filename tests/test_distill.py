@@ -80,7 +80,17 @@ def test_outputs_meta_and_diagnostics(trained):
     with CaptionScorer(meteor=False) as scorer:
         agree = scorer.score({r["image_id"]: [r["caption"]] for r in rows},
                              {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
-    assert diag["vs_ground_truth"] == pytest.approx({k: agree[k] for k in ("BLEU-4", "CIDEr-D")})
+    assert {k: diag["vs_ground_truth"][k] for k in ("BLEU-4", "CIDEr-D")} == pytest.approx(
+        {k: agree[k] for k in ("BLEU-4", "CIDEr-D")})
+    from pipeline.attribute_metrics import attribute_accuracy, majority_baseline
+
+    references = {r["image_id"]: r["caption"] for r in rows}
+    assert diag["vs_ground_truth"]["attributes"] == attribute_accuracy(
+        references, {k: generations[k]["caption"] for k in references})
+    test = split_rows(gt, "test")
+    assert diag["majority_attributes"] == majority_baseline([r["caption"] for r in split_rows(gt, "train")],
+                                                            {r["image_id"]: r["caption"] for r in test})
+    assert diag["teacher_on_test"]["attributes"]["images"] == len(test)
     # max_new_tokens=24 cuts most captions: they are listed, not kept
     rejected = json.loads((out / "rejected.json").read_text())
     truncated = [r for r in rejected if "truncated" in r["reason"]]

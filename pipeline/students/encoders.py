@@ -1,8 +1,8 @@
 """Image encoders of the students, from torchvision: VGG19 (fc7), ResNet-101 (7x7x2048 grid), ViT-B/16 (tokens).
 
-``pretrained: true`` loads ImageNet weights from a local file only (the torch hub cache or ``weights_dir``); nothing
-is downloaded. The demo builds the same families scaled down (``width`` < 1, fewer blocks) with random weights, at
-low resolution, so it runs in minutes on a CPU.
+``pretrained: true`` loads torchvision weights from a local file only (the torch hub cache or ``weights_dir``);
+nothing is downloaded. The demo builds the same families scaled down (``width`` < 1, fewer blocks) at low resolution,
+so it runs in minutes on a CPU, with stand-in weights (see ``pipeline.students.standin``) in the same file layout.
 """
 
 from __future__ import annotations
@@ -31,44 +31,46 @@ def _scaled(n: int, width: float) -> int:
     return max(8, int(round(n * width)))
 
 
-class VGGFc7(nn.Module):
-    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the seed's feature).
-    ``imagenet``: torchvision's VGG19 weights (its own state-dict layout), loaded before the classifier is cut."""
+def torchvision_model(name: str, settings: EncoderSettings) -> nn.Module:
+    """The torchvision model of an encoder family, full size (``width`` 1) or scaled down (the demo's), in
+    torchvision's own module layout, so a state dict saved from it is a torchvision weights file."""
+    if settings.width == 1.0:
+        if name == "vit_b_16":
+            return models.vit_b_16(image_size=settings.image_size)
+        return models.vgg19() if name == "vgg19" else models.resnet101()
+    if name == "vgg19":
+        channels = [_scaled(c, settings.width) if c != "M" else c for c in
+                    (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512,
+                     512, "M")]
+        vgg = models.VGG(make_layers(channels))  # torchvision's VGG init (PyTorch's default drowns the signal)
+        dim = _scaled(4096, settings.width)
+        vgg.classifier = nn.Sequential(nn.Linear(channels[-2] * 49, dim), nn.ReLU(True), nn.Dropout(),
+                                       nn.Linear(dim, dim), nn.ReLU(True), nn.Dropout(), nn.Linear(dim, 1000))
+        return vgg
+    if name == "resnet101":
+        return ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=_scaled(64, settings.width))
+    hidden = _scaled(768, settings.width) // 4 * 4
+    return VisionTransformer(image_size=settings.image_size, patch_size=16, num_layers=2, num_heads=4,
+                             hidden_dim=hidden, mlp_dim=hidden * 4)
 
-    def __init__(self, settings: EncoderSettings, imagenet: dict[str, torch.Tensor] | None = None):
+
+class VGGFc7(nn.Module):
+    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the seed's feature)."""
+
+    def __init__(self, vgg: models.VGG):
         super().__init__()
-        if settings.pretrained or settings.width == 1.0:
-            vgg = _loaded(models.vgg19(), imagenet)
-            self.features, self.pool = vgg.features, vgg.avgpool
-            self.fc = vgg.classifier[:-1]  # fc6-relu-drop-fc7-relu-drop
-        else:
-            cfg = [_scaled(c, settings.width) if c != "M" else c for c in
-                   (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512,
-                    512, "M")]
-            # like VGG19: pool to 7x7 and flatten into fc6 (a global average of random conv features would be the
-            # same for every image)
-            self.features, self.pool = make_layers(cfg), nn.AdaptiveAvgPool2d(7)
-            dim = _scaled(4096, settings.width)
-            self.fc = nn.Sequential(nn.Linear(cfg[-2] * 49, dim), nn.ReLU(True), nn.Linear(dim, dim), nn.ReLU(True))
-            for m in self.features.modules():  # torchvision's VGG init; PyTorch's default lets the biases drown
-                if isinstance(m, nn.Conv2d):  # the signal after 16 layers, giving every image the same feature
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
+        self.features, self.pool = vgg.features, vgg.avgpool
+        self.fc = vgg.classifier[:-1]  # fc6-relu-drop-fc7-relu-drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 class ResNetGrid(nn.Module):
-    """ResNet-101 without pooling/classifier: a grid of region features [B, H*W, 2048] (7x7 at 224 px).
-    ``imagenet``: torchvision's ResNet-101 weights, loaded before pooling and classifier are cut."""
+    """ResNet-101 without pooling/classifier: a grid of region features [B, H*W, 2048] (7x7 at 224 px)."""
 
-    def __init__(self, settings: EncoderSettings, imagenet: dict[str, torch.Tensor] | None = None):
+    def __init__(self, net: ResNet):
         super().__init__()
-        if settings.pretrained or settings.width == 1.0:
-            net = _loaded(models.resnet101(), imagenet)
-        else:
-            net = ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=_scaled(64, settings.width))
         self.body = nn.Sequential(*list(net.children())[:-2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,18 +78,11 @@ class ResNetGrid(nn.Module):
 
 
 class ViTTokens(nn.Module):
-    """ViT-B/16 encoder output: the class token and one token per 16x16 patch [B, 1+N, 768].
-    ``imagenet``: torchvision's ViT-B/16 weights."""
+    """ViT-B/16 encoder output: the class token and one token per 16x16 patch [B, 1+N, 768]."""
 
-    def __init__(self, settings: EncoderSettings, imagenet: dict[str, torch.Tensor] | None = None):
+    def __init__(self, vit: VisionTransformer):
         super().__init__()
-        if settings.pretrained or settings.width == 1.0:
-            self.vit = _loaded(models.vit_b_16(image_size=224 if settings.pretrained else settings.image_size),
-                               imagenet)
-        else:
-            hidden = _scaled(768, settings.width) // 4 * 4
-            self.vit = VisionTransformer(image_size=settings.image_size, patch_size=16, num_layers=2, num_heads=4,
-                                         hidden_dim=hidden, mlp_dim=hidden * 4)
+        self.vit = vit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self.vit.image_size
@@ -97,12 +92,6 @@ class ViTTokens(nn.Module):
         patches = self.vit.conv_proj(x).flatten(2).transpose(1, 2)
         cls = self.vit.class_token.expand(x.shape[0], -1, -1)
         return self.vit.encoder(torch.cat([cls, patches], dim=1))
-
-
-def _loaded(model: nn.Module, state: dict[str, torch.Tensor] | None) -> nn.Module:
-    if state is not None:
-        model.load_state_dict(state)
-    return model
 
 
 BUILDERS = {"vgg19": VGGFc7, "resnet101": ResNetGrid, "vit_b_16": ViTTokens}
@@ -115,17 +104,23 @@ def weights_file(name: str, settings: EncoderSettings) -> Path:
 
 
 def build_encoder(name: str, settings: EncoderSettings, seed: int = 0) -> nn.Module:
-    """The named encoder, with local ImageNet weights when ``settings.pretrained`` (never downloaded)."""
+    """The named encoder; with ``settings.pretrained`` its torchvision weights file is loaded (ImageNet weights, or
+    the demo's stand-in for them), never downloaded."""
     torch.manual_seed(seed)
-    if settings.pretrained and name == "vit_b_16" and settings.image_size != 224:
+    if settings.pretrained and name == "vit_b_16" and settings.width == 1.0 and settings.image_size != 224:
         raise PipelineError(f"students.encoder.image_size={settings.image_size}: pretrained ViT-B/16 needs 224")
-    if not settings.pretrained:
-        return BUILDERS[name](settings)
-    path = weights_file(name, settings)
-    if not path.is_file():
-        raise PipelineError(f"ImageNet weights for {name} not found at {path}; put {path.name} there (or set "
-                            "students.encoder.weights_dir) or use students.encoder.pretrained=false")
-    return BUILDERS[name](settings, torch.load(path, map_location="cpu", weights_only=True))
+    model = torchvision_model(name, settings)
+    if settings.pretrained:
+        path = weights_file(name, settings)
+        if not path.is_file():
+            raise PipelineError(f"pretrained weights for {name} not found at {path}; put {path.name} there (or set "
+                                "students.encoder.weights_dir) or use students.encoder.pretrained=false")
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except RuntimeError as exc:
+            raise PipelineError(f"{path}: not weights of a {name} at students.encoder.width={settings.width} "
+                                f"({str(exc).splitlines()[0]})") from None
+    return BUILDERS[name](model)
 
 
 def image_transform(image_size: int):

@@ -37,7 +37,8 @@ def cache_key(encoder: str, settings: EncoderSettings, seed: int, image_paths: l
     h = hashlib.sha256()
     weights = weights_file(encoder, settings) if settings.pretrained else None
     meta = {"encoder": encoder, "settings": settings.model_dump(mode="json", exclude={"finetune"}), "seed": seed,
-            "weights": [str(weights), weights.stat().st_size] if weights and weights.is_file() else None}
+            "weights": [str(weights), weights.stat().st_size, weights.stat().st_mtime_ns] if weights and weights.is_file()
+            else None}
     h.update(json.dumps(meta, sort_keys=True).encode())
     for p in image_paths:
         st = Path(p).stat()
@@ -158,13 +159,24 @@ class DecoderInputs:
     None)``. Frozen encoders' tables are cached in ``folder`` (and in memory: architectures sharing an encoder share
     one table); with ``students.encoder.finetune`` the encoder runs in the training loop instead."""
 
-    def __init__(self, folder: Path, cfg: StudentsConfig, seed: int, all_paths: list[str]):
+    def __init__(self, folder: Path, cfg: StudentsConfig, seed: int, all_paths: list[str],
+                 pretraining_root: Path | None = None):
         self.folder, self.cfg, self.seed, self.all_paths = folder, cfg, seed, all_paths
+        self.pretraining_root = pretraining_root
         self.tables: dict[str, tuple[torch.Tensor, dict[str, int]]] = {}
+
+    def _ensure_weights(self, encoder: str) -> None:
+        """The demo's stand-in weights file of ``encoder``, built first when configured (students.encoder.stand_in)."""
+        if self.cfg.encoder.stand_in is not None:
+            from pipeline.students.standin import ensure_stand_in
+
+            with exclusive(weights_file(encoder, self.cfg.encoder).with_suffix(".lock")):
+                ensure_stand_in(encoder, self.cfg.encoder, self.seed, self.pretraining_root)
 
     def table(self, encoder: str) -> tuple[torch.Tensor, dict[str, int]]:
         """The frozen ``encoder``'s features of every image (computed or read from the cache once)."""
         if encoder not in self.tables:
+            self._ensure_weights(encoder)
             self.tables[encoder] = cached_features(self.folder, encoder, self.cfg.encoder, self.seed, self.all_paths,
                                                    num_workers=self.cfg.num_workers)
         return self.tables[encoder]
@@ -172,6 +184,7 @@ class DecoderInputs:
     def __call__(self, arch: str, paths: dict[str, list[str]]):
         name, settings = ENCODER_OF[arch], self.cfg.encoder
         if settings.finetune:
+            self._ensure_weights(name)
             encoder = build_encoder(name, settings, self.seed)
             return EncoderFeatures(arch, encoder, settings.image_size, paths, self.cfg.num_workers), encoder
         return CachedFeatures(arch, *self.table(name), paths), None

@@ -7,12 +7,13 @@ path a downloaded ``llava-1.5-13b-hf`` takes.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.config import TinyTeacher
-from pipeline.rundir import publish_dir
+from pipeline.rundir import atomic_write_json, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,49 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
                                    padding_side="right", model_max_length=4096)
 
 
-def build_tiny_llava(out_dir: str | Path, cfg: TinyTeacher, texts: list[str], seed: int = 0) -> Path:
-    """Write a randomly initialised tiny LlavaForConditionalGeneration + processor to ``out_dir`` (atomically)."""
+RECORD = "tiny_llava.json"  # what a tiny LLaVA folder was built from, and its pretraining figures
+
+
+def tiny_settings(cfg: TinyTeacher, seed: int, pretraining_root: Path | None) -> dict:
+    """What the tiny LLaVA depends on: its shape, pretraining settings, seed and pretraining images."""
+    images = None
+    if cfg.pretrain is not None and pretraining_root is not None:
+        images = json.loads((Path(pretraining_root) / "README.json").read_text())
+    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images}
+
+
+def is_current(path: Path, settings: dict) -> bool:
+    """A model folder to use as it is: one built here with these settings, or any checkpoint not built here."""
+    if not (path / "config.json").is_file():
+        return False
+    record = path / RECORD
+    return not record.is_file() or json.loads(record.read_text()).get("settings") == settings
+
+
+def read_pretraining_images(root: Path) -> tuple[list, list[str]]:
+    """The images and captions of a held-out set written by ``pipeline.data.synthetic.generate_held_out``."""
+    from pipeline.data.images import load_rgb
+
+    captions = json.loads((Path(root) / "captions.json").read_text())
+    names = sorted(captions)
+    return [load_rgb(Path(root) / "images" / n) for n in names], [captions[n] for n in names]
+
+
+def build_tiny_llava(out_dir: str | Path, cfg: TinyTeacher, texts: list[str], seed: int = 0,
+                     pretraining_root: Path | None = None) -> Path:
+    """Write a tiny LlavaForConditionalGeneration + processor to ``out_dir`` (atomically): randomly initialised, then
+    pretrained on the images at ``pretraining_root`` when ``cfg.pretrain`` is set (see pipeline.teacher.pretrain)."""
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
+    settings = tiny_settings(cfg, seed, pretraining_root)
+    pretraining = None
+    if cfg.pretrain is not None:
+        from pipeline.teacher.pretrain import QUESTION, attribute_list
+
+        pretraining = read_pretraining_images(pretraining_root)
+        texts = [*texts, *pretraining[1], *map(attribute_list, pretraining[1]), QUESTION]
     tokenizer = train_tokenizer(texts)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text_config = LlamaConfig(
@@ -79,9 +117,15 @@ def build_tiny_llava(out_dir: str | Path, cfg: TinyTeacher, texts: list[str], se
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
+    figures = None
+    if pretraining is not None:
+        from pipeline.teacher.pretrain import pretrain_tiny_llava
+
+        figures = pretrain_tiny_llava(model, processor, *pretraining, cfg.pretrain, seed)
     with publish_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        atomic_write_json(tmp / RECORD, {"settings": settings, "pretraining": figures})
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built tiny LLaVA (%.2fM parameters, %d image tokens, vocab %d) in %s", n_params / 1e6,
              num_image_tokens, len(tokenizer), out_dir)
