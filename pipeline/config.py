@@ -157,6 +157,13 @@ class StudentsConfig(Section):
     num_workers: int = Field(0, ge=0)  # image-decoding workers (feature cache; the encoder-in-the-loop batches)
 
 
+class CaptionConfig(Section):
+    """`make caption`: captioning a user's own images with a student (or the teacher)."""
+
+    batch_size: int = Field(32, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)  # larger images are skipped, not decoded (PIL refuses > ~179M anyway)
+
+
 class ReportConfig(Section):
     gallery_size: int = Field(12, gt=0)
 
@@ -182,6 +189,7 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     students: StudentsConfig = StudentsConfig()
     report: ReportConfig = ReportConfig()
+    caption: CaptionConfig = CaptionConfig()
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")

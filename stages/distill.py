@@ -24,6 +24,7 @@ from pipeline.data.formats import INSTRUCTION, load_captions, split_rows, to_hf_
 from pipeline.errors import PipelineError
 from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, require_stage,
                              reset_work_dir, write_manifest)
+from pipeline.teacher.loading import finetuned_teacher
 from stages.cli import stage_main
 
 log = logging.getLogger("distill")
@@ -62,10 +63,7 @@ def shard_count(out: Path) -> int:
 
 def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
     """(model folder, adapter folder or None): the merged model when finetune wrote one, else adapter on base."""
-    merged = rd.teacher / "merged"
-    if (merged / "config.json").is_file():
-        return merged, None
-    return cfg.teacher.model, rd.teacher / "adapter"
+    return finetuned_teacher(cfg.teacher.model, rd.teacher)
 
 
 def distill_config(cfg: Config) -> dict:

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
                              reset_work_dir, write_manifest)
+from pipeline.students.encoders import ENCODER_OF, build_encoder
 from pipeline.students.train import FeatureFn, decode_split, load_student, train_student
 from pipeline.students.vocab import Vocabulary
 
@@ -96,8 +97,12 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
                                                                    ("test", test_rows))}
     feats, encoder = decoder_inputs(arch, paths)
     s = cfg.students
-    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder)
-    model, vocab, _ = load_student(out / "best", s, encoder)
+    frozen = build_encoder(ENCODER_OF[arch], s.encoder, cfg.seed) if encoder is None else None  # the cache's
+    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder, frozen)
+    best = load_student(out / "best")
+    if encoder is not None:  # the features' fine-tuned encoder: the best checkpoint's weights, not the last epoch's
+        encoder.load_state_dict(best.encoder.state_dict())
+    model, vocab = best.decoder, best.vocab
     references = {r["image_id"]: r["caption"] for r in test_rows}
 
     def predict(features: FeatureFn) -> dict[str, str]:
