@@ -9,6 +9,7 @@ from argparse import Namespace
 import pytest
 
 from conftest import ROOT, run_stage
+from pipeline.cards import front_matter
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.rundir import read_manifest
@@ -80,6 +81,13 @@ def test_outputs_meta_and_diagnostics(trained):
     assert diag["share_truncated"] == pytest.approx(len(truncated) / (diag["captions"] + len(rejected)))
     kept_ids = {r["image_id"] for r in split_rows(ds, "train") + split_rows(ds, "val")}
     assert not kept_ids & {r["image_id"] for r in rejected}
+    card = front_matter((out / "README.md").read_text())  # the dataset card
+    assert card["task_categories"] == ["image-to-text"] and card["temperature"] == 0.2 and card["top_p"] == 1.0
+    assert card["seed"] == cfg.seed and card["prompt"] == meta["prompt"]
+    assert card["teacher"] == str(cfg.teacher.model) and card["adapter"] == str(cfg.run_dir / "teacher" / "adapter")
+    assert card["counts"] == {"train": len(split_rows(ds, "train")), "val": len(split_rows(ds, "val")),
+                              "test": len(split_rows(ds, "test")), "rejected": len(rejected)}
+    assert card["diagnostics"]["distinct_2"] == diag["distinct_2"]
 
 
 def test_caption_with_the_fine_tuned_teacher(trained, tmp_path):

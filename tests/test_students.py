@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cards import front_matter
 from pipeline.config import EncoderSettings, StudentsConfig, load_config
 from pipeline.rundir import read_manifest
 from pipeline.students import features as features_mod
@@ -261,7 +262,13 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
             "attribute_macro_drop", "cider_drop", "permuted"}
         assert metrics["image_reliance"]["attribute_macro_drop"] == pytest.approx(
             metrics["attributes"]["macro"] - metrics["image_reliance"]["permuted"]["attribute_macro"])
-        assert (out / f"{arch}__gt" / "best" / "encoder.safetensors").is_file()  # self-describing
+        best = out / f"{arch}__gt" / "best"  # self-describing, with its model card
+        shipped = json.loads((best / "student.json").read_text())
+        assert shipped["test_metrics"]["test"] == metrics["test"] and shipped["caption_source"]["name"] == "gt"
+        card = front_matter((best / "README.md").read_text())
+        assert card["pipeline_tag"] == "image-to-text" and card["architecture"] == arch
+        assert card["test_metrics"]["attribute_accuracy"] == pytest.approx(metrics["attributes"]["macro"], abs=1e-4)
+        assert (best / "encoder.safetensors").is_file()
     summary = (out / "summary.md").read_text()
     assert "constant caption (baseline)" in summary and "majority attributes (baseline)" in summary
     assert "ViT-B/16 + Transformer" in summary

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from pipeline.attribute_metrics import attribute_accuracy
+from pipeline.cards import caption_source, student_card
 from pipeline.config import Config, config_slice
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, read_manifest,
                              reset_work_dir, write_manifest)
 from pipeline.students.encoders import ENCODER_OF, build_encoder
-from pipeline.students.train import FeatureFn, decode_split, load_student, train_student
+from pipeline.students.train import FeatureFn, decode_split, load_student, record_test_results, train_student
 from pipeline.students.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
                                                          for k, v in predictions.items()))
     atomic_write_json(out / "curves.json", curves)
     atomic_write_json(out / "metrics.json", metrics)
+    shipped = record_test_results(out / "best", caption_source=caption_source(source_dir(rd, source), source),
+                                  test_metrics={"test": scores["test"], "attribute_accuracy": scores["attributes"],
+                                                "test_images": len(test_rows)})
+    atomic_write_text(out / "best" / "README.md", student_card(shipped, folder=out / "best"))
     figures = {k: round(v, 4) for k, v in scores["test"].items()}
     figures.update(attribute_macro=round(scores["attributes"]["macro"], 4),
                    attribute_reliance_drop=round(metrics["image_reliance"]["attribute_macro_drop"], 4))

@@ -184,6 +184,13 @@ def load_student(folder: Path, device: torch.device | str | None = None) -> Stud
     return Student(encoder.to(device or compute_device()).eval(), decoder, vocab, meta)
 
 
+def record_test_results(folder: Path, *, test_metrics: dict[str, Any], caption_source: dict[str, Any]) -> dict:
+    """Add what scoring found out (test metrics, where the training captions came from) to ``student.json``."""
+    meta = {**read_student_json(folder), "caption_source": caption_source, "test_metrics": test_metrics}
+    atomic_write_json(folder / "student.json", meta)
+    return meta
+
+
 def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim: int,
                   captions: dict[str, list[str]], vocab: Vocabulary, out_dir: Path, seed: int,
                   scorer: CaptionScorer, encoder: nn.Module | None = None,
