@@ -248,27 +248,6 @@ def test_every_image_mode_is_captioned_and_bad_files_are_skipped_with_their_reas
     assert alone == [r["caption"] for r in rows if r["path"].endswith("rotated.jpg")]
 
 
-def test_caption_exit_status_and_one_line_errors(tmp_path):
-    best = make_student(tmp_path / "best", "vgg19_gru")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "a.txt").write_text("x")
-    (tmp_path / "bad" / "b.jpg").write_bytes(b"\xff\xd8 broken")
-    res = run_stage("caption", "--student", str(best), "--images", str(tmp_path / "bad"), "--out",
-                    str(tmp_path / "c.jsonl"))
-    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
-        "caption: error: no image captioned: all 2 files skipped (e.g. ")
-    assert not (tmp_path / "c.jsonl").exists()
-    assert len((tmp_path / "c.skipped.jsonl").read_text().splitlines()) == 2
-    varied_images(1)[0].save(tmp_path / "bad" / "c.png")
-    res = run_stage("caption", "--student", str(best), "--images", str(tmp_path / "bad" / "*.*"), "--out",
-                    str(tmp_path / "c.jsonl"))
-    assert res.returncode == 0, res.stderr
-    assert "captioned 1 of 3 images" in res.stdout and "skipped" in res.stderr  # the log names each skipped file
-    res = run_stage("caption", "--student", str(best), "--images", str(tmp_path / "nothing*.png"))
-    assert res.returncode == 1 and res.stderr.strip().endswith("no such file or folder, and no file matches it "
-                                                               "as a pattern")
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A vgg19_gru student with its ONNX export, and test images."""
@@ -309,6 +288,27 @@ def test_onnx_export_of_other_weights_is_refused(exported, tmp_path):
     shutil.rmtree(copy / "onnx")
     with pytest.raises(PipelineError, match="export the student first"):
         onnx_runtime.OnnxStudent(copy)
+
+
+def test_caption_exit_status_and_one_line_errors(exported, tmp_path):
+    best, _ = exported  # onnxruntime: the subprocesses start without importing torch
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.txt").write_text("x")
+    (tmp_path / "bad" / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    res = run_stage("caption", "--student", str(best), "--images", str(tmp_path / "bad"), "--out",
+                    str(tmp_path / "c.jsonl"), "--runtime", "onnx")
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+        "caption: error: no image captioned: all 2 files skipped (e.g. ")
+    assert not (tmp_path / "c.jsonl").exists()
+    assert len((tmp_path / "c.skipped.jsonl").read_text().splitlines()) == 2
+    varied_images(1)[0].save(tmp_path / "bad" / "c.png")
+    res = run_stage("caption", "--student", str(best), "--images", str(tmp_path / "bad" / "*.*"), "--out",
+                    str(tmp_path / "c.jsonl"), "--runtime", "onnx")
+    assert res.returncode == 0, res.stderr
+    assert "captioned 1 of 3 images" in res.stdout and "skipped" in res.stderr  # the log names each skipped file
+    res = run_stage("caption", "--student", str(best), "--images", str(tmp_path / "nothing*.png"))
+    assert res.returncode == 1 and res.stderr.strip().endswith("no such file or folder, and no file matches it "
+                                                               "as a pattern")
 
 
 @pytest.mark.slow
