@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 
-.PHONY: setup demo prepare finetune distill students report evaluate submit status test bench clean
+.PHONY: setup demo prepare finetune distill students report evaluate caption export submit status test bench clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,22 @@ ALLOW_MISSING ?=
 evaluate: $(STAMP)
 	@test -n "$(PRED)" || { echo "usage: make evaluate PRED=<predictions .jsonl/.json/.csv> [CONFIG=...]" >&2; exit 2; }
 	$(call STAGE,evaluate) --pred $(PRED) $(if $(ALLOW_MISSING),--allow-missing)
+
+# make caption STUDENT=<best/ folder or teacher> IMAGES=<file, folder or glob> [OUT=captions.jsonl] [BEAM=5]
+# [RUNTIME=torch|onnx]: caption your own images (quote a glob: IMAGES='photos/*.jpg')
+STUDENT ?=
+IMAGES ?=
+OUT ?= captions.jsonl
+BEAM ?=
+RUNTIME ?= torch
+caption: $(STAMP)
+	@test -n "$(STUDENT)" -a -n "$(IMAGES)" || { echo "usage: make caption STUDENT=<best/ folder or teacher> IMAGES=<file, folder or glob> [OUT=captions.jsonl] [BEAM=5] [RUNTIME=torch|onnx]" >&2; exit 2; }
+	$(call STAGE,caption) --student "$(STUDENT)" --images "$(IMAGES)" --out "$(OUT)" --runtime $(RUNTIME) $(if $(BEAM),--beam $(BEAM))
+
+# make export STUDENT=<best/ folder>: ONNX graphs in <folder>/onnx for RUNTIME=onnx (onnxruntime, no torch)
+export: $(STAMP)
+	@test -n "$(STUDENT)" || { echo "usage: make export STUDENT=<a student's best/ folder>" >&2; exit 2; }
+	$(call STAGE,export) --student "$(STUDENT)"
 
 # the whole chain as Slurm jobs; DRY_RUN=1 prints the sbatch scripts instead
 DRY_RUN ?=

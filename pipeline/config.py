@@ -224,6 +224,13 @@ class StudentsConfig(Section):
         return self
 
 
+class CaptionConfig(Section):
+    """`make caption`: captioning a user's own images with a student (or the teacher)."""
+
+    batch_size: int = Field(32, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)  # larger images are skipped, not decoded (PIL refuses > ~179M anyway)
+
+
 class ReportConfig(Section):
     gallery_size: Positive = 12
 
@@ -249,6 +256,7 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     students: StudentsConfig = StudentsConfig()
     report: ReportConfig = ReportConfig()
+    caption: CaptionConfig = CaptionConfig()
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")

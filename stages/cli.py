@@ -50,9 +50,10 @@ def os_error_line(exc: OSError) -> str:
 
 
 def stage_main(name: str, run: StageRun, add_args: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: list[str] | None = None) -> int:
+               argv: list[str] | None = None, torch_threads: bool = True) -> int:
     """Parse the CLI, load the config, run the stage; a PipelineError or a failed file operation becomes one line on
-    stderr and exit 1 (the traceback is logged at DEBUG level)."""
+    stderr and exit 1 (the traceback is logged at DEBUG level). ``torch_threads``: size torch's thread pool first (a
+    stage that may run without torch sizes it itself)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"fashion-distill '{name}' stage")
     parser.add_argument("--config", default=os.environ.get("CONFIG", DEFAULT_CONFIG), help="YAML config file")
     parser.add_argument("--force", action="store_true", help="rerun even if the stage output is up to date")
@@ -65,7 +66,8 @@ def stage_main(name: str, run: StageRun, add_args: Callable[[argparse.ArgumentPa
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    set_torch_threads()
+    if torch_threads:
+        set_torch_threads()
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, args)

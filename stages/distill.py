@@ -4,7 +4,8 @@
 .jsonl`` (resumable), ``captions/`` (same schema as `prepare`'s; train/val from the teacher with
 ``source=<name>``, test copied unchanged from the ground truth), ``meta.json``, ``diagnostics.json``,
 ``rejected.json`` (empty / truncated generations), ``test_generations.json`` (the teacher's captions of the test
-images, for its own test score and the report's gallery; never trained on) and ``manifest.json`` (last).
+images, for its own test score and the report's gallery; never trained on), ``README.md`` (dataset card) and
+``manifest.json`` (last).
 Sharding: ``--shard i/n`` (or a Slurm array) generates a disjoint slice; ``--merge`` joins finished shards.
 """
 
@@ -15,16 +16,19 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from pipeline.attribute_metrics import attribute_accuracy, majority_baseline
 from pipeline import depends
+from pipeline.cards import dataset_card
 from pipeline.config import Config
 from pipeline.data.diagnostics import caption_diagnostics
 from pipeline.data.formats import load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
-from pipeline.rundir import (RunDir, atomic_write_json, is_stale_work, is_up_to_date, publish_dir, reset_work_dir,
-                             write_manifest)
+from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_stale_work, is_up_to_date, publish_dir,
+                             reset_work_dir, write_manifest)
+from pipeline.teacher.loading import finetuned_teacher
 from stages.cli import claims, stage_main
 
 log = logging.getLogger("distill")
@@ -65,10 +69,7 @@ def shard_count(out: Path) -> int:
 
 def teacher_paths(cfg: Config, rd: RunDir) -> tuple[Path, Path | None]:
     """(model folder, adapter folder or None): the merged model when finetune wrote one, else adapter on base."""
-    merged = rd.teacher / "merged"
-    if (merged / "config.json").is_file():
-        return merged, None
-    return cfg.teacher.model, rd.teacher / "adapter"
+    return finetuned_teacher(cfg.teacher.model, rd.teacher)
 
 
 def generate_shard(cfg: Config, rows: list[dict], out: Path, i: int, n: int, model_dir: Path,
@@ -132,8 +133,9 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     diag["majority_attributes"] = majority_baseline([r["caption"] for r in rows if r["split"] == "train"],
                                                     {r["image_id"]: r["caption"] for r in test_rows})
     diag["ground_truth"] = gt
+    model_dir, adapter = teacher_paths(cfg, rd)
     meta = {**config, "teacher_fingerprint": inputs["teacher"], "teacher_dir": str(rd.teacher),
-            "shards": n, "throughput": throughput}
+            "teacher_model": str(model_dir), "adapter": adapter and str(adapter), "shards": n, "throughput": throughput}
     with publish_dir(out / "captions") as tmp:
         to_hf_dataset(kept + test_rows).save_to_disk(str(tmp))
     atomic_write_json(out / "meta.json", meta)
@@ -141,6 +143,8 @@ def merge(cfg: Config, rd: RunDir, out: Path, rows: list[dict], test_rows: list[
     atomic_write_json(out / "rejected.json", rejected)
     atomic_write_json(out / "test_generations.json", {r["image_id"]: generations[r["image_id"]]["caption"]
                                                       for r in test_rows})
+    atomic_write_text(out / "README.md", dataset_card(name=name, meta=meta, diagnostics=diag, rejected=len(rejected),
+                                                      counts=Counter(r["split"] for r in kept + test_rows)))
     write_manifest(out, stage="distill", config=config, inputs=inputs, started=started, seed=cfg.seed,
                    figures={"kept": len(kept), "rejected": len(rejected), **{k: diag[k] for k in (
                        "length_mean", "distinct_1", "distinct_2", "vocabulary")},

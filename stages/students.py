@@ -1,11 +1,11 @@
 """`students`: train every (architecture x caption source) and score it on the ground-truth test split.
 
 Sources are ``gt`` plus every finished distilled dataset of the run (or ``students.sources``). Output per model in
-``<run_dir>/students/<arch>__<source>/``: ``best/`` (safetensors + student.json + vocab.json, and the encoder's
-weights when ``students.encoder.finetune``), ``last/`` (resume), ``metrics.json`` (n-gram metrics, attribute
-accuracy, image reliance), ``predictions.jsonl``, ``curves.json``, ``tensorboard/``, ``manifest.json`` (last). Also
-``baseline__<source>/metrics.json`` (constant caption and majority attributes), ``features/`` (the frozen encoders'
-feature cache) and ``summary.md`` / ``summary.csv``.
+``<run_dir>/students/<arch>__<source>/``: ``best/`` (self-describing: decoder and encoder safetensors,
+student.json, vocab.json, README.md model card; what ``make caption`` and ``make export`` take), ``last/`` (resume),
+``metrics.json`` (n-gram metrics, attribute accuracy, image reliance), ``predictions.jsonl``, ``curves.json``,
+``tensorboard/``, ``manifest.json`` (last). Also ``baseline__<source>/metrics.json`` (constant caption and majority
+attributes), ``features/`` (the frozen encoders' feature cache) and ``summary.md`` / ``summary.csv``.
 """
 
 from __future__ import annotations

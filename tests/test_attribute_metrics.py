@@ -105,10 +105,10 @@ def _trained_student(tmp_path, informative: bool):
 @pytest.mark.parametrize("informative", [True, False])
 def test_image_reliance_drops_only_for_a_student_that_reads_the_image(tmp_path, informative):
     from pipeline.students.experiment import permuted_images
-    from pipeline.students.train import decode_split, load_student
+    from pipeline.students.train import decode_split, load_decoder
 
     cfg, features, test = _trained_student(tmp_path, informative)
-    model, vocab, _ = load_student(tmp_path / "best", cfg)
+    model, vocab, _ = load_decoder(tmp_path / "best")
     refs = {str(i): c for i, c in enumerate(test)}
 
     def accuracy(fn):

@@ -9,12 +9,13 @@ from argparse import Namespace
 import pytest
 
 from conftest import ROOT, run_stage
+from pipeline.cards import front_matter
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import OutputInUseError, StageInputError, read_manifest
 from pipeline.teacher.distill import read_generations
-from stages import distill, finetune
+from stages import caption, distill, finetune
 
 FAST_TEACHER = {"train": {"epochs": 1, "eval_generation_samples": 0}}
 
@@ -98,6 +99,25 @@ def test_outputs_meta_and_diagnostics(trained):
     assert diag["share_truncated"] == pytest.approx(len(truncated) / (diag["captions"] + len(rejected)))
     kept_ids = {r["image_id"] for r in split_rows(ds, "train") + split_rows(ds, "val")}
     assert not kept_ids & {r["image_id"] for r in rejected}
+    card = front_matter((out / "README.md").read_text())  # the dataset card
+    assert card["task_categories"] == ["image-to-text"] and card["temperature"] == 0.2 and card["top_p"] == 1.0
+    assert card["seed"] == cfg.seed and card["prompt"] == meta["prompt"]
+    assert card["teacher"] == str(cfg.teacher.model) and card["adapter"] == str(cfg.run_dir / "teacher" / "adapter")
+    assert card["counts"] == {"train": len(split_rows(ds, "train")), "val": len(split_rows(ds, "val")),
+                              "test": len(split_rows(ds, "test")), "rejected": len(rejected)}
+    assert card["diagnostics"]["distinct_2"] == diag["distinct_2"]
+
+
+def test_caption_with_the_fine_tuned_teacher(trained, tmp_path):
+    cfg = load_config(trained)
+    images = [r["image_path"] for r in split_rows(load_captions(cfg.run_dir / "data" / "captions"), "test")[:3]]
+    out = tmp_path / "teacher.jsonl"
+    caption.run(cfg, Namespace(student="teacher", images=images, out=str(out), beam=None, runtime="torch"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == images and any(r["caption"] for r in rows)
+    res = run_stage("caption", "--config", str(trained), "--student", "teacher", "--images", *images,
+                    "--runtime", "onnx")
+    assert res.returncode == 1 and res.stderr.strip().endswith("--runtime onnx: the teacher runs in PyTorch only")
 
 
 def test_kill_9_then_rerun_gives_identical_dataset(trained):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cards import front_matter
 from pipeline.config import EncoderSettings, StudentsConfig, load_config
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import read_manifest
@@ -201,11 +202,7 @@ def test_fine_tuned_encoder_is_trained_checkpointed_and_resumed_exactly(tmp_path
     last = load_file(tmp_path / "straight" / "last" / "encoder.safetensors")
     assert not torch.equal(best["weight"], initial["weight"])  # the encoder was trained
     assert not torch.equal(best["weight"], last["weight"])  # best/ has epoch 2's encoder, not the last one
-    encoder = torch.nn.Linear(8, 16)
-    load_student(tmp_path / "straight" / "best", cfg, encoder)
-    assert torch.equal(encoder.weight, best["weight"])
-    with pytest.raises(ValueError, match="fine-tuned its encoder"):
-        load_student(tmp_path / "straight" / "best", cfg)
+    assert json.loads((tmp_path / "straight" / "best" / "student.json").read_text())["encoder_finetuned"] is True
 
 
 @pytest.mark.slow
@@ -235,10 +232,9 @@ def test_students_stage_fine_tunes_the_encoder(make_config):
     from pipeline.students.train import decode_split
 
     test_rows = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "test")
-    encoder = build_encoder("resnet101", cfg.students.encoder, seed=123)
-    model, vocab, _ = load_student(out / "best", cfg.students, encoder)
-    feats = EncoderFeatures("resnet101_gru", encoder, 32, {"test": [r["image_path"] for r in test_rows]})
-    hyps = decode_split(model, feats, "test", len(test_rows), vocab, 2, cfg.students.max_length)
+    student = load_student(out / "best")
+    feats = EncoderFeatures("resnet101_gru", student.encoder, 32, {"test": [r["image_path"] for r in test_rows]})
+    hyps = decode_split(student.decoder, feats, "test", len(test_rows), student.vocab, 2, cfg.students.max_length)
     saved = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert saved == [{"image_id": r["image_id"], "caption": h} for r, h in zip(test_rows, hyps)]
     # metrics.json scores exactly those predictions against the ground-truth test captions
@@ -272,6 +268,13 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
             "attribute_macro_drop", "cider_drop", "permuted"}
         assert metrics["image_reliance"]["attribute_macro_drop"] == pytest.approx(
             metrics["attributes"]["macro"] - metrics["image_reliance"]["permuted"]["attribute_macro"])
+        best = out / f"{arch}__gt" / "best"  # self-describing, with its model card
+        shipped = json.loads((best / "student.json").read_text())
+        assert shipped["test_metrics"]["test"] == metrics["test"] and shipped["caption_source"]["name"] == "gt"
+        card = front_matter((best / "README.md").read_text())
+        assert card["pipeline_tag"] == "image-to-text" and card["architecture"] == arch
+        assert card["test_metrics"]["attribute_accuracy"] == pytest.approx(metrics["attributes"]["macro"], abs=1e-4)
+        assert (best / "encoder.safetensors").is_file()
     summary = (out / "summary.md").read_text()
     assert "constant caption (baseline)" in summary and "majority attributes (baseline)" in summary
     assert "ViT-B/16 + Transformer" in summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.students.decoders import State
+from pipeline.students.runtime import until_end
 
 
 def _repeat(state: State, k: int) -> State:
@@ -28,7 +29,7 @@ def greedy_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, 
         done |= tokens == end_id
         if done.all():
             break
-    return [_until_end(row, end_id) for row in torch.stack(out, 1).tolist()]
+    return [until_end(row, end_id) for row in torch.stack(out, 1).tolist()]
 
 
 @torch.no_grad()
@@ -63,8 +64,4 @@ def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, s
             break
     best = (scores / lengths.clamp(min=1)).argmax(-1)
     rows = history.view(batch, k, -1)[torch.arange(batch, device=device), best]
-    return [_until_end(row, end_id) for row in rows.tolist()]
-
-
-def _until_end(row: list[int], end_id: int) -> list[int]:
-    return row[: row.index(end_id)] if end_id in row else row
+    return [until_end(row, end_id) for row in rows.tolist()]

@@ -167,6 +167,11 @@ class TransformerCaptioner(nn.Module):
         return torch.log_softmax(self.out(self.norm(x[:, 0])), -1), new
 
 
+# the StudentsConfig fields build_decoder reads: a checkpoint records them (student.json "decoder") to rebuild itself
+DECODER_SETTINGS = ("embed_dim", "hidden_dim", "num_layers", "dropout", "transformer_heads", "transformer_layers",
+                    "max_length")
+
+
 def build_decoder(arch: str, feat_dim: int, vocab_size: int, cfg) -> nn.Module:
     """The decoder of a student architecture (``cfg`` is the StudentsConfig)."""
     if arch == "vgg19_gru":

@@ -18,13 +18,15 @@ import torch
 
 from pipeline.attribute_metrics import attribute_accuracy
 from pipeline import depends
+from pipeline.cards import caption_source, student_card
 from pipeline.config import Config
 from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, reset_work_dir,
                              write_manifest)
-from pipeline.students.train import FeatureFn, decode_split, load_student, train_student
+from pipeline.students.encoders import ENCODER_OF, build_encoder
+from pipeline.students.train import FeatureFn, decode_split, load_student, record_test_results, train_student
 from pipeline.students.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,12 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
                                                                    ("test", test_rows))}
     feats, encoder = decoder_inputs(arch, paths)
     s = cfg.students
-    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder)
-    model, vocab, _ = load_student(out / "best", s, encoder)
+    frozen = build_encoder(ENCODER_OF[arch], s.encoder, cfg.seed) if encoder is None else None  # the cache's
+    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder, frozen)
+    best = load_student(out / "best")
+    if encoder is not None:  # the features' fine-tuned encoder: the best checkpoint's weights, not the last epoch's
+        encoder.load_state_dict(best.encoder.state_dict())
+    model, vocab = best.decoder, best.vocab
     references = {r["image_id"]: r["caption"] for r in test_rows}
 
     def predict(features: FeatureFn) -> dict[str, str]:
@@ -98,6 +104,10 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
                                                          for k, v in predictions.items()))
     atomic_write_json(out / "curves.json", curves)
     atomic_write_json(out / "metrics.json", metrics)
+    shipped = record_test_results(out / "best", caption_source=caption_source(source_dir(rd, source), source),
+                                  test_metrics={"test": scores["test"], "attribute_accuracy": scores["attributes"],
+                                                "test_images": len(test_rows)})
+    atomic_write_text(out / "best" / "README.md", student_card(shipped, folder=out / "best"))
     figures = {k: round(v, 4) for k, v in scores["test"].items()}
     figures.update(attribute_macro=round(scores["attributes"]["macro"], 4),
                    attribute_reliance_drop=round(metrics["image_reliance"]["attribute_macro_drop"], 4))

@@ -23,6 +23,15 @@ def check_checkpoint(path: Path) -> None:
         raise TeacherError(f"teacher checkpoint {path} has no config.json: not a Hugging Face model folder")
 
 
+def finetuned_teacher(base: Path, teacher_dir: Path) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder or None) of the finetune stage's output ``teacher_dir``: the merged model when
+    it wrote one, else its LoRA adapter over the ``base`` checkpoint."""
+    merged = teacher_dir / "merged"
+    if (merged / "config.json").is_file():
+        return merged, None
+    return base, teacher_dir / "adapter"
+
+
 def load_processor(path: str | Path, padding_side: str = "right"):
     from transformers import AutoProcessor
 
