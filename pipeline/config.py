@@ -78,8 +78,8 @@ class TinyPretraining(Section):
 
     vision_epochs: StrictInt = Field(15, ge=0)
     vision_learning_rate: Rate = 3e-3
-    language_epochs: StrictInt = Field(3, ge=0)
-    language_learning_rate: Rate = 1e-3
+    language_epochs: StrictInt = Field(6, ge=0)
+    language_learning_rate: Rate = 2e-3
     batch_size: Positive = 32
 
 

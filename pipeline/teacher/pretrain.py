@@ -7,7 +7,8 @@ rendered images whose captions are in no split (``data.pretraining``):
 
 1. vision: the vision tower and the projector learn the outfit attributes from the image tokens the language model
    will see (one linear head per attribute over all of them, so where a thing is drawn matters);
-2. language: the whole model learns to answer "List the outfit attributes." with an attribute list
+2. language: the language model (the image side frozen) learns to answer "List the outfit attributes." with an
+   attribute list
    ("gender female; sleeve length long; ...") — a style unlike DeepFashion's prose, which `finetune` still has
    to learn.
 """
@@ -67,7 +68,9 @@ def _language_step(model, processor, images: Sequence[Image.Image], captions: Se
                    seed: int) -> float:
     collate = CaptionCollator(processor, max_length=1024, instruction=QUESTION)
     answers = [attribute_list(c) for c in captions]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.language_learning_rate, weight_decay=0.0)
+    # the image side keeps what the vision step taught it; the language model learns to read it
+    language = [p for n, p in model.named_parameters() if "vision_tower" not in n and "multi_modal_projector" not in n]
+    optimizer = torch.optim.AdamW(language, lr=cfg.language_learning_rate, weight_decay=0.0)
     batches = -(-len(images) // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.language_learning_rate,
                                                    total_steps=cfg.language_epochs * batches, pct_start=0.1)
@@ -81,7 +84,7 @@ def _language_step(model, processor, images: Sequence[Image.Image], captions: Se
                 loss = model(**batch).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(language, 1.0)
                 optimizer.step()
                 schedule.step()
                 bar.update()

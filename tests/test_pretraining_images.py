@@ -1,0 +1,26 @@
+"""The held-out images of the demo's pretraining stand-ins: real captions in no split, rendered once per settings."""
+
+import json
+
+from pipeline.config import SyntheticData
+from pipeline.data.synthetic import generate_held_out, load_caption_pool
+
+
+def test_held_out_images_avoid_the_dataset_and_are_rendered_once(tmp_path):
+    pool = load_caption_pool()
+    names = sorted(set(pool["train"]) | set(pool["test"]))
+    exclude = set(names[:-40])  # only 40 captions are left to choose from
+    root = tmp_path / "held-out"
+    cfg = SyntheticData(image_size=32)
+    generate_held_out(root, "pretraining", 12, cfg, seed=0, exclude=exclude, workers=1)
+    captions = json.loads((root / "captions.json").read_text())
+    assert len(captions) == 12 and not set(captions) & exclude
+    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(captions)
+    stamp = (root / "captions.json").stat().st_mtime_ns
+    generate_held_out(root, "pretraining", 12, cfg, seed=0, exclude=exclude, workers=1)
+    assert (root / "captions.json").stat().st_mtime_ns == stamp  # same settings: nothing rendered again
+    generate_held_out(root, "pretraining", 8, cfg, seed=0, exclude=exclude, workers=1)
+    assert len(json.loads((root / "captions.json").read_text())) == 8
+    other = tmp_path / "other"
+    generate_held_out(other, "unlabeled", 12, cfg, seed=0, exclude=exclude, workers=1)
+    assert json.loads((other / "captions.json").read_text()).keys() != captions.keys()  # each purpose its own draw
