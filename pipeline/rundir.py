@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from importlib import metadata
@@ -214,7 +215,9 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth (flock is per open file, not process)
+# (lock file, thread) -> nesting depth of the locks this process holds; flock is per open file, so another thread
+# opens its own and waits like another process would
+_HELD: dict[tuple[str, int], int] = {}
 
 
 def lock_file(output: str | Path, part: str = "") -> Path:
@@ -236,10 +239,10 @@ def output_lock(output: str | Path, *, part: str = "", wait: bool = False) -> It
 
     The lock is ``flock`` on :func:`lock_file` with the holder's pid and host written inside; the system drops it
     when the holder dies, so a killed run's lock is simply taken over. Held elsewhere: wait when ``wait``, otherwise
-    fail naming the holder. Nested calls in one process share the lock.
+    fail naming the holder. Nested calls in one thread share the lock.
     """
     path = lock_file(output, part)
-    key = os.path.abspath(path)
+    key = (os.path.abspath(path), threading.get_ident())
     if key in _HELD:
         _HELD[key] += 1
         try:

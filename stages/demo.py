@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pipeline.config import Config
-from stages import distill, finetune, prepare, report, students
+from pipeline.teacher.dataset import distill_dataset
+from stages import finetune, prepare, report, students
 from stages.cli import stage_main, waits
-
-log = logging.getLogger("demo")
 
 
 def with_temperature(cfg: Config, name: str, temperature: float) -> Config:
@@ -24,8 +22,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     prepare.run(cfg, args)
     finetune.run(cfg, args)
     for name, temperature in cfg.distill.temperatures.items():
-        distill.run(with_temperature(cfg, name, temperature), argparse.Namespace(force=args.force, wait=waits(args),
-                                                                                  shard=None, merge=False))
+        distill_dataset(with_temperature(cfg, name, temperature), force=args.force, wait=waits(args))
     students.run(cfg, args)
     report.run(cfg, args)
     print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}\n"

@@ -9,85 +9,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from pipeline import depends
 from pipeline.config import Config
-from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
-from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, output_lock, require_stage, reset_work_dir,
+from pipeline.data.formats import load_captions, split_rows
+from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, require_stage, reset_work_dir,
                              wait_for_work_dir, write_manifest)
+from pipeline.teacher.base import ensure_base_model, rank
 from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("finetune")
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def ensure_base_model(cfg: Config, train_captions: list[str], wait: bool = False) -> Path:
-    """Build the tiny demo teacher at ``teacher.model`` if configured and missing or built with other settings (rank
-    0 builds holding the folder's lock, other ranks wait for it). Any other checkpoint there is used as it is."""
-    from pipeline.teacher.tiny import build_tiny_llava, is_current, tiny_settings
-
-    path, tiny = cfg.teacher.model, cfg.teacher.tiny
-    if tiny is None:
-        return path
-    pretraining_root = cfg.data.pretraining.root if cfg.data.pretraining else None
-    settings = tiny_settings(tiny, cfg.seed, pretraining_root)
-    if is_current(path, settings):
-        return path
-    if rank() == 0:
-        with output_lock(path, wait=wait):
-            if not is_current(path, settings):  # not built meanwhile by a run that held the lock
-                build_tiny_llava(path, tiny, train_captions + [INSTRUCTION, "USER: ASSISTANT:"], seed=cfg.seed,
-                                 pretraining_root=pretraining_root)
-    else:
-        while not is_current(path, settings):
-            time.sleep(1)
-    return path
-
-
-def caption_quality(cfg: Config, rows: list[dict], adapter: Path | None) -> dict:
-    """Greedy captions for held-out images and their BLEU-4 / CIDEr-D against the ground truth."""
-    from pipeline.data.images import load_rgb
-    from pipeline.metrics import CaptionScorer
-    from pipeline.teacher.generate import generate_captions
-    from pipeline.teacher.loading import load_processor, load_teacher
-
-    processor = load_processor(adapter or cfg.teacher.model)
-    model = load_teacher(cfg.teacher.model, adapter, precision=cfg.teacher.precision,
-                         attn_implementation=cfg.teacher.attn_implementation, merge=True)
-    captions: dict[str, str] = {}
-    bs = cfg.teacher.train.per_device_batch_size
-    for i in range(0, len(rows), bs):
-        chunk = rows[i: i + bs]
-        images = [load_rgb(r["image_path"]) for r in chunk]
-        gens = generate_captions(model, processor, images, [r["image_id"] for r in chunk], seed=cfg.seed,
-                                 temperature=0.0, top_p=1.0,
-                                 max_new_tokens=cfg.teacher.train.eval_max_new_tokens)
-        captions.update({r["image_id"]: g.caption for r, g in zip(chunk, gens)})
-    with CaptionScorer(meteor=False) as scorer:
-        scores = scorer.score({r["image_id"]: [r["caption"]] for r in rows}, captions)
-    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"], "captions": captions}
-
-
-def merge_adapter(cfg: Config, adapter: Path, out: Path) -> None:
-    from pipeline.rundir import publish_dir
-    from pipeline.teacher.loading import load_processor, load_teacher
-
-    model = load_teacher(cfg.teacher.model, adapter, precision=cfg.teacher.precision)
-    merged = model.merge_and_unload()
-    with publish_dir(out) as tmp:
-        merged.save_pretrained(tmp)
-        load_processor(adapter).save_pretrained(tmp)
-
-
 @claims(lambda cfg, args: RunDir(cfg.run_dir).teacher if rank() == 0 else None)  # other ranks follow rank 0
 def run(cfg: Config, args: argparse.Namespace) -> Path:
+    from pipeline.teacher.loading import merge_adapter
+    from pipeline.teacher.quality import caption_quality
     from pipeline.teacher.train import finetune
 
     started = time.time()
@@ -123,7 +63,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
             "finetuned": {k: after[k] for k in ("BLEU-4", "CIDEr-D")},
         }
     if cfg.teacher.train.merge:
-        merge_adapter(cfg, out / "adapter", out / "merged")
+        merge_adapter(cfg.teacher.model, out / "adapter", out / "merged", precision=cfg.teacher.precision)
     write_manifest(out, stage="finetune", config=config, inputs=inputs, started=started, seed=cfg.seed,
                    figures=figures)
     log.info("teacher: eval loss %s -> %s; held-out generation %s", figures["first_eval_loss"],

@@ -8,7 +8,6 @@ rename, so a killed run never leaves a readable partial output.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,45 +17,13 @@ from pathlib import Path
 
 from pipeline import depends
 from pipeline.config import Config
-from pipeline.data import synthetic
 from pipeline.data.deepfashion import IMAGE_DIR, DataError, detect_layout, problems_as_dicts, read_dataset
 from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, to_hf_dataset
-from pipeline.rundir import (RunDir, atomic_write_json, foreign_entry, is_up_to_date, output_lock, publish_dir,
-                             write_manifest)
+from pipeline.data.raw import ensure_pretraining_images, ensure_raw_data
+from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, publish_dir, write_manifest
 from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("prepare")
-
-
-def ensure_raw_data(cfg: Config, wait: bool = False) -> None:
-    """Generate DeepFashion-lite into ``data.root`` when configured and the folder is missing (or empty, or one it
-    generated with other settings). Any other existing folder is the dataset, read as it is."""
-    syn, root = cfg.data.synthetic, cfg.data.root
-    if syn is None:
-        return
-    with output_lock(root, wait=wait):
-        wanted = {"dataset": "DeepFashion-lite", "seed": cfg.seed, **syn.model_dump(mode="json")}
-        if root.is_dir() and any(root.iterdir()):
-            readme = root / "README.json"
-            if foreign_entry(root) is not None or not readme.is_file():
-                log.info("reading the existing dataset at data.root %s (data.synthetic generates only into a "
-                         "missing folder)", root)
-                return
-            have = json.loads(readme.read_text())
-            if {k: have.get(k) for k in wanted} == wanted:
-                return
-            log.info("DeepFashion-lite settings changed; regenerating %s", root)
-        synthetic.generate(root, syn, cfg.seed, workers=cfg.data.workers)
-
-
-def ensure_pretraining_images(cfg: Config, wait: bool = False) -> None:
-    """Render the pretraining stand-ins' images (captions in no split of ``data.root``) when configured."""
-    pre = cfg.data.pretraining
-    if pre is None:
-        return
-    with output_lock(pre.root, wait=wait):
-        synthetic.generate_held_out(pre.root, "pretraining", pre.images, cfg.data.synthetic, cfg.seed,
-                                    synthetic.dataset_names(cfg.data.root), workers=cfg.data.workers)
 
 
 @claims(lambda cfg, args: RunDir(cfg.run_dir).data)

@@ -34,7 +34,6 @@ log = logging.getLogger("report")
 
 
 @claims(lambda cfg, args: RunDir(cfg.run_dir).report)
-@claims(lambda cfg, args: RunDir(cfg.run_dir).report)
 def run(cfg: Config, args: argparse.Namespace) -> Path:
     started = time.time()
     rd = RunDir(cfg.run_dir)

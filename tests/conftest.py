@@ -73,7 +73,8 @@ def teacher_world(tmp_path_factory):
 
     from pipeline.config import load_config
     from pipeline.data.formats import load_captions, split_rows
-    from stages import finetune, prepare
+    from pipeline.teacher.base import ensure_base_model
+    from stages import prepare
 
     base = tmp_path_factory.mktemp("teacher_world")
 
@@ -98,5 +99,5 @@ def teacher_world(tmp_path_factory):
 
     cfg = load_config(make("_base"))
     data = load_captions(cfg.run_dir / "data" / "captions")
-    finetune.ensure_base_model(cfg, [r["caption"] for r in split_rows(data, "train")])
+    ensure_base_model(cfg, [r["caption"] for r in split_rows(data, "train")])
     return make

@@ -14,8 +14,9 @@ from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import OutputInUseError, StageInputError, read_manifest
-from pipeline.teacher.distill import read_generations
-from stages import caption, distill, finetune
+from pipeline.teacher.dataset import distill_dataset
+from pipeline.teacher.distill import parse_shard, read_generations
+from stages import caption, finetune
 
 FAST_TEACHER = {"train": {"epochs": 1, "eval_generation_samples": 0}}
 
@@ -35,7 +36,7 @@ def _dataset(cfg, name):
 
 def _distill(path, *overrides, force=True, shard=None, merge=False):
     cfg = load_config(path, list(overrides))
-    distill.run(cfg, Namespace(force=force, shard=shard, merge=merge))
+    distill_dataset(cfg, shard=parse_shard(shard), merge=merge, force=force)
     return cfg
 
 
@@ -176,10 +177,10 @@ def test_each_shard_has_its_own_lock(make_config):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputInUseError, match=rf"^{out} \(shard-0-of-2\) is in use by process {holder.pid} "):
-            distill.run(cfg, Namespace(force=False, shard="0/2", merge=False))
-        for shard, merge in (("1/2", False), (None, True), (None, False)):  # other shards, the merge, unsharded
+            distill_dataset(cfg, shard=(0, 2))
+        for shard, merge in (((1, 2), False), ((0, 2), True), ((0, 1), False)):  # another shard, merge, unsharded
             with pytest.raises(StageInputError, match="run the 'prepare' stage first"):  # past the lock
-                distill.run(cfg, Namespace(force=False, shard=shard, merge=merge))
+                distill_dataset(cfg, shard=shard, merge=merge)
     finally:
         holder.kill()
         holder.wait()

@@ -8,12 +8,9 @@ or any image computes a new cache instead of reusing a stale one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import EncoderSettings, StudentsConfig
 from pipeline.data.images import load_rgb
-from pipeline.rundir import atomic_write_bytes
+from pipeline.rundir import atomic_write_bytes, output_lock
 from pipeline.students.encoders import ENCODER_OF, build_encoder, image_transform, weights_file
 
 log = logging.getLogger(__name__)
@@ -70,19 +67,6 @@ def compute_features(encoder: torch.nn.Module, paths: list[str], image_size: int
     return torch.cat(chunks)
 
 
-@contextlib.contextmanager
-def exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file`` (an flock: the system releases it when the holder dies)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish %s", lock_file.with_suffix("").name)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed: int, paths: list[str],
                     batch_size: int = 64, num_workers: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
     """Features of ``paths`` (one row per path, float32) and the path -> row index; computed once then reused.
@@ -96,7 +80,7 @@ def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed:
     file = folder / f"{encoder}-{key}.safetensors"
     index = {p: i for i, p in enumerate(paths)}
     if not file.is_file():
-        with exclusive(file.with_suffix(".lock")):
+        with output_lock(file, wait=True):
             if not file.is_file():  # not written by another process while this one waited
                 log.info("computing %s features for %d images -> %s", encoder, len(paths), file.name)
                 feats = compute_features(build_encoder(encoder, settings, seed), paths, settings.image_size,
@@ -170,7 +154,7 @@ class DecoderInputs:
         if self.cfg.encoder.stand_in is not None:
             from pipeline.students.standin import ensure_stand_in
 
-            with exclusive(weights_file(encoder, self.cfg.encoder).with_suffix(".lock")):
+            with output_lock(weights_file(encoder, self.cfg.encoder), wait=True):
                 ensure_stand_in(encoder, self.cfg.encoder, self.seed, self.pretraining_root)
 
     def table(self, encoder: str) -> tuple[torch.Tensor, dict[str, int]]:

@@ -15,12 +15,44 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
+from pipeline.config import Config
 from pipeline.data.images import load_rgb
+from pipeline.errors import PipelineError
 from pipeline.teacher.generate import generate_captions
+from pipeline.teacher.loading import load_processor, load_teacher
 
 log = logging.getLogger(__name__)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``(i, n)`` of ``--shard i/n``; without it the Slurm array task's, else ``(0, 1)``."""
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" in os.environ:
+            return int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise PipelineError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise PipelineError(f"--shard {text}: i must be in [0, {n})")
+    return i, n
+
+
+def shard_file(out: Path, i: int, n: int) -> Path:
+    """The generation JSONL of shard ``i`` of ``n`` in ``out``."""
+    return out / ("generations.jsonl" if n == 1 else f"generations.shard-{i}-of-{n}.jsonl")
+
+
+def shard_count(out: Path) -> int:
+    """How many shards the generation files in ``out`` were written for (1 when unsharded)."""
+    counts = {int(p.name.rsplit("-of-", 1)[1].split(".")[0]) for p in out.glob("generations.shard-*-of-*.jsonl")}
+    if len(counts) > 1:
+        raise PipelineError(f"{out}: generation shards for different shard counts {sorted(counts)}; rerun with --force")
+    return counts.pop() if counts else 1
 
 
 def shard_rows(rows: list[dict[str, Any]], index: int, count: int) -> list[dict[str, Any]]:
@@ -87,3 +119,16 @@ def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, 
             bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - started):.1f}")
     seconds = time.perf_counter() - started
     return {"generated": n, "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 3) if n else None}
+
+
+def generate_shard(cfg: Config, rows: list[dict[str, Any]], out: Path, *, shard: tuple[int, int], model_dir: Path,
+                   adapter: Path | None) -> dict[str, float]:
+    """Caption shard ``(i, n)`` of ``rows`` with the teacher into its JSONL in ``out`` (resuming); its throughput."""
+    d = cfg.distill
+    processor = load_processor(adapter or model_dir)
+    model = load_teacher(model_dir, adapter, precision=cfg.teacher.precision,
+                         attn_implementation=cfg.teacher.attn_implementation,
+                         device_map="auto" if torch.cuda.is_available() else None, merge=True)
+    return generate_to_jsonl(model, processor, shard_rows(rows, *shard), shard_file(out, *shard), seed=cfg.seed,
+                             temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens,
+                             batch_size=d.batch_size, desc=f"distill {d.dataset_name} T={d.temperature}")

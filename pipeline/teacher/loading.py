@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import publish_dir
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -84,3 +85,13 @@ def load_teacher(base: str | Path, adapter: str | Path | None = None, *, precisi
         if merge:
             model = model.merge_and_unload()
     return model.eval()
+
+
+def merge_adapter(base: Path, adapter: Path, out: Path, *, precision: str) -> None:
+    """Publish ``base`` with the LoRA ``adapter`` folded in, and the adapter's processor, as the model folder ``out``
+    (llava-hf layout)."""
+    model = load_teacher(base, adapter, precision=precision)
+    merged = model.merge_and_unload()
+    with publish_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        load_processor(adapter).save_pretrained(tmp)
