@@ -16,8 +16,15 @@ from pathlib import Path
 from pipeline import depends
 from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
-from pipeline.rundir import (RunDir, atomic_write_json, is_up_to_date, require_stage, reset_work_dir,
-                             wait_for_work_dir, write_manifest)
+from pipeline.rundir import (
+    RunDir,
+    atomic_write_json,
+    is_up_to_date,
+    require_stage,
+    reset_work_dir,
+    wait_for_work_dir,
+    write_manifest,
+)
 from pipeline.teacher.base import ensure_base_model, rank
 from stages.cli import claims, stage_main, waits
 

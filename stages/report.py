@@ -16,18 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.attribute_metrics import ATTRIBUTES
 from pipeline import depends
+from pipeline.attribute_metrics import ATTRIBUTES
 from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
+from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.plots import plot_attribute_heatmap, plot_curves, plot_length_histograms, plot_metric_bars
-from pipeline.reporting import (TEACHER_COLUMNS, csv_text, gallery_html, gallery_samples, results_markdown,
-                                teacher_rows)
+from pipeline.reporting import TEACHER_COLUMNS, csv_text, gallery_html, gallery_samples, results_markdown, teacher_rows
 from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
 from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
-from pipeline.depends import source_dir
 from stages.cli import claims, stage_main
 
 log = logging.getLogger("report")

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
+from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
 from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, source_baselines
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, claim_output, require_stage
-from pipeline.depends import source_dir
 from pipeline.students.experiment import SPLITS, run_experiment, student_dir
 from stages.cli import stage_main, waits
 

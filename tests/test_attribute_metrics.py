@@ -8,8 +8,15 @@ from argparse import Namespace
 import pytest
 import torch
 
-from pipeline.attribute_metrics import (ABSENT, ATTRIBUTES, attribute_accuracy, caption_labels, caption_marks,
-                                        majority_baseline, majority_values)
+from pipeline.attribute_metrics import (
+    ABSENT,
+    ATTRIBUTES,
+    attribute_accuracy,
+    caption_labels,
+    caption_marks,
+    majority_baseline,
+    majority_values,
+)
 from pipeline.data.synthetic import load_caption_pool
 from pipeline.predictions import PredictionsError, read_predictions
 
@@ -126,6 +133,7 @@ def test_image_reliance_drops_only_for_a_student_that_reads_the_image(tmp_path, 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from conftest import write_config
+
     from pipeline.config import load_config
     from pipeline.data.formats import load_captions, split_rows
     from stages import prepare

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_stage, write_config
 from PIL import Image
 
-from conftest import ROOT, run_stage, write_config
 from pipeline.caption import caption_files, find_images, read_image
 from pipeline.config import EncoderSettings, StudentsConfig
 from pipeline.data.images import load_rgb
@@ -24,8 +24,7 @@ from pipeline.students.decoders import build_decoder
 from pipeline.students.encoders import ENCODER_OF, build_encoder, image_transform
 from pipeline.students.features import decoder_input
 from pipeline.students.runtime import to_pixels
-from pipeline.students.train import (Student, describe_student, load_decoder, load_student, save_student,
-                                     train_student)
+from pipeline.students.train import Student, describe_student, load_decoder, load_student, save_student, train_student
 from pipeline.students.vocab import Vocabulary
 
 ARCHS = ("vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer")

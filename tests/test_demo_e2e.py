@@ -6,9 +6,9 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import run_stage
 from PIL import Image
 
-from conftest import run_stage
 from pipeline.config import load_config
 from pipeline.rundir import read_manifest
 

@@ -7,8 +7,8 @@ import time
 from argparse import Namespace
 
 import pytest
-
 from conftest import ROOT, run_stage
+
 from pipeline.cards import front_matter
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows

@@ -7,10 +7,11 @@ import json
 from argparse import Namespace
 
 import pytest
-
 from conftest import write_config
+
 from pipeline.config import load_config
-from stages import distill, finetune, prepare, students
+from pipeline.teacher.dataset import distill_dataset
+from stages import finetune, prepare, students
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def run(tmp_path_factory):
     args = Namespace(force=False)
     for stage in (prepare, finetune):
         stage.run(cfg, args)
-    distill.run(cfg, Namespace(force=False, shard=None, merge=False))
+    distill_dataset(cfg)
     students.run(cfg, args)
     return cfg
 

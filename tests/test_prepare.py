@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_stage
 from PIL import Image
 
-from conftest import ROOT, run_stage
 from pipeline.config import load_config
 from pipeline.data.deepfashion import DataError, item_group
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
@@ -41,7 +41,8 @@ def test_prepare_on_deepfashion_lite(make_config):
     assert all(Path(p).is_file() for p in list(ds["test"]["image_path"]))
     # no garment item on both sides of the train/test boundary
     test_items = {item_group(Path(p).name) for p in list(ds["test"]["image_path"])}
-    assert not test_items & {item_group(Path(p).name) for p in list(ds["train"]["image_path"]) + list(ds["val"]["image_path"])}
+    seen = list(ds["train"]["image_path"]) + list(ds["val"]["image_path"])
+    assert not test_items & {item_group(Path(p).name) for p in seen}
 
     llava = json.loads((out / "llava_train.json").read_text())
     assert len(llava) == counts["train"]

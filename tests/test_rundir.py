@@ -8,11 +8,24 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
-from pipeline.rundir import (OWNER_FILE, WORK_STAMP, ForeignDataError, OutputInUseError, StageInputError,
-                             atomic_write_json, is_up_to_date, lock_file, output_lock, publish_dir, read_manifest,
-                             require_stage, reset_work_dir, write_manifest)
+
+from pipeline.rundir import (
+    OWNER_FILE,
+    WORK_STAMP,
+    ForeignDataError,
+    OutputInUseError,
+    StageInputError,
+    atomic_write_json,
+    is_up_to_date,
+    lock_file,
+    output_lock,
+    publish_dir,
+    read_manifest,
+    require_stage,
+    reset_work_dir,
+    write_manifest,
+)
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -7,13 +7,13 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, run_stage, write_config
+from test_demo_e2e import TINY
+
 from pipeline import depends
 from pipeline.cluster.slurm import Job, job_states, plan_chain
 from pipeline.config import load_config
 from pipeline.rundir import RunDir, read_manifest, write_manifest
-from test_demo_e2e import TINY
 
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"}
 

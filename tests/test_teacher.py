@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from pipeline.config import load_config
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.images import load_rgb
@@ -47,7 +47,8 @@ def test_collator_masks_everything_but_the_answer(teacher_world):
         answer = tok(" " + row["caption"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         n = prompt_len + len(answer)
         assert (labels[:prompt_len] == IGNORE_INDEX).all()  # prompt and image tokens
-        assert (ids[:prompt_len] == image_id).sum() == cfg.teacher.tiny.image_size ** 2 // cfg.teacher.tiny.patch_size ** 2
+        tiny = cfg.teacher.tiny
+        assert (ids[:prompt_len] == image_id).sum() == tiny.image_size ** 2 // tiny.patch_size ** 2
         assert labels[prompt_len:n].tolist() == answer  # caption tokens + EOS
         assert (labels[n:] == IGNORE_INDEX).all() and (mask[n:] == 0).all() and (mask[:n] == 1).all()
         assert (labels[ids == image_id] == IGNORE_INDEX).all()

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attribute_metrics import attribute_accuracy
 from pipeline import depends
+from pipeline.attribute_metrics import attribute_accuracy
 from pipeline.cards import caption_source, student_card
 from pipeline.config import Config
 from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, is_up_to_date, reset_work_dir,
-                             write_manifest)
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, is_up_to_date, reset_work_dir, write_manifest
 from pipeline.students.encoders import ENCODER_OF, build_encoder
 from pipeline.students.train import FeatureFn, decode_split, load_student, record_test_results, train_student
 from pipeline.students.vocab import Vocabulary

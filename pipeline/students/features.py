@@ -33,9 +33,9 @@ def compute_device() -> torch.device:
 def cache_key(encoder: str, settings: EncoderSettings, seed: int, image_paths: list[str]) -> str:
     h = hashlib.sha256()
     weights = weights_file(encoder, settings) if settings.pretrained else None
+    stat = weights.stat() if weights and weights.is_file() else None
     meta = {"encoder": encoder, "settings": settings.model_dump(mode="json", exclude={"finetune"}), "seed": seed,
-            "weights": [str(weights), weights.stat().st_size, weights.stat().st_mtime_ns] if weights and weights.is_file()
-            else None}
+            "weights": [str(weights), stat.st_size, stat.st_mtime_ns] if stat else None}
     h.update(json.dumps(meta, sort_keys=True).encode())
     for p in image_paths:
         st = Path(p).stat()

@@ -22,8 +22,17 @@ from pipeline.data.diagnostics import caption_diagnostics
 from pipeline.data.formats import load_captions, split_rows, to_hf_dataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import (RunDir, atomic_write_json, atomic_write_text, claim_output, is_stale_work, is_up_to_date,
-                             publish_dir, reset_work_dir, write_manifest)
+from pipeline.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output,
+    is_stale_work,
+    is_up_to_date,
+    publish_dir,
+    reset_work_dir,
+    write_manifest,
+)
 from pipeline.teacher.distill import generate_shard, read_generations, shard_count, shard_file
 from pipeline.teacher.loading import finetuned_teacher
 

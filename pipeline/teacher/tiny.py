@@ -80,8 +80,14 @@ def build_tiny_llava(out_dir: str | Path, cfg: TinyTeacher, texts: list[str], se
     """Write a tiny LlavaForConditionalGeneration + processor to ``out_dir`` (atomically): randomly initialised, then
     pretrained on the images at ``pretraining_root`` when ``cfg.pretrain`` is set (see pipeline.teacher.pretrain)."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     settings = tiny_settings(cfg, seed, pretraining_root)
     pretraining = None
