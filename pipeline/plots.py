@@ -97,9 +97,10 @@ def plot_speed_quality(records: Sequence[dict], batch_size: int, path: Path) -> 
     """Attribute accuracy and CIDEr-D against CPU images/s at ``batch_size`` (log x) for the records of
     :func:`pipeline.reporting.speed_records`: one point per model and runtime (PyTorch a circle, onnxruntime a
     square, joined by a line), the teacher a black star; the legend names the models by colour."""
-    from matplotlib.lines import Line2D
-
     plt = _figure()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatter
+
     markers = {"torch": "o", "onnx": "s"}
     colours = plt.get_cmap("tab20").colors
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
@@ -122,6 +123,8 @@ def plot_speed_quality(records: Sequence[dict], batch_size: int, path: Path) -> 
         ax.set(xscale="log", xlabel=f"CPU images/s at batch {batch_size} (log scale)", ylabel=metric,
                title=f"{metric} on the test split vs throughput")
         ax.margins(x=0.15, y=0.15)
+        ax.xaxis.set_major_formatter(LogFormatter())  # plain numbers: 20, 30, 50 rather than 2x10^1
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     fig.legend(handles=handles, fontsize=8, loc="outside right center")
     fig.savefig(path, dpi=110)
     plt.close(fig)
