@@ -84,8 +84,9 @@ status: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# make bench [BENCH_ARGS="--only speed --speed-images 64"]: the speed section times the run CONFIG names
 bench: $(STAMP)
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) scripts/bench.py --config $(CONFIG) $(BENCH_ARGS) $(ARGS)
 
 clean:
 	rm -rf runs/demo

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
 from tqdm import tqdm
@@ -26,6 +26,9 @@ from pipeline.data.images import ImageError, load_rgb
 from pipeline.errors import PipelineError
 from pipeline.rundir import atomic_write_text
 from pipeline.students.runtime import Captioner, read_student_json
+
+if TYPE_CHECKING:
+    from pipeline.teacher.generate import TeacherCaptioner
 
 log = logging.getLogger(__name__)
 Runtime = Literal["torch", "onnx"]
@@ -134,9 +137,9 @@ def student_captioner(folder: Path, *, runtime: Runtime) -> tuple[Captioner, int
 
 
 def teacher_captioner(*, base: Path, teacher_dir: Path, precision: str, attn_implementation: str,
-                      max_new_tokens: int) -> Captioner:
+                      max_new_tokens: int, cpu: bool = False) -> TeacherCaptioner:
     """The run's fine-tuned teacher (``teacher_dir``: the finetune stage's output over the ``base`` checkpoint),
-    captioning greedily."""
+    captioning greedily; on the GPU where there is one, unless ``cpu``."""
     import torch
 
     from pipeline.rundir import require_stage
@@ -146,5 +149,5 @@ def teacher_captioner(*, base: Path, teacher_dir: Path, precision: str, attn_imp
     require_stage(teacher_dir, "finetune")
     model_dir, adapter = finetuned_teacher(base, teacher_dir)
     model = load_teacher(model_dir, adapter, precision=precision, attn_implementation=attn_implementation,
-                         device_map="auto" if torch.cuda.is_available() else None, merge=True)
+                         device_map="auto" if torch.cuda.is_available() and not cpu else None, merge=True)
     return TeacherCaptioner(model, load_processor(adapter or model_dir), max_new_tokens=max_new_tokens)

@@ -15,6 +15,7 @@ from pipeline.config import Config, config_slice
 from pipeline.data.deepfashion import IMAGE_DIR, detect_layout
 from pipeline.data.formats import INSTRUCTION
 from pipeline.rundir import RunDir, fingerprint_tree, read_manifest, require_stage, sha256_file
+from pipeline.speed import SPEED_FILE
 
 Depends = tuple[dict[str, Any], dict[str, str]]
 STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
@@ -69,7 +70,8 @@ def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
 
 
 def report(cfg: Config, rd: RunDir) -> Depends:
-    """`report`: the seed and report section; every finished student and distilled dataset of the run."""
+    """`report`: the seed and report section; every finished student and distilled dataset of the run, and its
+    timings (``speed/speed.json``) when `make bench` wrote them."""
     inputs = {}
     for folder in sorted(rd.students.glob("*__*")):
         manifest = read_manifest(folder)
@@ -77,4 +79,6 @@ def report(cfg: Config, rd: RunDir) -> Depends:
             inputs[folder.name] = manifest["fingerprint"]
     inputs.update({f"distill/{n}": require_stage(rd.distill(n), "distill")["fingerprint"]
                    for n in rd.distilled_sources()})
+    if (rd.speed / SPEED_FILE).is_file():
+        inputs["speed"] = sha256_file(rd.speed / SPEED_FILE)
     return {"seed": cfg.seed, "report": config_slice(cfg, "report")["report"]}, inputs

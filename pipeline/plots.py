@@ -1,5 +1,5 @@
-"""The report's plots (PNG, matplotlib's Agg backend): metric bars, training curves, caption lengths and the
-students x attributes heat map."""
+"""The report's plots (PNG, matplotlib's Agg backend): metric bars, training curves, caption lengths, the
+students x attributes heat map and quality against CPU throughput."""
 
 from __future__ import annotations
 
@@ -89,5 +89,42 @@ def plot_attribute_heatmap(labels: Sequence[str], values: Sequence[Sequence[floa
             ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
     ax.set_title("attribute accuracy on the ground-truth test split (%)")
     fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_speed_quality(records: Sequence[dict], batch_size: int, path: Path) -> None:
+    """Attribute accuracy and CIDEr-D against CPU images/s at ``batch_size`` (log x) for the records of
+    :func:`pipeline.reporting.speed_records`: one point per model and runtime (PyTorch a circle, onnxruntime a
+    square, joined by a line), the teacher a black star; the legend names the models by colour."""
+    plt = _figure()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatter
+
+    markers = {"torch": "o", "onnx": "s"}
+    colours = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    handles = [Line2D([], [], color="grey", marker=markers["torch"], ls="", label="PyTorch"),
+               Line2D([], [], color="grey", marker=markers["onnx"], ls="", label="onnxruntime")]
+    for i, r in enumerate(records):
+        colour = "black" if r["teacher"] else colours[i % len(colours)]
+        label = r["label"] if r["teacher"] else f"{SHORT_NAMES.get(r['arch'], r['arch'])} ← {r['source']}"
+        handles.append(Line2D([], [], color=colour, marker="*" if r["teacher"] else "o", ms=10 if r["teacher"] else 6,
+                              label=label.replace("\n", " ")))
+        points = sorted((rates[str(batch_size)], runtime) for runtime, rates in r["images_per_s"].items())
+        for ax, metric in zip(axes, ("attributes", "CIDEr-D")):
+            if r[metric] is None:
+                continue
+            ax.plot([x for x, _ in points], [r[metric]] * len(points), color=colour, lw=0.8)
+            for x, runtime in points:
+                ax.scatter(x, r[metric], color=colour, marker="*" if r["teacher"] else markers[runtime],
+                           s=180 if r["teacher"] else 40, zorder=3)
+    for ax, metric in zip(axes, ("attribute accuracy", "CIDEr-D")):
+        ax.set(xscale="log", xlabel=f"CPU images/s at batch {batch_size} (log scale)", ylabel=metric,
+               title=f"{metric} on the test split vs throughput")
+        ax.margins(x=0.15, y=0.15)
+        ax.xaxis.set_major_formatter(LogFormatter())  # plain numbers: 20, 30, 50 rather than 2x10^1
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+    fig.legend(handles=handles, fontsize=8, loc="outside right center")
     fig.savefig(path, dpi=110)
     plt.close(fig)

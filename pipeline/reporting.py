@@ -1,5 +1,6 @@
-"""The report's text: results tables (markdown + CSV), the teacher datasets' table and the sample gallery (one
-self-contained HTML page whose captions carry their attribute marks)."""
+"""The report's text: results tables (markdown + CSV), the teacher datasets' table, what distillation buys (the
+teacher and the students' size, CPU throughput and quality side by side, from `make bench`'s ``speed.json``) and
+the sample gallery (one self-contained HTML page whose captions carry their attribute marks)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import io
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.attribute_metrics import ATTRIBUTES, caption_marks
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.results import ARCH_NAMES, CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
 from pipeline.rundir import RunDir
+from pipeline.speed import read_speed
 
 TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 length", "vocabulary", "distinct-1",
                    "distinct-2", "BLEU-4 vs GT", "CIDEr-D vs GT", "attributes vs GT", "teacher test BLEU-4",
                    "teacher test CIDEr-D", "teacher test attributes")
 MARK_COLOURS = {"right": "#d8f0d8", "wrong": "#f6d0d0", "missed": "#fbe7c2"}
+RUNTIME_NAMES = {"torch": "PyTorch", "onnx": "onnxruntime"}
 
 
 def _fmt(value: Any) -> str:
@@ -71,8 +75,125 @@ def _attribute_table(results: Sequence[dict], baselines: dict[str, dict]) -> str
     return markdown_table(header, rows)
 
 
-def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list]) -> str:
-    """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets."""
+@dataclass
+class SpeedReport:
+    """What distillation buys: one record per timed model (:func:`speed_records`), the batch size the sentence and
+    the plot compare at (the largest timed) and the results.md section."""
+
+    records: list[dict]
+    batch_size: int
+    markdown: str
+
+
+def reference_teacher(rd: RunDir) -> dict | None:
+    """The teacher's test-split quality from its most precise captions (the distilled dataset of the lowest
+    temperature): ``dataset``, ``temperature``, ``attributes`` (macro accuracy), ``CIDEr-D``; None without one."""
+    found = []
+    for name in rd.distilled_sources():
+        meta = json.loads((rd.distill(name) / "meta.json").read_text())
+        test = json.loads((rd.distill(name) / "diagnostics.json").read_text())["teacher_on_test"]
+        found.append({"dataset": name, "temperature": meta["temperature"],
+                      "attributes": test["attributes"]["macro"], "CIDEr-D": test["CIDEr-D"]})
+    return min(found, key=lambda t: t["temperature"], default=None)
+
+
+def _timing(m: dict) -> dict:
+    return {"parameters": m["parameters"], "disk_bytes": m["disk_bytes"], "onnx_bytes": m.get("onnx_bytes"),
+            "images_per_s": m["images_per_s"]}
+
+
+def speed_records(speed: dict, results: Sequence[dict], teacher: dict | None) -> list[dict]:
+    """The timed models of ``speed`` (``speed.json``) with their quality, the teacher first, then the students in
+    ``results``' order: each student's test attribute accuracy and CIDEr-D from its ``results`` entry, the teacher's
+    from ``teacher`` (:func:`reference_teacher`). Each record: ``label``, ``teacher`` (bool), ``arch`` and ``source``
+    (students), ``dataset`` (the teacher's), ``parameters``, ``disk_bytes``, ``onnx_bytes``, ``images_per_s``,
+    ``attributes``, ``CIDEr-D`` (None where unknown)."""
+    timed = {m["name"]: m for m in speed["models"]}
+    records = []
+    if "teacher" in timed:
+        quality = teacher or {}
+        label = f"teacher ({quality['dataset']} captions, T={quality['temperature']})" if quality else "teacher"
+        records.append({"label": label, "teacher": True, "arch": None, "source": None,
+                        "dataset": quality.get("dataset"), "attributes": quality.get("attributes"),
+                        "CIDEr-D": quality.get("CIDEr-D"), **_timing(timed["teacher"])})
+    for r in results:
+        if r["folder"].name in timed:
+            records.append({"label": ARCH_NAMES.get(r["arch"], r["arch"]), "teacher": False, "arch": r["arch"],
+                            "source": r["source"], "dataset": None, "attributes": r.get("attributes", {}).get("macro"),
+                            "CIDEr-D": r["test"].get("CIDEr-D"), **_timing(timed[r["folder"].name])})
+    return records
+
+
+def fastest(record: dict, batch_size: int) -> tuple[float, str]:
+    """(images/s, runtime) of ``record``'s fastest runtime at ``batch_size``."""
+    return max((rates[str(batch_size)], runtime) for runtime, rates in record["images_per_s"].items())
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def speed_table(records: Sequence[dict], batch_sizes: Sequence[int]) -> str:
+    """Markdown: each model's parameters, size on disk, images/s per runtime and batch size, and quality."""
+    columns = [(runtime, b) for runtime in RUNTIME_NAMES for b in batch_sizes]
+    header = ["model", "trained on", "parameters", "disk MB (PyTorch)", "disk MB (ONNX)",
+              *(f"{RUNTIME_NAMES[runtime]} img/s, batch {b}" for runtime, b in columns), "attributes", "CIDEr-D"]
+    rows = [[r["label"], r["source"] or "—", _count(r["parameters"]), f"{r['disk_bytes'] / 1e6:.2f}",
+             "—" if r["onnx_bytes"] is None else f"{r['onnx_bytes'] / 1e6:.2f}",
+             *(_rate(r["images_per_s"].get(runtime, {}).get(str(b))) for runtime, b in columns),
+             r["attributes"], r["CIDEr-D"]] for r in records]
+    return markdown_table(header, rows)
+
+
+def speed_sentence(records: Sequence[dict], batch_size: int, threads: int) -> str | None:
+    """The best student by attribute accuracy against the teacher, in one sentence: its throughput as a multiple of
+    the teacher's and its attribute accuracy as a share of the teacher's; None without both figures."""
+    teacher = next((r for r in records if r["teacher"] and r["attributes"]), None)
+    students = [r for r in records if not r["teacher"] and r["attributes"] is not None]
+    if teacher is None or not students:
+        return None
+    best = max(students, key=lambda r: (r["attributes"], fastest(r, batch_size)[0]))
+    rate, runtime = fastest(best, batch_size)
+    teacher_rate, _ = fastest(teacher, batch_size)
+    ratio = rate / teacher_rate
+    source = "ground-truth" if best["source"] == "gt" else best["source"]
+    return (f"{best['label']} trained on {source} captions: {ratio:.{0 if ratio >= 10 else 1}f}× the teacher's "
+            f"throughput at {100 * best['attributes'] / teacher['attributes']:.0f}% of its attribute accuracy "
+            f"({_rate(rate)} vs {_rate(teacher_rate)} images/s on {threads} CPU thread{'s' * (threads > 1)}, batch "
+            f"{batch_size}, {RUNTIME_NAMES[runtime]}; attribute accuracy {best['attributes']:.3f} vs the teacher's "
+            f"{teacher['attributes']:.3f} on its {teacher['dataset']} captions).")
+
+
+def speed_report(rd: RunDir, results: Sequence[dict]) -> SpeedReport | None:
+    """What distillation buys, from the run's ``speed.json``; None when `make bench` has not timed the run."""
+    speed = read_speed(rd)
+    if speed is None:
+        return None
+    records = speed_records(speed, results, reference_teacher(rd))
+    batch_size = max(speed["batch_sizes"])
+    parts = ["\n## What distillation buys\n",
+             f"Size, CPU throughput and quality of the teacher and each student. Throughput: {speed['images']} test "
+             f"images captioned per runtime and batch size on {speed['threads']} CPU thread(s), the median of "
+             f"{speed['repeats']} timed passes (`make bench BENCH_ARGS=\"--only speed\"`, {speed['measured_at']}); "
+             "the teacher greedy, the students with their beam size. Quality on the ground-truth test split; the "
+             "teacher's from its most precise distilled captions. Plot: `speed_quality.png`.\n",
+             speed_table(records, speed["batch_sizes"])]
+    sentence = speed_sentence(records, batch_size, speed["threads"])
+    if sentence:
+        parts.append(f"\n**{sentence}**\n")
+    if speed["stale"]:
+        parts.append(f"\nNot shown, retrained since they were timed: {', '.join(speed['stale'])}.\n")
+    return SpeedReport(records, batch_size, "\n".join(parts))
+
+
+def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list],
+                     speed: SpeedReport | None = None) -> str:
+    """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets and,
+    when the run was timed, what distillation buys."""
     gt = [r for r in results if r["source"] == "gt"]
     distilled = [r for r in results if r["source"] != "gt"]
     parts = ["# Results\n",
@@ -90,6 +211,8 @@ def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teache
     parts += ["\n## Attribute accuracy per attribute\n", _attribute_table(results, baselines)]
     if teacher:
         parts += ["\n## Teacher datasets\n", markdown_table(TEACHER_COLUMNS, teacher)]
+    if speed:
+        parts.append(speed.markdown)
     parts += [f"\n`{CONSTANT}`: the most frequent training caption for every test image. `{MAJORITY}`: every "
               "attribute answered with its most frequent value in the source's training captions.\n",
               "Plots: `metrics.png`, `attributes.png`, `curves.png`, `caption_lengths.png`. Samples: "

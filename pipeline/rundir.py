@@ -83,9 +83,14 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report"
 
+    @property
+    def speed(self) -> Path:
+        """Where `make bench BENCH_ARGS="--only speed"` writes the run's timings (:mod:`pipeline.speed`)."""
+        return self.root / "speed"
+
     def output_folders(self) -> tuple[Path, ...]:
         """The folders stages replace as a whole or in parts."""
-        return self.data, self.teacher, self.root / "distill", self.students, self.report
+        return self.data, self.teacher, self.root / "distill", self.students, self.report, self.speed
 
 
 def _umask() -> int:

@@ -6,13 +6,18 @@ Sections (``--only name,name``):
   generation throughput as a ratio (on a GPU also a 13B-shaped random LLaVA: samples/s, memory, MFU);
 - students: training captions/s with the feature cache + batching vs the seed's way (batch 1, encoder run every
   step) on the same model and data, as a ratio;
-- metrics: time to score 2,538 test captions with BLEU, METEOR, ROUGE-L and CIDEr-D.
+- metrics: time to score 2,538 test captions with BLEU, METEOR, ROUGE-L and CIDEr-D;
+- speed: what distillation buys, on a finished run (``--config``, ``key=value`` overrides): the fine-tuned teacher
+  and every student captioning the same test images on the CPU at each ``--speed-batch-sizes`` (PyTorch, and
+  onnxruntime for students, exported first where needed), with parameters and size on disk; written to
+  ``<run_dir>/speed/speed.json``, which `make report` turns into a table, ``speed_quality.png`` and one sentence.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -25,14 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.cpus import cpu_share  # noqa: E402
 from pipeline.data.synthetic import load_caption_pool  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.speed import SpeedSettings, require_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES: dict[str, Callable[[Path], dict]] = {}
+BENCHES: dict[str, Callable[..., dict]] = {}
 
 
-def bench(fn: Callable[[Path], dict]) -> Callable[[Path], dict]:
+def bench(fn: Callable[..., dict]) -> Callable[..., dict]:
     BENCHES[fn.__name__.removeprefix("bench_")] = fn
     return fn
 
@@ -279,15 +288,62 @@ def bench_metrics(work: Path) -> dict:
             "target": "< 10 s on 2 cores"}
 
 
+@bench
+def bench_speed(work: Path, *, cfg: Config, settings: SpeedSettings) -> dict:
+    """The teacher and every student of the run ``cfg`` names, timed side by side (:mod:`pipeline.speed`)."""
+    from pipeline.speed import measure_run, write_speed
+
+    for name in ("onnxscript", "onnx_ir"):  # the ONNX exporter's pass-by-pass INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    rd = RunDir(cfg.run_dir)
+    speed = measure_run(rd, settings, base=cfg.teacher.model, precision=cfg.teacher.precision,
+                        attn_implementation=cfg.teacher.attn_implementation,
+                        max_new_tokens=cfg.distill.max_new_tokens)
+    out = {"speed_json": str(write_speed(rd, speed)), "threads": settings.threads, "images": settings.images}
+    for model in speed["models"]:
+        out[f"{model['name']} parameters"] = model["parameters"]
+        for runtime, rates in model["images_per_s"].items():
+            for batch, rate in rates.items():
+                out[f"{model['name']} {runtime} b{batch} img/s"] = rate
+    return out
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated sections")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"),
+                        help="speed: the finished run to time (its config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="speed: dotted config overrides")
+    parser.add_argument("--speed-images", type=int, default=64, help="speed: test images each model captions")
+    parser.add_argument("--speed-repeats", type=int, default=3, help="speed: timed passes (the median is kept)")
+    parser.add_argument("--speed-batch-sizes", default="1,32", help="speed: comma-separated batch sizes")
+    parser.add_argument("--speed-threads", type=int, default=None,
+                        help="speed: CPU threads for every runtime (default: this process's share of the CPUs)")
     args = parser.parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("pipeline.speed").setLevel(logging.INFO)  # which model the speed section is timing
+    sections = args.only.split(",")
+    unknown = [name for name in sections if name not in BENCHES]
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: no such section (sections: {', '.join(BENCHES)})")
+    options: dict[str, dict] = {}
+    try:
+        if "speed" in sections:  # check the run first, not after the other sections' minutes
+            cfg = load_config(args.config, args.overrides)
+            require_run(RunDir(cfg.run_dir))
+            settings = SpeedSettings(images=args.speed_images, repeats=args.speed_repeats,
+                                     batch_sizes=tuple(int(b) for b in args.speed_batch_sizes.split(",")),
+                                     threads=args.speed_threads or cpu_share())
+            options["speed"] = {"cfg": cfg, "settings": settings}
+    except PipelineError as exc:
+        print(f"bench: error: speed: {exc} (or leave the section out: --only "
+              f"{','.join(n for n in BENCHES if n != 'speed')})", file=sys.stderr)
+        return 1
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        for name in args.only.split(","):
+        for name in sections:
             print(f"== {name}", flush=True)
-            results[name] = BENCHES[name](Path(tmp) / name)
+            results[name] = BENCHES[name](Path(tmp) / name, **options.get(name, {}))
             for k, v in results[name].items():
                 print(f"  {k:32s} {v}")
     print(json.dumps(results, indent=2))

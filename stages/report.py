@@ -3,8 +3,8 @@
 Writes ``<run_dir>/report/``: ``results.md`` / ``results.csv`` (one row per student x caption source with n-gram
 metrics, attribute accuracy and image reliance, plus the baselines), ``attributes.csv`` (per attribute),
 ``teacher.csv`` (diagnostics per distilled dataset), ``metrics.png``, ``attributes.png`` (students x attributes heat
-map), ``curves.png``, ``caption_lengths.png``, ``gallery.html`` (self-contained, captions marked attribute by
-attribute) and ``manifest.json`` (last).
+map), ``curves.png``, ``caption_lengths.png``, ``speed_quality.png`` (after `make bench BENCH_ARGS="--only speed"`),
+``gallery.html`` (self-contained, captions marked attribute by attribute) and ``manifest.json`` (last).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
 from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
-from pipeline.plots import plot_attribute_heatmap, plot_curves, plot_length_histograms, plot_metric_bars
-from pipeline.reporting import TEACHER_COLUMNS, csv_text, gallery_html, gallery_samples, results_markdown, teacher_rows
+from pipeline.plots import (plot_attribute_heatmap, plot_curves, plot_length_histograms, plot_metric_bars,
+                            plot_speed_quality)
+from pipeline.reporting import (TEACHER_COLUMNS, csv_text, gallery_html, gallery_samples, results_markdown,
+                                speed_report, teacher_rows)
 from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
 from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
 from stages.cli import claims, stage_main
@@ -50,8 +52,9 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
                for source in ["gt", *rd.distilled_sources()]}
     curves = {f"{r['arch']}←{r['source']}": json.loads((r["folder"] / "curves.json").read_text()) for r in results}
     labels, matrix = attribute_matrix(results, baselines)
+    speed = speed_report(rd, results)  # None until `make bench` times the run
     with publish_dir(rd.report) as tmp:
-        atomic_write_text(tmp / "results.md", results_markdown(results, baselines, teacher))
+        atomic_write_text(tmp / "results.md", results_markdown(results, baselines, teacher, speed))
         atomic_write_text(tmp / "results.csv", csv_text(RESULT_COLUMNS, result_rows(results, baselines)))
         atomic_write_text(tmp / "attributes.csv", csv_text(["model", *ATTRIBUTES],
                                                            [[label, *row] for label, row in zip(labels, matrix)]))
@@ -60,6 +63,8 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         if matrix:
             plot_attribute_heatmap(labels, matrix, tmp / "attributes.png")
         plot_curves(curves, tmp / "curves.png")
+        if speed:
+            plot_speed_quality(speed.records, speed.batch_size, tmp / "speed_quality.png")
         plot_length_histograms(lengths, tmp / "caption_lengths.png")
         samples = gallery_samples(rd, results, cfg.report.gallery_size, cfg.seed)
         atomic_write_text(tmp / "gallery.html", gallery_html(samples, f"fashion-distill samples — {cfg.run_dir.name}"))
