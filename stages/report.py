@@ -23,10 +23,22 @@ from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
 from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
-from pipeline.plots import (plot_attribute_heatmap, plot_curves, plot_length_histograms, plot_metric_bars,
-                            plot_speed_quality)
-from pipeline.reporting import (TEACHER_COLUMNS, csv_text, gallery_html, gallery_samples, results_markdown,
-                                speed_report, teacher_rows)
+from pipeline.plots import (
+    plot_attribute_heatmap,
+    plot_curves,
+    plot_length_histograms,
+    plot_metric_bars,
+    plot_speed_quality,
+)
+from pipeline.reporting import (
+    TEACHER_COLUMNS,
+    csv_text,
+    gallery_html,
+    gallery_samples,
+    results_markdown,
+    speed_report,
+    teacher_rows,
+)
 from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
 from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
 from stages.cli import claims, stage_main
