@@ -174,7 +174,8 @@ class EncoderStandIn(Section):
     """A stand-in for ImageNet pretraining: each (scaled) torchvision encoder is trained on attribute labels of the
     pretraining images and saved in torchvision's own file layout under ``weights_dir``."""
 
-    epochs: Positive = 12
+    epochs: Positive = 5
+    images: Positive | None = 1000  # the first N pretraining images (None: all of them)
     learning_rate: Rate = 2e-3
     batch_size: Positive = 64
 

@@ -24,3 +24,12 @@ def test_held_out_images_avoid_the_dataset_and_are_rendered_once(tmp_path):
     other = tmp_path / "other"
     generate_held_out(other, "unlabeled", 12, cfg, seed=0, exclude=exclude, workers=1)
     assert json.loads((other / "captions.json").read_text()).keys() != captions.keys()  # each purpose its own draw
+
+
+def test_attribute_list_answers_read_back_into_the_labels_of_every_real_caption():
+    from pipeline.attribute_metrics import caption_labels
+    from pipeline.teacher.pretrain import attribute_list, read_attribute_list
+
+    captions = list(load_caption_pool()["test"].values())
+    assert all(read_attribute_list(attribute_list(c)) == caption_labels(c) for c in captions)
+    assert attribute_list(captions[0]).startswith("gender ") and "." not in attribute_list(captions[0])[:-1]

@@ -46,7 +46,7 @@ def ensure_stand_in(name: str, settings: EncoderSettings, seed: int, pretraining
     from pipeline.data.images import load_rgb
 
     captions = json.loads((Path(pretraining_root) / "captions.json").read_text())
-    names = sorted(captions)
+    names = sorted(captions)[: settings.stand_in.images]
     transform = image_transform(settings.image_size)
     images = torch.stack([transform(load_rgb(Path(pretraining_root) / "images" / n)) for n in names])
     torch.manual_seed(seed)

@@ -37,6 +37,19 @@ def attribute_list(caption: str) -> str:
     return "; ".join(f"{ATTRIBUTES[a]} {v}" for a, v in labels.items() if v != ABSENT) + "."
 
 
+def read_attribute_list(text: str) -> dict[str, str]:
+    """The labels an attribute-list answer states (the inverse of :func:`attribute_list`; ``ABSENT`` elsewhere)."""
+    by_label = sorted(((label, a) for a, label in ATTRIBUTES.items()), key=lambda item: -len(item[0]))
+    labels = dict.fromkeys(ATTRIBUTES, ABSENT)
+    for part in text.strip().rstrip(".").split(";"):
+        part = part.strip()
+        for label, attribute in by_label:
+            if part.startswith(label + " "):
+                labels[attribute] = part[len(label) + 1:].strip()
+                break
+    return labels
+
+
 def _image_tokens(model, cfg) -> callable:
     """Pixel values -> the projected image tokens the language model reads, flattened per image."""
     def tokens(pixel_values: torch.Tensor) -> torch.Tensor:
