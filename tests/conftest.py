@@ -41,6 +41,7 @@ def write_config(tmp_path: Path, **sections) -> Path:
     base["data"].pop("pretraining")
     base["teacher"]["model"] = str(tmp_path / "tiny-llava")
     base["teacher"]["tiny"] = {}
+    base["teacher"]["lora"]["train_projector"] = True  # a random base: its projector must learn too
     base["students"]["encoder"] = {"pretrained": False, "width": 0.25, "image_size": 96}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(merge_trees(base, sections)))
