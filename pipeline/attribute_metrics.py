@@ -18,6 +18,7 @@ in each image's file name (``WOMEN-Skirts-...``) and against other photos of the
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -66,8 +67,15 @@ def outfit_labels(outfit: Outfit) -> dict[str, str]:
     return {name: values[name] or ABSENT for name in ATTRIBUTES}
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _labels(caption: str) -> tuple[str, ...]:
+    return tuple(outfit_labels(parse_caption(caption)).values())
+
+
 def caption_labels(caption: str) -> dict[str, str]:
-    return outfit_labels(parse_caption(caption))
+    """The scored labels ``caption`` states. Parsed once per distinct caption: the same test references are scored
+    against every model, its image-withheld control and the baselines."""
+    return dict(zip(ATTRIBUTES, _labels(caption)))
 
 
 def _mean(values: Iterable[float]) -> float:
