@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 
-.PHONY: setup demo prepare finetune distill students report evaluate caption export submit status test bench clean
+.PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status test bench clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ students: $(STAMP)
 
 report: $(STAMP)
 	$(call STAGE,report)
+
+# make sweep [ARGS="sweep.temperatures=[0,0.5,1]"]: distil at each temperature, train sweep.student on each, choose
+# the temperature on validation (after finetune; <run_dir>/sweep/)
+sweep: $(STAMP)
+	$(call STAGE,sweep)
 
 # make evaluate PRED=captions.jsonl [ALLOW_MISSING=1]: score any predictions file against the test split
 PRED ?=

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
+from pipeline.rundir import SWEEP_PREFIX, RunDir
 
 
 class ConfigError(PipelineError):
@@ -225,6 +225,30 @@ class StudentsConfig(Section):
         return self
 
 
+Arch = Literal["vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer"]  # the students' architectures
+
+
+class SweepConfig(Section):
+    """`make sweep`: distil at each temperature, train one student on each, pick the temperature on validation."""
+
+    temperatures: list[Annotated[StrictFloat, Field(ge=0.0)]] = Field([0.0, 0.2, 0.5, 0.7, 0.9, 1.2], min_length=1)
+    student: Arch = "resnet101_gru"
+    samples_per_image: list[Positive] = Field([1], min_length=1)  # k > 1 runs at the best temperature
+    unlabeled: StrictBool = False  # also gt + teacher captions of distill.unlabeled vs gt alone, at the best T
+    select_on: Literal["attributes", "CIDEr-D"] = "attributes"  # validation metric picking T; ties: the other one
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        for key in ("temperatures", "samples_per_image"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"sweep.{key}: {values} lists a value twice")
+        if any(k != 1 for k in self.samples_per_image) and "samples_per_image" not in DistillConfig.model_fields:
+            raise ValueError("sweep.samples_per_image: k > 1 needs distill.samples_per_image (multi-sample "
+                             "distillation), which this version does not have")
+        return self
+
+
 class CaptionConfig(Section):
     """`make caption`: captioning a user's own images with a student (or the teacher)."""
 
@@ -245,6 +269,7 @@ class SlurmConfig(Section):
     cpus_per_task: Positive = 2
     mem: str | None = None
     distill_shards: Positive = 1
+    sweep: StrictBool = False  # `make submit` also runs the temperature sweep (sweep.*) as job arrays
     setup: list[str] = ["source .venv/bin/activate"]  # shell lines before each job (cwd: the project root)
     extra_args: list[str] = []
 
@@ -259,6 +284,7 @@ class Config(Section):
     report: ReportConfig = ReportConfig()
     caption: CaptionConfig = CaptionConfig()
     slurm: SlurmConfig = SlurmConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -278,6 +304,13 @@ class Config(Section):
                                                    and self.students.encoder.weights_dir):
             raise ValueError("students.encoder.stand_in writes the weights it loads: it needs "
                              "students.encoder.pretrained=true and students.encoder.weights_dir")
+        taken = [n for n in self.distill.temperatures if n.startswith(SWEEP_PREFIX)]
+        if taken:
+            raise ValueError(f"distill.temperatures: {taken[0]!r}: names starting with {SWEEP_PREFIX!r} are the "
+                             "temperature sweep's (make sweep); choose another name")
+        if self.sweep.unlabeled and getattr(self.distill, "unlabeled", None) is None:
+            raise ValueError("sweep.unlabeled compares gt with gt + teacher captions of unlabelled images: set "
+                             "distill.unlabeled (a folder of images)")
         return self
 
 

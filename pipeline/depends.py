@@ -8,14 +8,25 @@ earlier output raises :class:`~pipeline.rundir.StageInputError` naming it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_slice
 from pipeline.data.deepfashion import IMAGE_DIR, detect_layout
 from pipeline.data.formats import INSTRUCTION
-from pipeline.rundir import RunDir, fingerprint_tree, read_manifest, require_stage, sha256_file
+from pipeline.rundir import (
+    RunDir,
+    StageInputError,
+    fingerprint_tree,
+    is_sweep_source,
+    read_manifest,
+    require_stage,
+    sha256_file,
+    stage_fingerprint,
+)
 from pipeline.speed import SPEED_FILE
+from pipeline.sweep.points import extra_ids, extra_points, first_points, point_config
 
 Depends = tuple[dict[str, Any], dict[str, str]]
 STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
@@ -69,16 +80,48 @@ def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
     return {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}, inputs
 
 
+def _finished(folder: Path, stage: str, key: Depends) -> str:
+    """The fingerprint ``key`` gives, when ``folder`` is finished with exactly it; else one line naming it."""
+    wanted = stage_fingerprint(*key)
+    if require_stage(folder, stage)["fingerprint"] != wanted:
+        raise StageInputError(f"{folder}: made with other settings or inputs; run the '{stage}' stage")
+    return wanted
+
+
+def sweep(cfg: Config, rd: RunDir) -> Depends:
+    """`sweep`: the seed and sweep section; the fingerprint every point's distilled dataset and student must have
+    (each finished with exactly it), the points at the best temperature as ``sweep/best.json`` names it."""
+    points = first_points(cfg.sweep)
+    if extra_ids(cfg.sweep):
+        best_file = rd.sweep / "best.json"
+        if not best_file.is_file():
+            raise StageInputError(f"{best_file}: missing; the temperature is not chosen yet")
+        best = json.loads(best_file.read_text())
+        points += extra_points(cfg.sweep, best["temperature"], best["samples_temperature"])
+    inputs = {}
+    for point in points:
+        pcfg = point_config(cfg, point)
+        if point.dataset is not None:
+            inputs[f"distill/{point.dataset}"] = _finished(rd.distill(point.dataset), "distill", distill(pcfg, rd))
+        folder = rd.students / f"{cfg.sweep.student}__{point.source}"
+        inputs[f"students/{folder.name}"] = _finished(folder, "students",
+                                                      student(pcfg, rd, cfg.sweep.student, point.source))
+    return {"seed": cfg.seed, "sweep": config_slice(cfg, "sweep")["sweep"]}, inputs
+
+
 def report(cfg: Config, rd: RunDir) -> Depends:
-    """`report`: the seed and report section; every finished student and distilled dataset of the run, and its
-    timings (``speed/speed.json``) when `make bench` wrote them."""
+    """`report`: the seed and report section; every finished student (but the sweep's) and distilled dataset of the
+    run, its timings (``speed/speed.json``) when `make bench` wrote them and its finished sweep."""
     inputs = {}
     for folder in sorted(rd.students.glob("*__*")):
         manifest = read_manifest(folder)
-        if manifest is not None and not folder.name.startswith("baseline__"):
+        if (manifest is not None and not folder.name.startswith("baseline__")
+                and not is_sweep_source(folder.name.split("__", 1)[1])):
             inputs[folder.name] = manifest["fingerprint"]
     inputs.update({f"distill/{n}": require_stage(rd.distill(n), "distill")["fingerprint"]
                    for n in rd.distilled_sources()})
     if (rd.speed / SPEED_FILE).is_file():
         inputs["speed"] = sha256_file(rd.speed / SPEED_FILE)
+    if (sweep_manifest := read_manifest(rd.sweep)) is not None:
+        inputs["sweep"] = sweep_manifest["fingerprint"]
     return {"seed": cfg.seed, "report": config_slice(cfg, "report")["report"]}, inputs

@@ -128,3 +128,54 @@ def plot_speed_quality(records: Sequence[dict], batch_size: int, path: Path) -> 
     fig.legend(handles=handles, fontsize=8, loc="outside right center")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+SWEEP_MARKERS = {"samples": "^", "unlabeled": "D"}  # the points at the best temperature
+
+
+def plot_sweep(records: Sequence[dict], best: dict, path: Path) -> None:
+    """Against the teacher's temperature: the student's attribute accuracy and CIDEr-D on validation and test (the
+    ground-truth student dashed; the points at the best temperature as markers: k samples per image a triangle, the
+    unlabelled images a diamond), and the teacher dataset's distinct-2, mean length and agreement with the ground
+    truth (the ground truth's own captions dashed); the chosen temperature dotted."""
+    plt = _figure()
+    fig, axes = plt.subplot_mosaic([["attributes"] * 3 + ["CIDEr-D"] * 3,
+                                    ["distinct_2"] * 2 + ["length_mean"] * 2 + ["agreement"] * 2],
+                                   figsize=(13, 8), constrained_layout=True)
+    curve = sorted((r for r in records if r["kind"] == "temperature"), key=lambda r: r["temperature"])
+    temps = [r["temperature"] for r in curve]
+    gt = next((r for r in records if r["kind"] == "gt"), None)
+    splits = {"val": ("validation", "tab:blue"), "test": ("test", "tab:orange")}
+    for metric in ("attributes", "CIDEr-D"):
+        ax = axes[metric]
+        for split, (name, colour) in splits.items():
+            ax.plot(temps, [r[split][metric] for r in curve], marker="o", color=colour, label=name)
+            if gt:
+                ax.axhline(gt[split][metric], color=colour, ls="--", lw=0.9, label=f"ground truth ({name})")
+            for r in records:
+                if r["kind"] in SWEEP_MARKERS:
+                    ax.scatter(r["temperature"], r[split][metric], marker=SWEEP_MARKERS[r["kind"]], s=60,
+                               color=colour, edgecolor="black", zorder=3, label=f"{r['source']} ({name})")
+        ax.set(title=f"student {metric} ({best['student']})", xlabel="teacher temperature T",
+               ylabel="attribute accuracy (macro)" if metric == "attributes" else metric)
+        ax.legend(fontsize=7)
+    teacher_panels = {"distinct_2": "distinct-2 of the training captions",
+                      "length_mean": "mean caption length (words)"}
+    for key, title in teacher_panels.items():
+        ax = axes[key]
+        ax.plot(temps, [r["teacher"][key] for r in curve], marker="o", color="tab:green", label="teacher")
+        if gt:
+            ax.axhline(gt["teacher"][key], color="grey", ls="--", lw=0.9, label="ground truth")
+        ax.set(title=title, xlabel="teacher temperature T")
+        ax.legend(fontsize=7)
+    ax = axes["agreement"]
+    for metric, colour in (("attributes", "tab:purple"), ("CIDEr-D", "tab:brown"), ("BLEU-4", "tab:grey")):
+        ax.plot(temps, [r["teacher"]["vs_ground_truth"][metric] for r in curve], marker="o", color=colour,
+                label=metric)
+    ax.set(title="teacher vs ground truth (train+val images)", xlabel="teacher temperature T")
+    ax.legend(fontsize=7)
+    for ax in axes.values():
+        ax.axvline(best["temperature"], color="black", ls=":", lw=1)
+    fig.suptitle(f"temperature sweep: chosen T={best['temperature']:g} ({best['select_on']})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -17,8 +17,9 @@ from typing import Any
 from pipeline.attribute_metrics import ATTRIBUTES, caption_marks
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.results import ARCH_NAMES, CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, read_manifest
 from pipeline.speed import read_speed
+from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
 
 TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 length", "vocabulary", "distinct-1",
                    "distinct-2", "BLEU-4 vs GT", "CIDEr-D vs GT", "attributes vs GT", "teacher test BLEU-4",
@@ -190,10 +191,52 @@ def speed_report(rd: RunDir, results: Sequence[dict]) -> SpeedReport | None:
     return SpeedReport(records, batch_size, "\n".join(parts))
 
 
+@dataclass
+class SweepReport:
+    """The finished temperature sweep: its point records, ``best.json`` and the results.md section."""
+
+    records: list[dict]
+    best: dict
+    markdown: str
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def sweep_report(rd: RunDir) -> SweepReport | None:
+    """The temperature sweep's section (table, chosen temperature, what k samples per image and the unlabelled
+    images did); None until `make sweep` has finished."""
+    if read_manifest(rd.sweep) is None:
+        return None
+    records = json.loads((rd.sweep / "points.json").read_text())
+    best = json.loads((rd.sweep / "best.json").read_text())
+    v, t = best["validation"], best["test"]
+    parts = ["\n## Temperature sweep\n",
+             f"`make sweep`: the teacher distilled the training images at each temperature and "
+             f"{ARCH_NAMES.get(best['student'], best['student'])} trained on each. The temperature is chosen on the "
+             f"ground-truth **validation** split ({best['select_on']}; ties: {best['ties']}); the test split never "
+             "takes part and is shown beside. Plot: `sweep.png`.\n",
+             f"**Chosen: T={best['temperature']:g}** (validation: attributes {v['attributes']:.3f}, CIDEr-D "
+             f"{v['CIDEr-D']:.3f}; test: attributes {t['attributes']:.3f}, CIDEr-D {t['CIDEr-D']:.3f}).\n",
+             markdown_table(SWEEP_COLUMNS, sweep_rows(records, best))]
+    if "samples_per_image" in best:
+        k = best["samples_per_image"]
+        parts.append(f"\nCaptions per image at T={k['temperature']:g}, chosen the same way: k={k['k']}.\n")
+    if best["comparisons"]:
+        parts += ["\nWhat the points at the chosen temperature did to the student, as measured (gain = the point "
+                  "minus what it adds to; negative: a loss):\n",
+                  markdown_table(["comparison", "val attributes", "val CIDEr-D", "test attributes", "test CIDEr-D"],
+                                 [[c["what"], *(_signed(c["gain"][s][m]) for s in ("val", "test")
+                                                for m in ("attributes", "CIDEr-D"))]
+                                  for c in best["comparisons"]])]
+    return SweepReport(records, best, "\n".join(parts))
+
+
 def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list],
-                     speed: SpeedReport | None = None) -> str:
+                     speed: SpeedReport | None = None, sweep: SweepReport | None = None) -> str:
     """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets and,
-    when the run was timed, what distillation buys."""
+    when the run was timed, what distillation buys; when it was swept, the temperature sweep."""
     gt = [r for r in results if r["source"] == "gt"]
     distilled = [r for r in results if r["source"] != "gt"]
     parts = ["# Results\n",
@@ -213,6 +256,8 @@ def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teache
         parts += ["\n## Teacher datasets\n", markdown_table(TEACHER_COLUMNS, teacher)]
     if speed:
         parts.append(speed.markdown)
+    if sweep:
+        parts.append(sweep.markdown)
     parts += [f"\n`{CONSTANT}`: the most frequent training caption for every test image. `{MAJORITY}`: every "
               "attribute answered with its most frequent value in the source's training captions.\n",
               "Plots: `metrics.png`, `attributes.png`, `curves.png`, `caption_lengths.png`. Samples: "

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.attribute_metrics import ATTRIBUTES, attribute_accuracy, majority_baseline
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import RunDir, read_manifest
+from pipeline.rundir import RunDir, is_sweep_source, read_manifest
 
 SEED_ORDER = ("BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L")  # the course reports' column order
 ATTRIBUTE_COLUMNS = ("attributes", "image withheld: attr. drop", "image withheld: CIDEr-D drop")
@@ -38,9 +38,11 @@ def source_baselines(scorer: CaptionScorer, train_captions: Sequence[str], test_
 
 def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
     """metrics.json of every finished student and every baseline in the run, students in the course reports' order
-    (ground truth first, then sources by name)."""
+    (ground truth first, then sources by name); the temperature sweep's students are left to its own table."""
     results, baselines = [], {}
     for folder in sorted(rd.students.glob("*__*")):
+        if is_sweep_source(folder.name.split("__", 1)[1]):
+            continue
         if folder.name.startswith("baseline__"):
             baselines[folder.name.split("__", 1)[1]] = json.loads((folder / "metrics.json").read_text())
         elif read_manifest(folder) is not None:

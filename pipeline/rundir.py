@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MANIFEST = "manifest.json"
+SWEEP_PREFIX = "sweep-"  # the temperature sweep's distilled datasets: kept out of the main chain's sources
 OWNER_FILE = ".fashion-distill.json"  # in every folder this pipeline writes: the entries it wrote there
 TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "peft", "accelerate", "deepspeed", "datasets",
                     "bitsandbytes", "pycocoevalcap", "fashion-distill")
@@ -69,11 +70,11 @@ class RunDir:
         return self.root / "distill" / name
 
     def distilled_sources(self) -> list[str]:
-        """Names of the finished distilled datasets in this run, sorted."""
+        """Names of the finished distilled datasets in this run, sorted; the sweep's own datasets are not listed."""
         base = self.root / "distill"
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in base.iterdir() if (p / MANIFEST).is_file() and not is_sweep_source(p.name))
 
     @property
     def students(self) -> Path:
@@ -84,13 +85,23 @@ class RunDir:
         return self.root / "report"
 
     @property
+    def sweep(self) -> Path:
+        """Where `make sweep` writes its points, table, plot and chosen temperature (:mod:`pipeline.sweep`)."""
+        return self.root / "sweep"
+
+    @property
     def speed(self) -> Path:
         """Where `make bench BENCH_ARGS="--only speed"` writes the run's timings (:mod:`pipeline.speed`)."""
         return self.root / "speed"
 
     def output_folders(self) -> tuple[Path, ...]:
         """The folders stages replace as a whole or in parts."""
-        return self.data, self.teacher, self.root / "distill", self.students, self.report, self.speed
+        return self.data, self.teacher, self.root / "distill", self.students, self.report, self.speed, self.sweep
+
+
+def is_sweep_source(source: str) -> bool:
+    """Whether a caption source (``name`` or ``gt+name``) is one of the temperature sweep's datasets."""
+    return source.rpartition("+")[2].startswith(SWEEP_PREFIX)
 
 
 def _umask() -> int:

@@ -4,7 +4,8 @@ Writes ``<run_dir>/report/``: ``results.md`` / ``results.csv`` (one row per stud
 metrics, attribute accuracy and image reliance, plus the baselines), ``attributes.csv`` (per attribute),
 ``teacher.csv`` (diagnostics per distilled dataset), ``metrics.png``, ``attributes.png`` (students x attributes heat
 map), ``curves.png``, ``caption_lengths.png``, ``speed_quality.png`` (after `make bench BENCH_ARGS="--only speed"`),
-``gallery.html`` (self-contained, captions marked attribute by attribute) and ``manifest.json`` (last).
+``sweep.png`` (after `make sweep`), ``gallery.html`` (self-contained, captions marked attribute by attribute) and
+``manifest.json`` (last).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.plots import (
     plot_length_histograms,
     plot_metric_bars,
     plot_speed_quality,
+    plot_sweep,
 )
 from pipeline.reporting import (
     TEACHER_COLUMNS,
@@ -37,6 +39,7 @@ from pipeline.reporting import (
     gallery_samples,
     results_markdown,
     speed_report,
+    sweep_report,
     teacher_rows,
 )
 from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
@@ -65,8 +68,9 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     curves = {f"{r['arch']}←{r['source']}": json.loads((r["folder"] / "curves.json").read_text()) for r in results}
     labels, matrix = attribute_matrix(results, baselines)
     speed = speed_report(rd, results)  # None until `make bench` times the run
+    sweep = sweep_report(rd)  # None until `make sweep` has finished
     with publish_dir(rd.report) as tmp:
-        atomic_write_text(tmp / "results.md", results_markdown(results, baselines, teacher, speed))
+        atomic_write_text(tmp / "results.md", results_markdown(results, baselines, teacher, speed, sweep))
         atomic_write_text(tmp / "results.csv", csv_text(RESULT_COLUMNS, result_rows(results, baselines)))
         atomic_write_text(tmp / "attributes.csv", csv_text(["model", *ATTRIBUTES],
                                                            [[label, *row] for label, row in zip(labels, matrix)]))
@@ -77,6 +81,8 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         plot_curves(curves, tmp / "curves.png")
         if speed:
             plot_speed_quality(speed.records, speed.batch_size, tmp / "speed_quality.png")
+        if sweep:
+            plot_sweep(sweep.records, sweep.best, tmp / "sweep.png")
         plot_length_histograms(lengths, tmp / "caption_lengths.png")
         samples = gallery_samples(rd, results, cfg.report.gallery_size, cfg.seed)
         atomic_write_text(tmp / "gallery.html", gallery_html(samples, f"fashion-distill samples — {cfg.run_dir.name}"))

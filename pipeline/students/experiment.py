@@ -60,6 +60,24 @@ def image_reliance(scores: dict, permuted: dict) -> dict:
             "seed": RELIANCE_SEED}
 
 
+def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable,
+                     beam_size: int) -> dict:
+    """The student saved in ``folder`` (a ``best/``) captions the images of ``rows`` (a ground-truth split, one
+    caption per image) with ``beam_size``: BLEU, ROUGE-L and CIDEr-D against their captions and attribute accuracy
+    (``{"scores", "attributes"}``). ``decoder_inputs`` is the one the student was trained with."""
+    best = load_student(folder)
+    arch = best.meta["arch"]
+    feats, encoder = decoder_inputs(arch, {"split": [r["image_path"] for r in rows]})
+    if encoder is not None:  # a fine-tuned encoder: the checkpoint's weights
+        encoder.load_state_dict(best.encoder.state_dict())
+    hyps = decode_split(best.decoder, feats, "split", len(rows), best.vocab, beam_size, best.meta["max_length"])
+    predictions = {r["image_id"]: h for r, h in zip(rows, hyps)}
+    references = {r["image_id"]: r["caption"] for r in rows}
+    return {"scores": scorer.score({k: [v] for k, v in references.items()}, predictions,
+                                   only=("BLEU", "ROUGE-L", "CIDEr-D")),
+            "attributes": attribute_accuracy(references, predictions)}
+
+
 def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
                    test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable, force: bool) -> dict:
     """Train ``arch`` on ``rows`` (train/val of the source), score it on the ground-truth ``test_rows``; returns its

@@ -1,0 +1,237 @@
+"""`make sweep`: the choice of temperature on validation, skipping finished points, the report section.
+
+The fast tests run the sweep's own logic on a run whose teacher and students are stand-ins (spies that write what the
+distill and students functions write, with their manifests, and count what they train); the slow one runs it for
+real on a tiny run.
+"""
+
+import json
+import time
+
+import pytest
+from conftest import write_config
+
+from pipeline import depends
+from pipeline.config import ConfigError, load_config
+from pipeline.data.formats import to_hf_dataset
+from pipeline.reporting import results_markdown, sweep_report
+from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, read_manifest, write_manifest
+from pipeline.sweep.points import GT, SAMPLES, TEMPERATURE, UNLABELED, Point, extra_points, first_points
+from pipeline.sweep.summary import best_summary, best_temperatures, comparisons, select_best
+
+CAPTION = "The lady wears a short-sleeve T-shirt with pure color patterns. She wears a long denim skirt."
+
+
+def _record(kind, temperature, val, test, k=1):
+    point = Point(kind, temperature, k)
+    return {"point": point.id, "kind": kind, "temperature": temperature, "samples_per_image": k,
+            "dataset": point.dataset, "source": point.source, "student": "resnet101_gru",
+            "val": {"attributes": val[0], "CIDEr-D": val[1], "BLEU-4": 0.1},
+            "test": {"attributes": test[0], "CIDEr-D": test[1], "BLEU-4": 0.1, "METEOR": 0.2, "ROUGE-L": 0.3},
+            "teacher": {"distinct_2": 0.1, "length_mean": 20.0, "vs_ground_truth": None}}
+
+
+def test_best_temperature_is_chosen_on_validation_when_test_disagrees(tmp_path):
+    cfg = load_config(write_config(tmp_path))
+    records = [_record(GT, None, (0.90, 1.5), (0.90, 1.5)),  # the ground truth is no candidate
+               _record(TEMPERATURE, 0.0, (0.70, 0.8), (0.60, 0.7)),
+               _record(TEMPERATURE, 0.5, (0.80, 0.9), (0.70, 0.8)),  # best on validation
+               _record(TEMPERATURE, 0.9, (0.75, 1.2), (0.85, 1.3))]  # best on test
+    assert select_best(records, "attributes")["temperature"] == 0.5
+    assert select_best(records, "CIDEr-D")["temperature"] == 0.9  # validation CIDEr-D picks otherwise
+    best = best_summary(records, cfg.sweep)
+    assert best["temperature"] == 0.5 and best["validation"] == records[2]["val"]
+    assert best["test"] == records[2]["test"]  # reported beside, not chosen on
+    tied = [*records[1:3], _record(TEMPERATURE, 0.7, (0.80, 1.0), (0.50, 0.5))]
+    assert select_best(tied, "attributes")["temperature"] == 0.7  # same attributes: validation CIDEr-D decides
+    same = [_record(TEMPERATURE, t, (0.8, 1.0), (0.5, 0.5)) for t in (0.9, 0.2, 0.5)]
+    assert select_best(same, "attributes")["temperature"] == 0.2  # a full tie: the lower temperature
+
+
+def test_samples_run_at_the_best_temperature_above_zero_and_gains_are_measured(tmp_path):
+    cfg = load_config(write_config(tmp_path))
+    records = [_record(GT, None, (0.80, 1.0), (0.78, 0.9)),
+               _record(TEMPERATURE, 0.0, (0.85, 1.1), (0.80, 1.0)),
+               _record(TEMPERATURE, 0.5, (0.81, 1.0), (0.79, 1.1)),
+               _record(TEMPERATURE, 0.9, (0.82, 1.0), (0.77, 0.9))]
+    assert best_temperatures(records, cfg.sweep) == (0.0, 0.9)  # greedy samples would all be the same
+    assert [p.id for p in extra_points(cfg.sweep.model_copy(update={"unlabeled": True}), 0.0, 0.9)] == ["t0-u"]
+    records += [_record(SAMPLES, 0.9, (0.83, 1.05), (0.80, 0.95), k=3), _record(UNLABELED, 0.0, (0.84, 1.2),
+                                                                                (0.81, 1.0))]
+    gains = {c["point"]: c for c in comparisons(records)}
+    assert gains["t0.9-k3"]["baseline"] == "t0.9" and gains["t0-u"]["baseline"] == "gt"
+    assert gains["t0.9-k3"]["gain"]["test"]["attributes"] == pytest.approx(0.80 - 0.77)
+    assert gains["t0-u"]["gain"]["val"]["CIDEr-D"] == pytest.approx(1.2 - 1.0)
+    best = best_summary(records, cfg.sweep)
+    assert best["samples_per_image"]["k"] == 3 and best["samples_temperature"] == 0.9
+
+
+def test_sweep_config_is_validated(tmp_path):
+    path = write_config(tmp_path)
+    for override, needle in (("sweep.student=resnet50", "sweep.student"),
+                             ("sweep.temperatures=[0.2,0.2]", "lists a value twice"),
+                             ("sweep.temperatures=[]", "sweep.temperatures"),
+                             ("sweep.temperatures=[-1]", "sweep.temperatures.0"),
+                             ("sweep.unlabeled=true", "distill.unlabeled"),
+                             ("distill.temperatures.sweep-x=0.3", "the temperature sweep's")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(path, [override])
+
+
+def test_arch_names_match_the_students():
+    from typing import get_args
+
+    from pipeline.config import Arch
+    from pipeline.students.encoders import ENCODER_OF
+
+    assert set(get_args(Arch)) == set(ENCODER_OF)
+
+
+# scores the stand-in students get: validation prefers T=0.2, test prefers T=0.9
+VAL = {"gt": (0.80, 1.00), "sweep-t0.2": (0.78, 0.95), "sweep-t0.9": (0.70, 0.90), "sweep-t1.2": (0.60, 0.80)}
+TEST = {"gt": (0.79, 0.98), "sweep-t0.2": (0.70, 0.80), "sweep-t0.9": (0.75, 0.92), "sweep-t1.2": (0.60, 0.70)}
+
+
+class Spies:
+    """Stand-ins for distill_dataset, run_experiment and score_checkpoint that write what they write (with the
+    manifests the real ones write) and count their work."""
+
+    def __init__(self):
+        self.generated, self.trained, self.validated = [], [], []
+
+    def distill(self, cfg, *, force=False, wait=False):
+        rd = RunDir(cfg.run_dir)
+        out, key = rd.distill(cfg.distill.dataset_name), depends.distill(cfg, rd)
+        if not force and is_up_to_date(out, *key):
+            return out
+        self.generated.append(out.name)
+        t = cfg.distill.temperature
+        rows = [{**r, "caption": CAPTION + " " * int(10 * t), "source": out.name} for r in _gt_rows()]
+        to_hf_dataset(rows).save_to_disk(str(out / "captions"))
+        atomic_write_json(out / "diagnostics.json", {
+            "distinct_2": 0.01 + t / 10, "length_mean": 20 + t,
+            "vs_ground_truth": {"BLEU-4": 0.5 - t / 4, "CIDEr-D": 1 - t / 2, "attributes": {"macro": 0.9 - t / 5}}})
+        write_manifest(out, stage="distill", config=key[0], inputs=key[1], started=time.time())
+        return out
+
+    def train(self, cfg, rd, *, arch, source, rows, test_rows, scorer, decoder_inputs, force):
+        out, key = rd.students / f"{arch}__{source}", depends.student(cfg, rd, arch, source)
+        if not force and is_up_to_date(out, *key):
+            return json.loads((out / "metrics.json").read_text())
+        self.trained.append(source)
+        attributes, cider = TEST[source]
+        metrics = {"arch": arch, "source": source, "attributes": {"macro": attributes},
+                   "test": {"BLEU-4": 0.3, "METEOR": 0.3, "ROUGE-L": 0.5, "CIDEr-D": cider},
+                   "image_reliance": {"attribute_macro_drop": 0.1}}
+        atomic_write_json(out / "metrics.json", metrics)
+        write_manifest(out, stage="students", config=key[0], inputs=key[1], started=time.time())
+        return metrics
+
+    def score(self, folder, rows, scorer, decoder_inputs, beam_size):
+        source = folder.parent.name.split("__", 1)[1]
+        self.validated.append(source)
+        assert {r["split"] for r in rows} == {"val"}  # the ground-truth validation split, never test
+        attributes, cider = VAL[source]
+        return {"scores": {"BLEU-4": 0.2, "CIDEr-D": cider}, "attributes": {"macro": attributes}}
+
+
+class NoScorer:
+    def __init__(self, **_):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _gt_rows():
+    return [{"image_id": f"{split}-{i}", "image_path": f"/images/{split}-{i}.jpg", "caption": CAPTION,
+             "split": split, "source": "gt"} for split, n in (("train", 6), ("val", 3), ("test", 3)) for i in range(n)]
+
+
+@pytest.fixture
+def spied_run(tmp_path, monkeypatch):
+    """A run with prepared data and a finished teacher (manifests), the spies in place of the real work."""
+    path = write_config(tmp_path, sweep={"temperatures": [0.2, 0.9]})
+    cfg = load_config(path)
+    rd = RunDir(cfg.run_dir)
+    to_hf_dataset(_gt_rows()).save_to_disk(str(rd.data / "captions"))
+    write_manifest(rd.data, stage="prepare", config={}, inputs={}, started=time.time())
+    write_manifest(rd.teacher, stage="finetune", config={}, inputs={}, started=time.time())
+    spies = Spies()
+    monkeypatch.setattr("pipeline.teacher.dataset.distill_dataset", spies.distill)
+    monkeypatch.setattr("pipeline.students.experiment.run_experiment", spies.train)
+    monkeypatch.setattr("pipeline.students.experiment.score_checkpoint", spies.score)
+    monkeypatch.setattr("pipeline.metrics.CaptionScorer", NoScorer)
+    return path, spies
+
+
+def test_sweep_chooses_on_validation_and_a_rerun_trains_nothing(spied_run):
+    from pipeline.sweep.run import run_sweep
+
+    path, spies = spied_run
+    cfg = load_config(path)
+    out = run_sweep(cfg)
+    assert spies.generated == ["sweep-t0.2", "sweep-t0.9"]
+    assert spies.trained == ["gt", "sweep-t0.2", "sweep-t0.9"] == spies.validated
+    best = json.loads((out / "best.json").read_text())
+    assert best["temperature"] == 0.2 and best["validation"]["attributes"] == VAL["sweep-t0.2"][0]
+    assert best["test"]["CIDEr-D"] == TEST["sweep-t0.2"][1]  # test beside; T=0.9 would have won on test
+    records = {r["point"]: r for r in json.loads((out / "points.json").read_text())}
+    assert records["t0.9"]["teacher"] == {"distinct_2": pytest.approx(0.1), "length_mean": pytest.approx(20.9),
+                                          "vs_ground_truth": {"BLEU-4": pytest.approx(0.275),
+                                                              "CIDEr-D": pytest.approx(0.55),
+                                                              "attributes": pytest.approx(0.72)}}
+    assert records["gt"]["teacher"]["length_mean"] == len(CAPTION.split())
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("t0.2,sweep-t0.2,0.2,1,") and rows[2].endswith(",✓")
+    assert (out / "sweep.png").stat().st_size > 10_000 and read_manifest(out)["figures"]["temperature"] == 0.2
+    # main-chain listings leave the sweep's datasets and students out
+    assert RunDir(cfg.run_dir).distilled_sources() == []
+
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    run_sweep(cfg)  # finished: nothing distilled, trained or measured, nothing rewritten
+    assert (spies.generated, spies.trained, spies.validated) == (
+        ["sweep-t0.2", "sweep-t0.9"], ["gt", "sweep-t0.2", "sweep-t0.9"], ["gt", "sweep-t0.2", "sweep-t0.9"])
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+
+    (out / "manifest.json").unlink()  # killed before its summary: the points' records are kept
+    run_sweep(cfg)
+    assert len(spies.trained) == 3 and len(spies.validated) == 3 and read_manifest(out) is not None
+
+    wider = load_config(path, ["sweep.temperatures=[0.2,0.9,1.2]"])
+    run_sweep(wider)  # one more temperature: only its point is distilled and trained
+    assert spies.generated[2:] == ["sweep-t1.2"] and spies.trained[3:] == ["sweep-t1.2"]
+
+
+def test_points_run_one_by_one_then_the_summary_trains_nothing(spied_run):
+    """What the Slurm arrays do: each point alone (distil, then train), the summary job last."""
+    from pipeline.sweep.run import run_point, run_sweep
+
+    path, spies = spied_run
+    cfg = load_config(path)
+    for point in first_points(cfg.sweep):
+        run_point(cfg, point.id, only="distill")
+    assert spies.generated == ["sweep-t0.2", "sweep-t0.9"] and spies.trained == []
+    for point in first_points(cfg.sweep):
+        assert run_point(cfg, point.id, only="train")["point"] == point.id
+    run_sweep(cfg)
+    assert spies.trained == ["gt", "sweep-t0.2", "sweep-t0.9"] == spies.validated
+    assert json.loads((RunDir(cfg.run_dir).sweep / "best.json").read_text())["temperature"] == 0.2
+
+
+def test_report_gets_the_sweep_section_once_it_is_finished(spied_run):
+    from pipeline.sweep.run import run_sweep
+
+    path, _ = spied_run
+    cfg = load_config(path)
+    rd = RunDir(cfg.run_dir)
+    assert sweep_report(rd) is None and "sweep" not in depends.report(cfg, rd)[1]
+    run_sweep(cfg)
+    section = sweep_report(rd)
+    md = results_markdown([], {}, [], sweep=section)
+    assert "## Temperature sweep" in md and "**Chosen: T=0.2**" in md and "sweep.png" in md
+    assert md.count("| t0.") == 2 and "validation attributes" in md
+    assert depends.report(cfg, rd)[1]["sweep"] == read_manifest(rd.sweep)["fingerprint"]
