@@ -235,3 +235,51 @@ def test_report_gets_the_sweep_section_once_it_is_finished(spied_run):
     assert "## Temperature sweep" in md and "**Chosen: T=0.2**" in md and "sweep.png" in md
     assert md.count("| t0.") == 2 and "validation attributes" in md
     assert depends.report(cfg, rd)[1]["sweep"] == read_manifest(rd.sweep)["fingerprint"]
+
+
+def test_submit_plans_the_sweep_as_job_arrays_after_finetune(tmp_path):
+    from test_slurm import CHAIN, _config
+
+    from pipeline.cluster.slurm import parents, plan_chain, render_script
+
+    path = _config(tmp_path, slurm={"sweep": True}, sweep={"temperatures": [0.2, 0.9]})
+    cfg = load_config(path)
+    jobs = {j.name: j for j in plan_chain(cfg, path, [])}
+    waits = {name: parents(job, list(jobs.values())) for name, job in jobs.items()}
+    assert waits == {**CHAIN, "sweep-distill": ["finetune"], "sweep-train": ["prepare", "sweep-distill"],
+                     "sweep": ["sweep-distill", "sweep-train"], "report": [*CHAIN["report"], "sweep"]}
+    assert list(jobs)[-4:] == ["sweep-distill", "sweep-train", "sweep", "report"]
+    distill, train = jobs["sweep-distill"], jobs["sweep-train"]
+    assert (distill.array, train.array, jobs["sweep"].array) == (2, 3, None)
+    assert "points=(t0.2 t0.9)" in distill.command and "points=(gt t0.2 t0.9)" in train.command
+    assert '--point "${points[$SLURM_ARRAY_TASK_ID]}" --only distill' in distill.command
+    assert "--only train --wait" in train.command
+    assert "#SBATCH --array=0-2" in render_script(cfg, train, tmp_path, tmp_path)
+    assert jobs["sweep"].command.endswith(f"python -m stages.sweep --config {path}")
+    assert not any(name.startswith("sweep") for name in (j.name for j in plan_chain(
+        load_config(path, ["slurm.sweep=false"]), path, ["slurm.sweep=false"])))  # off by default
+
+
+def test_finished_sweep_points_are_not_resubmitted(spied_run):
+    from pipeline.cluster.sweep import plan_sweep
+    from pipeline.sweep.run import run_sweep
+
+    path, _ = spied_run
+    run_sweep(load_config(path))
+
+    def plan(*overrides, finetuned=True, force=False):
+        cfg = load_config(path, list(overrides))
+        return {j.name: j for j in plan_sweep(cfg, path, list(overrides), prepared=True, finetuned=finetuned,
+                                               force=force)}
+
+    assert all(job.done for job in plan().values())
+    wider = plan("sweep.temperatures=[0.2,0.9,1.2]")
+    assert [name for name, job in wider.items() if not job.done] == ["sweep-distill", "sweep-train", "sweep"]
+    assert "points=(t1.2)" in wider["sweep-distill"].command and "points=(t1.2)" in wider["sweep-train"].command
+    assert plan("students.epochs=3")["sweep-distill"].done and "points=(gt t0.2 t0.9)" in plan(
+        "students.epochs=3")["sweep-train"].command  # other student settings: train again, not distil
+    retaught = plan(finetuned=False)  # the teacher is being trained again: every point
+    assert not any(job.done for job in retaught.values()) and "points=(t0.2 t0.9)" in retaught["sweep-distill"].command
+    forced = plan(force=True)
+    assert not any(job.done for job in forced.values())
+    assert "--force" in forced["sweep-train"].command and "--force" not in forced["sweep"].command

@@ -1,7 +1,8 @@
 """The pipeline as Slurm batch jobs: render sbatch scripts, submit them with ``afterok`` dependencies, poll states.
 
 Chain: prepare -> finetune (1..N nodes) -> for each temperature: [reset ->] distill array over shards -> merge;
-prepare -> features (the frozen encoders' caches) -> students array over (architecture x source) -> report. A job
+prepare -> features (the frozen encoders' caches) -> students array over (architecture x source) -> report; with
+``slurm.sweep`` the temperature sweep's arrays (:mod:`pipeline.cluster.sweep`) before the report. A job
 is left out when its stage's own rule (:mod:`pipeline.depends`) finds its output up to date and no job it depends
 on is submitted. Scripts and ``submit.sh`` (the same chain by hand) are written into ``<run_dir>/slurm/`` before
 anything is submitted; ``jobs.json`` records the submitted ids.
@@ -132,7 +133,13 @@ def plan_chain(cfg: Config, config: Path, overrides: list[str], force: bool = Fa
                    + _stage("students", config, overrides, '"students.archs=[$1]"', '"students.sources=[$2]"',
                             *flags))
     jobs["students"] = Job("students", student_cmd, after, array=len(todo), gpus=min(gpus, 1), done=not stale)
-    add(Job("report", _stage("report", config, overrides, *flags), ["students", *(j.name for j in datasets.values())]),
+    if cfg.slurm.sweep:
+        from pipeline.cluster.sweep import plan_sweep
+
+        jobs.update((j.name, j) for j in plan_sweep(cfg, config, overrides, prepared=jobs["prepare"].done,
+                                                     finetuned=jobs["finetune"].done, force=force))
+    add(Job("report", _stage("report", config, overrides, *flags),
+            ["students", *(j.name for j in datasets.values()), *(["sweep"] if cfg.slurm.sweep else [])]),
         rd.report, partial(depends.report, cfg, rd))
     return list(jobs.values())
 
