@@ -151,7 +151,8 @@ def plot_sweep(records: Sequence[dict], best: dict, path: Path) -> None:
         for split, (name, colour) in splits.items():
             ax.plot(temps, [r[split][metric] for r in curve], marker="o", color=colour, label=name)
             if gt:
-                ax.axhline(gt[split][metric], color=colour, ls="--", lw=0.9, label=f"ground truth ({name})")
+                ax.axhline(gt[split][metric], color=colour, ls="--", lw=0.9,
+                           label=f"trained on ground truth ({name})")
             for r in records:
                 if r["kind"] in SWEEP_MARKERS:
                     ax.scatter(r["temperature"], r[split][metric], marker=SWEEP_MARKERS[r["kind"]], s=60,

@@ -100,3 +100,30 @@ def test_rerun_skips_finished_stages(demo_run):
     after = {p: p.stat().st_mtime_ns for p in demo_run.run_dir.rglob("manifest.json")}
     assert before == after
     assert json.loads((demo_run.run_dir / "report" / "manifest.json").read_text())["figures"]["students"] == 6
+
+
+@pytest.mark.slow
+def test_sweep_on_the_demo_then_rerun_trains_nothing_and_the_report_shows_it(demo_run):
+    """`make sweep` on the finished demo (one temperature; the ground-truth student is the demo's own)."""
+    config = str(demo_run.run_dir.parent / "config.yaml")
+    args = ("--config", config, "sweep.temperatures=[0.9]", "sweep.student=vgg19_gru")
+    res = run_stage("sweep", *args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "vgg19_gru__gt is up to date" in res.stderr  # the demo trained it already
+    sweep = demo_run.run_dir / "sweep"
+    best = json.loads((sweep / "best.json").read_text())
+    records = {r["point"]: r for r in json.loads((sweep / "points.json").read_text())}
+    assert best["temperature"] == 0.9 and set(records) == {"gt", "t0.9"}
+    metrics = json.loads((demo_run.run_dir / "students" / "vgg19_gru__sweep-t0.9" / "metrics.json").read_text())
+    assert records["t0.9"]["test"]["CIDEr-D"] == metrics["test"]["CIDEr-D"]
+    assert 0 < records["t0.9"]["val"]["attributes"] <= 1 and records["t0.9"]["teacher"]["distinct_2"] > 0
+    before = {p: p.stat().st_mtime_ns for p in demo_run.run_dir.rglob("manifest.json")}
+    res = run_stage("sweep", *args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert before == {p: p.stat().st_mtime_ns for p in demo_run.run_dir.rglob("manifest.json")}
+    res = run_stage("report", "--config", config, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (demo_run.run_dir / "report" / "results.md").read_text()
+    assert "## Temperature sweep" in md and "**Chosen: T=0.9**" in md and (demo_run.run_dir / "report" /
+                                                                         "sweep.png").is_file()
+    assert "sweep-t0.9" not in md.split("## Temperature sweep")[0]  # the main tables are the demo's own
