@@ -234,7 +234,7 @@ class SweepConfig(Section):
     temperatures: list[Annotated[StrictFloat, Field(ge=0.0)]] = Field([0.0, 0.2, 0.5, 0.7, 0.9, 1.2], min_length=1)
     student: Arch = "resnet101_gru"
     samples_per_image: list[Positive] = Field([1], min_length=1)  # k > 1 runs at the best temperature
-    unlabeled: StrictBool = False  # also gt + teacher captions of distill.unlabeled vs gt alone, at the best T
+    unlabeled: Path | None = None  # a folder of uncaptioned images: gt + their teacher captions vs gt alone, best T
     select_on: Literal["attributes", "CIDEr-D"] = "attributes"  # validation metric picking T; ties: the other one
 
     @model_validator(mode="after")
@@ -243,9 +243,10 @@ class SweepConfig(Section):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"sweep.{key}: {values} lists a value twice")
-        if any(k != 1 for k in self.samples_per_image) and "samples_per_image" not in DistillConfig.model_fields:
-            raise ValueError("sweep.samples_per_image: k > 1 needs distill.samples_per_image (multi-sample "
-                             "distillation), which this version does not have")
+        for key, used in (("samples_per_image", any(k != 1 for k in self.samples_per_image)),
+                          ("unlabeled", self.unlabeled is not None)):
+            if used and key not in DistillConfig.model_fields:
+                raise ValueError(f"sweep.{key}: needs distill.{key}, which this version does not have")
         return self
 
 
@@ -308,9 +309,6 @@ class Config(Section):
         if taken:
             raise ValueError(f"distill.temperatures: {taken[0]!r}: names starting with {SWEEP_PREFIX!r} are the "
                              "temperature sweep's (make sweep); choose another name")
-        if self.sweep.unlabeled and getattr(self.distill, "unlabeled", None) is None:
-            raise ValueError("sweep.unlabeled compares gt with gt + teacher captions of unlabelled images: set "
-                             "distill.unlabeled (a folder of images)")
         return self
 
 

@@ -55,7 +55,7 @@ def test_samples_run_at_the_best_temperature_above_zero_and_gains_are_measured(t
                _record(TEMPERATURE, 0.5, (0.81, 1.0), (0.79, 1.1)),
                _record(TEMPERATURE, 0.9, (0.82, 1.0), (0.77, 0.9))]
     assert best_temperatures(records, cfg.sweep) == (0.0, 0.9)  # greedy samples would all be the same
-    assert [p.id for p in extra_points(cfg.sweep.model_copy(update={"unlabeled": True}), 0.0, 0.9)] == ["t0-u"]
+    assert [p.id for p in extra_points(cfg.sweep.model_copy(update={"unlabeled": tmp_path}), 0.0, 0.9)] == ["t0-u"]
     records += [_record(SAMPLES, 0.9, (0.83, 1.05), (0.80, 0.95), k=3), _record(UNLABELED, 0.0, (0.84, 1.2),
                                                                                 (0.81, 1.0))]
     gains = {c["point"]: c for c in comparisons(records)}
@@ -72,7 +72,6 @@ def test_sweep_config_is_validated(tmp_path):
                              ("sweep.temperatures=[0.2,0.2]", "lists a value twice"),
                              ("sweep.temperatures=[]", "sweep.temperatures"),
                              ("sweep.temperatures=[-1]", "sweep.temperatures.0"),
-                             ("sweep.unlabeled=true", "distill.unlabeled"),
                              ("distill.temperatures.sweep-x=0.3", "the temperature sweep's")):
         with pytest.raises(ConfigError, match=needle):
             load_config(path, [override])

@@ -3,7 +3,7 @@
 Points: ``gt`` (the student on the ground truth, the reference), one per ``sweep.temperatures`` (the distilled
 dataset ``sweep-t<T>``), and, once the best temperature is known, one per ``sweep.samples_per_image`` k > 1
 (``sweep-t<T>-k<k>``) and with ``sweep.unlabeled`` the source ``gt+sweep-t<T>-u`` (the ground truth plus the
-teacher's captions of the unlabelled images of ``distill.unlabeled``). A point's record
+teacher's captions of the unlabelled images in that folder). A point's record
 (``<run_dir>/sweep/points/<id>.json``) holds its student's validation and test scores and its dataset's figures,
 with the fingerprint of the student it was measured on: a record whose student changed is measured again.
 """
@@ -63,14 +63,15 @@ def first_points(sweep: SweepConfig) -> list[Point]:
 
 def extra_ids(sweep: SweepConfig) -> list[str]:
     """The points run at the best temperature, by their command-line names: ``k<k>`` and ``unlabeled``."""
-    return [f"k{k}" for k in sweep.samples_per_image if k != 1] + ([UNLABELED_ID] if sweep.unlabeled else [])
+    unlabeled = [UNLABELED_ID] if sweep.unlabeled is not None else []
+    return [f"k{k}" for k in sweep.samples_per_image if k != 1] + unlabeled
 
 
 def extra_points(sweep: SweepConfig, best: float, samples_at: float | None) -> list[Point]:
     """The points run once the best temperature is known: the unlabelled images at ``best``, k samples per image at
     ``samples_at`` (the best temperature above 0: greedy samples would all be the same; None: left out)."""
     points = [] if samples_at is None else [Point(SAMPLES, samples_at, k) for k in sweep.samples_per_image if k != 1]
-    return points + ([Point(UNLABELED, best)] if sweep.unlabeled else [])
+    return points + ([Point(UNLABELED, best)] if sweep.unlabeled is not None else [])
 
 
 def parse_point(sweep: SweepConfig, point_id: str) -> Point | str:
@@ -96,7 +97,7 @@ def point_config(cfg: Config, point: Point) -> Config:
     if "samples_per_image" in DistillConfig.model_fields:
         out.distill.samples_per_image = point.samples
     if "unlabeled" in DistillConfig.model_fields:
-        out.distill.unlabeled = cfg.distill.unlabeled if point.kind == UNLABELED else None
+        out.distill.unlabeled = cfg.sweep.unlabeled if point.kind == UNLABELED else None
     return out
 
 
