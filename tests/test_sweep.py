@@ -19,6 +19,7 @@ from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, read_manif
 from pipeline.sweep.points import GT, SAMPLES, TEMPERATURE, UNLABELED, Point, extra_points, first_points
 from pipeline.sweep.summary import best_summary, best_temperatures, comparisons, select_best
 
+SWEEP = {"temperatures": [0.2, 0.9], "samples_per_image": [1], "unlabeled": None}  # whatever the demo config sweeps
 CAPTION = "The lady wears a short-sleeve T-shirt with pure color patterns. She wears a long denim skirt."
 
 
@@ -32,7 +33,7 @@ def _record(kind, temperature, val, test, k=1):
 
 
 def test_best_temperature_is_chosen_on_validation_when_test_disagrees(tmp_path):
-    cfg = load_config(write_config(tmp_path))
+    cfg = load_config(write_config(tmp_path, sweep=SWEEP))
     records = [_record(GT, None, (0.90, 1.5), (0.90, 1.5)),  # the ground truth is no candidate
                _record(TEMPERATURE, 0.0, (0.70, 0.8), (0.60, 0.7)),
                _record(TEMPERATURE, 0.5, (0.80, 0.9), (0.70, 0.8)),  # best on validation
@@ -49,7 +50,7 @@ def test_best_temperature_is_chosen_on_validation_when_test_disagrees(tmp_path):
 
 
 def test_samples_run_at_the_best_temperature_above_zero_and_gains_are_measured(tmp_path):
-    cfg = load_config(write_config(tmp_path))
+    cfg = load_config(write_config(tmp_path, sweep=SWEEP))
     records = [_record(GT, None, (0.80, 1.0), (0.78, 0.9)),
                _record(TEMPERATURE, 0.0, (0.85, 1.1), (0.80, 1.0)),
                _record(TEMPERATURE, 0.5, (0.81, 1.0), (0.79, 1.1)),
@@ -153,7 +154,7 @@ def _gt_rows():
 @pytest.fixture
 def spied_run(tmp_path, monkeypatch):
     """A run with prepared data and a finished teacher (manifests), the spies in place of the real work."""
-    path = write_config(tmp_path, sweep={"temperatures": [0.2, 0.9]})
+    path = write_config(tmp_path, sweep=SWEEP)
     cfg = load_config(path)
     rd = RunDir(cfg.run_dir)
     to_hf_dataset(_gt_rows()).save_to_disk(str(rd.data / "captions"))
@@ -241,7 +242,7 @@ def test_submit_plans_the_sweep_as_job_arrays_after_finetune(tmp_path):
 
     from pipeline.cluster.slurm import parents, plan_chain, render_script
 
-    path = _config(tmp_path, slurm={"sweep": True}, sweep={"temperatures": [0.2, 0.9]})
+    path = _config(tmp_path, slurm={"sweep": True}, sweep=SWEEP)
     cfg = load_config(path)
     jobs = {j.name: j for j in plan_chain(cfg, path, [])}
     waits = {name: parents(job, list(jobs.values())) for name, job in jobs.items()}
