@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || echo "WARNING: java not found; METEOR needs it (Debian: apt-get install default-jre-headless)"
 	touch $(STAMP)
 
-# make demo [JOBS=n]: n parallel lanes (default: the CPUs available, at most 4; JOBS=1 runs one step at a time)
+# make demo [JOBS=n]: n parallel workers (default: the CPUs available, at most 4; JOBS=1 runs one step at a time)
 JOBS ?=
 demo: $(STAMP)
 	$(call STAGE,demo) $(if $(JOBS),--jobs $(JOBS))

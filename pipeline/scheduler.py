@@ -1,0 +1,131 @@
+"""Stage commands on a few parallel workers of one machine: how `make demo` uses every core of a laptop.
+
+The demo's models are small: a second torch thread buys them little, a second process doing other work almost 2x.
+Each :class:`Step` is a command line that may name steps it comes ``after``; ``workers`` threads each take the first
+step in list order whose prerequisites have finished and run it as a child process with an equal share of the CPUs
+(``OMP_NUM_THREADS``, which :func:`pipeline.cpus.cpu_share` honours). So the list is a priority order and the
+schedule balances itself (the teacher's chain beside the ground-truth students, each distilled source's students as
+soon as its dataset exists). With one worker the steps stream their output to the terminal; with several, each
+writes ``<log_dir>/<step>.log`` and the terminal gets a progress bar and a line per finished step. The first failing
+step stops the run (running steps are terminated; their outputs resume on the next run, as after a crash) and
+raises one line naming the step, its last error line and its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    after: tuple[str, ...] = ()  # names of earlier steps that must finish first
+
+
+def stage_step(name: str, stage: str, config: str, overrides: Sequence[str], *extra: str,
+               after: tuple[str, ...] = ()) -> Step:
+    """``python -m stages.<stage> --config <config> [overrides] [extra]`` as a step called ``name``."""
+    return Step(name, [sys.executable, "-m", f"stages.{stage}", "--config", config, *overrides, *extra], after)
+
+
+def _log_name(step: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", step).strip("_") + ".log"
+
+
+def _last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    errors = [ln for ln in lines if ": error:" in ln or ln.startswith(("Traceback", "RuntimeError", "Error"))]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+class _Run:
+    def __init__(self, steps: list[Step], workers: int, log_dir: Path, threads: int):
+        self.pending, self.workers, self.log_dir, self.threads = list(steps), workers, log_dir, threads
+        self.stream = workers == 1
+        self.done: set[str] = set()
+        self.failed: tuple[Step, int, Path] | None = None
+        self.running: set[subprocess.Popen] = set()
+        self.cond = threading.Condition()
+        self.bar = tqdm(total=len(steps), desc="steps", unit="step", disable=self.stream)
+
+    def _next(self) -> Step | None:
+        with self.cond:
+            while not self.failed and self.pending:
+                ready = next((s for s in self.pending if self.done.issuperset(s.after)), None)
+                if ready:
+                    self.pending.remove(ready)
+                    return ready
+                self.cond.wait()
+            return None
+
+    def _run(self, step: Step) -> None:
+        log = self.log_dir / _log_name(step.name)
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            out = None if self.stream else stack.enter_context(open(log, "w", encoding="utf-8"))
+            with self.cond:
+                if self.failed:
+                    return
+                proc = subprocess.Popen(step.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
+                self.running.add(proc)
+            code = proc.wait()
+        with self.cond:
+            self.running.discard(proc)
+            if code and not self.failed:
+                self.failed = (step, code, log)
+                for other in self.running:
+                    other.terminate()
+            elif not code:
+                self.done.add(step.name)
+                self.bar.update()
+                self.bar.write(f"{step.name}: done in {time.perf_counter() - started:.0f} s"
+                               + ("" if self.stream else f" (log: {log})"))
+            self.cond.notify_all()
+
+    def _worker(self) -> None:
+        while step := self._next():
+            self._run(step)
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.bar.close()
+        if self.failed:
+            step, code, log = self.failed
+            where = "" if self.stream else f": {_last_error(log)} (log: {log})"
+            raise PipelineError(f"{step.name} failed with exit status {code}{where}")
+
+
+def run_steps(steps: list[Step], workers: int, log_dir: Path, cpus: int) -> None:
+    """Run ``steps`` on ``workers`` parallel workers sharing ``cpus`` CPUs equally (each step after the steps it
+    names, which must come before it in the list); raise on the first failure."""
+    seen: set[str] = set()
+    for step in steps:
+        if step.name in seen:
+            raise ValueError(f"two steps are called {step.name!r}")
+        missing = set(step.after) - seen
+        if missing:
+            raise ValueError(f"step {step.name!r} comes after {sorted(missing)}, which are not earlier steps")
+        seen.add(step.name)
+    workers = max(1, min(workers, len(steps)))
+    if steps:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _Run(steps, workers, log_dir, max(1, cpus // workers)).run()
