@@ -36,13 +36,16 @@ def _card(metadata: Mapping[str, Any], body: str) -> str:
 
 
 def caption_source(folder: Path, name: str) -> dict[str, Any]:
-    """Where a source's captions came from: ``gt`` (the dataset's own) or a distilled dataset (its ``meta.json``)."""
+    """Where a source's captions came from: ``gt`` (the dataset's own), a distilled dataset (its ``meta.json``) or
+    ``gt+<dataset>`` (the ground truth plus that dataset's captions of its unlabelled images)."""
     if name == "gt":
         return {"name": "gt", "kind": "ground truth", "teacher": None, "temperature": None, "top_p": None}
     meta = json.loads((folder / "meta.json").read_text())
-    return {"name": name, "kind": "distilled", "teacher": meta.get("teacher_model", meta.get("teacher_dir")),
+    kind = "ground truth + distilled unlabelled" if name.startswith("gt+") else "distilled"
+    return {"name": name, "kind": kind, "teacher": meta.get("teacher_model", meta.get("teacher_dir")),
             "adapter": meta.get("adapter"), "temperature": meta["temperature"], "top_p": meta["top_p"],
-            "prompt": meta["prompt"], "seed": meta["seed"], "dataset": str(folder)}
+            "prompt": meta["prompt"], "seed": meta["seed"], "dataset": str(folder),
+            "samples_per_image": meta.get("samples_per_image", 1), "unlabeled": meta.get("unlabeled")}
 
 
 def _model_index(name: str, test: Mapping[str, float], attribute_macro: float) -> list[dict]:
@@ -75,9 +78,12 @@ def student_card(meta: Mapping[str, Any], *, folder: Path) -> str:
                                                               for a, v in attributes["per_attribute"].items()},
                          "test_images": tm["test_images"]},
     }
+    teacher = (f"captions the fine-tuned teacher ({source['teacher']}) wrote at temperature "
+               f"{source['temperature']}, top-p {source['top_p']}, {source.get('samples_per_image', 1)} per image")
     trained_on = ("the dataset's own (ground-truth) captions" if source["name"] == "gt" else
-                  f"captions the fine-tuned teacher ({source['teacher']}) wrote at temperature "
-                  f"{source['temperature']}, top-p {source['top_p']} (dataset `{source['name']}`)")
+                  f"the ground-truth captions plus {teacher} of the unlabelled images in `{source['unlabeled']}` "
+                  f"(dataset `{source['dataset']}`)" if source["kind"].startswith("ground truth") else
+                  f"{teacher} (dataset `{source['name']}`)")
     rows = [[m, v] for m, v in tm["test"].items()] + [["attribute accuracy (macro)", attributes["macro"]]]
     per_attribute = [[label, attributes["per_attribute"][a]] for a, label in ATTRIBUTES.items()]
     encoder_state = "fine-tuned" if meta["encoder_finetuned"] else "frozen"
@@ -138,7 +144,8 @@ def dataset_card(*, name: str, meta: Mapping[str, Any], diagnostics: Mapping[str
         "size_categories": ["n<1K" if total < 1000 else "1K<n<10K" if total < 10_000 else "10K<n<100K"],
         "teacher": meta.get("teacher_model", meta.get("teacher_dir")), "adapter": meta.get("adapter"),
         "prompt": meta["prompt"], "temperature": meta["temperature"], "top_p": meta["top_p"], "seed": meta["seed"],
-        "max_new_tokens": meta["max_new_tokens"], "counts": {**dict(counts), "rejected": rejected},
+        "max_new_tokens": meta["max_new_tokens"], "samples_per_image": meta.get("samples_per_image", 1),
+        "unlabeled": diagnostics.get("unlabeled"), "counts": {**dict(counts), "rejected": rejected},
         "diagnostics": {k: diagnostics[k] for k in ("length_mean", "length_p50", "length_p95", "vocabulary",
                                                     "distinct_1", "distinct_2", "share_empty", "share_truncated")}
         | {"vs_ground_truth": {"BLEU-4": vs_gt["BLEU-4"], "CIDEr-D": vs_gt["CIDEr-D"],
@@ -147,21 +154,27 @@ def dataset_card(*, name: str, meta: Mapping[str, Any], diagnostics: Mapping[str
                                "attribute_accuracy": on_test["attributes"]["macro"]}},
     }
     split_counts = " / ".join(str(counts.get(split, 0)) for split in ("train", "val", "test"))
-    rows = [["captions (train / val / test)", split_counts],
-            ["rejected (empty or truncated)", rejected], ["mean length (words)", diagnostics["length_mean"]],
+    k, unlabeled = metadata["samples_per_image"], metadata["unlabeled"]
+    rows = [["captions (train / val / test)", split_counts], ["captions per train/val image", k],
+            *([["unlabelled images: captioned / skipped", f"{unlabeled['captioned']} / {unlabeled['skipped']}"]]
+              if unlabeled else []),
+            ["rejected (empty or truncated; skipped unlabelled files)", rejected],
+            ["mean length (words)", diagnostics["length_mean"]],
             ["vocabulary", diagnostics["vocabulary"]], ["distinct-2", diagnostics["distinct_2"]],
             ["BLEU-4 / CIDEr-D vs ground truth", f"{vs_gt['BLEU-4']:.3f} / {vs_gt['CIDEr-D']:.3f}"],
             ["attribute accuracy vs ground truth", vs_gt["attributes"]["macro"]],
             ["teacher on the test split: attribute accuracy", on_test["attributes"]["macro"]]]
+    unlabeled_text = f" and the unlabelled images of `{unlabeled['folder']}` (train split)" if unlabeled else ""
     body = f"""# `{name}`: fashion captions written by a fine-tuned LLaVA teacher
 
-Every train and val image of the run captioned by the teacher `{metadata['teacher']}`
+Every train and val image of the run{unlabeled_text} captioned {k} time(s) by the teacher `{metadata['teacher']}`
 (LoRA adapter `{meta.get('adapter')}`) with the prompt "{meta['prompt']}", temperature {meta['temperature']},
-top-p {meta['top_p']}, each image's sample seeded from (seed {meta['seed']}, image id). The test split is the
+top-p {meta['top_p']}, sample j of an image seeded from (seed {meta['seed']}, image id, j). The test split is the
 ground truth, unchanged: students trained on these captions are scored against it.
 
 {markdown_table(['', 'value'], rows)}
 Files: `captions/` (Hugging Face `datasets`, splits train/val/test, columns `image_id, image_path, caption, split,
-source`), `generations.jsonl`, `meta.json`, `diagnostics.json`, `rejected.json`, `test_generations.json`.
+source, sample, origin`: `sample` is j, `origin` is `dataset` or `unlabeled`), `generations.jsonl`, `meta.json`,
+`diagnostics.json`, `rejected.json`, `test_generations.json`.
 """
     return _card(metadata, body)

@@ -64,11 +64,15 @@ class DataConfig(Section):
     workers: Positive = 2
     synthetic: SyntheticData | None = None  # when set and data.root is missing, DeepFashion-lite is generated there
     pretraining: PretrainingImages | None = None  # rendered (needs `synthetic`) for the demo's stand-ins
+    # rendered (needs `synthetic`) when a distillation first reads it: distill.unlabeled=<root>/images. Not part of
+    # what `prepare` depends on: turning it on reruns nothing
+    unlabeled_pool: PretrainingImages | None = None
 
     @model_validator(mode="after")
-    def _pretraining_needs_synthetic(self) -> DataConfig:
-        if self.pretraining is not None and self.synthetic is None:
-            raise ValueError("data.pretraining renders images: it needs data.synthetic")
+    def _rendered_sets_need_synthetic(self) -> DataConfig:
+        for key in ("pretraining", "unlabeled_pool"):
+            if getattr(self, key) is not None and self.synthetic is None:
+                raise ValueError(f"data.{key} renders images: it needs data.synthetic")
         return self
 
 
@@ -162,6 +166,19 @@ class DistillConfig(Section):
     backend: Literal["transformers"] = "transformers"  # batched HF generate (a vLLM backend is not built yet)
     # what `make demo` / `make submit` run
     temperatures: dict[Name, Annotated[StrictFloat, Field(ge=0.0)]] = {"precise": 0.2, "creative": 0.9}
+    samples_per_image: Positive = 1  # k captions per train/val image; sample j seeded from (seed, image id, j)
+    unlabeled: Path | None = None  # a folder of uncaptioned images the teacher captions into the train split
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.samples_per_image > 1:
+            greedy = [key for key, t in (("distill.temperature", self.temperature),
+                                         *((f"distill.temperatures.{n}", t) for n, t in self.temperatures.items()))
+                      if t == 0]
+            if greedy:
+                raise ValueError(f"distill.samples_per_image: {self.samples_per_image} samples at {greedy[0]}=0 "
+                                 "would be identical (greedy); use 1 or a temperature above 0")
+        return self
 
     @property
     def dataset_name(self) -> str:
@@ -189,9 +206,14 @@ class EncoderSettings(Section):
     stand_in: EncoderStandIn | None = None  # demo: build `weights_dir`'s weights by pretraining on data.pretraining
 
 
+# a caption source of the students: gt, a distilled dataset's name, or gt+<dataset> (the ground truth plus the
+# dataset's captions of its unlabelled images)
+SourceName = Annotated[str, Field(pattern=r"^(gt\+)?[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
 class StudentsConfig(Section):
     archs: list[str] = ["vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer"]
-    sources: list[Name] | None = None  # caption sources; None = gt + every distilled dataset in the run
+    sources: list[SourceName] | None = None  # caption sources; None = gt + every distilled dataset in the run
     encoder: EncoderSettings = EncoderSettings()
     embed_dim: Positive = 512
     hidden_dim: Positive = 512
@@ -291,8 +313,9 @@ class Config(Section):
     def _check(self) -> Config:
         if self.teacher.train.bf16 and self.teacher.train.fp16:
             raise ValueError("teacher.train.bf16 and teacher.train.fp16 are both true; choose one")
-        for key, path in (("data.root", self.data.root), ("teacher.model", self.teacher.model)):
-            for output in RunDir(self.run_dir).output_folders():
+        for key, path in (("data.root", self.data.root), ("teacher.model", self.teacher.model),
+                          ("distill.unlabeled", self.distill.unlabeled)):
+            for output in () if path is None else RunDir(self.run_dir).output_folders():
                 if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(output)):
                     raise ValueError(f"{key}: {path} is inside {output}, an output folder the pipeline replaces; "
                                      "put it elsewhere")

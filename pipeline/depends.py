@@ -30,7 +30,8 @@ from pipeline.sweep.points import extra_ids, extra_points, first_points, point_c
 
 Depends = tuple[dict[str, Any], dict[str, str]]
 STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
-SCORING = "ngram+attributes+reliance"  # what a student's metrics.json holds: a change rescores every student
+SCORING = "ngram+attributes+reliance"
+COMBINED_PREFIX = "gt+"  # a source gt+<dataset>: the ground truth + the dataset's captions of unlabelled images  # what a student's metrics.json holds: a change rescores every student
 
 
 def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
@@ -42,9 +43,12 @@ def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
 
 
 def prepare(cfg: Config) -> Depends:
-    """`prepare`: the seed and the data section; the raw dataset at ``data.root``."""
+    """`prepare`: the seed and the data section (but the unlabelled pool, which it does not read); the raw dataset at
+    ``data.root``."""
     layout = detect_layout(cfg.data.root, cfg.data.layout)
-    return {"seed": cfg.seed, "data": config_slice(cfg, "data")["data"]}, raw_fingerprints(cfg.data.root, layout)
+    data = config_slice(cfg, "data")["data"]
+    data.pop("unlabeled_pool")
+    return {"seed": cfg.seed, "data": data}, raw_fingerprints(cfg.data.root, layout)
 
 
 def finetune(cfg: Config, rd: RunDir) -> Depends:
@@ -55,29 +59,50 @@ def finetune(cfg: Config, rd: RunDir) -> Depends:
 
 
 def distill(cfg: Config, rd: RunDir) -> Depends:
-    """`distill` of ``cfg.distill.dataset_name``: the sampling settings and prompt; the data and the teacher."""
+    """`distill` of ``cfg.distill.dataset_name``: the sampling settings, samples per image, prompt and unlabelled
+    folder; the data, the teacher and the unlabelled images (names, sizes, mtimes)."""
     d = cfg.distill
     config = {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
               "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend,
-              "precision": cfg.teacher.precision, "attn_implementation": cfg.teacher.attn_implementation}
+              "precision": cfg.teacher.precision, "attn_implementation": cfg.teacher.attn_implementation,
+              "samples_per_image": d.samples_per_image, "unlabeled": d.unlabeled and str(d.unlabeled)}
     inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
               "teacher": require_stage(rd.teacher, "finetune")["fingerprint"]}
+    if d.unlabeled is not None:
+        inputs["unlabeled"] = fingerprint_tree(d.unlabeled) if d.unlabeled.is_dir() else "missing"
     return config, inputs
 
 
+def source_dataset(source: str) -> str | None:
+    """The distilled dataset a caption source reads: ``None`` for ``gt``, ``<name>`` for ``<name>`` and
+    ``gt+<name>``."""
+    return None if source == "gt" else source.removeprefix(COMBINED_PREFIX)
+
+
 def source_dir(rd: RunDir, source: str) -> Path:
-    """The folder of a caption source: the prepared data for ``gt``, else the distilled dataset of that name."""
-    return rd.data if source == "gt" else rd.distill(source)
+    """The folder of a caption source: the prepared data for ``gt``, else the distilled dataset it reads."""
+    dataset = source_dataset(source)
+    return rd.data if dataset is None else rd.distill(dataset)
+
+
+def require_source(rd: RunDir, source: str) -> dict[str, Any]:
+    """The manifest of the stage output a caption source reads; one line naming what to run first when missing."""
+    return require_stage(source_dir(rd, source), "prepare" if source == "gt" else "distill")
 
 
 def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
-    """One `students` model: the seed, architecture, source and student settings; its captions and the ground truth."""
+    """One `students` model: the seed, architecture, source and student settings; its captions and the ground truth.
+    Every source validates on the ground truth (``validation``: distilled sources validated on their teacher's val
+    captions before)."""
     settings = config_slice(cfg, "students")["students"]
     for key in STUDENT_KEYS_IGNORED:
         settings.pop(key)
-    inputs = {"captions": require_stage(source_dir(rd, source), "prepare" if source == "gt" else "distill")
-              ["fingerprint"], "ground_truth": require_stage(rd.data, "prepare")["fingerprint"]}
-    return {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}, inputs
+    inputs = {"captions": require_source(rd, source)["fingerprint"],
+              "ground_truth": require_stage(rd.data, "prepare")["fingerprint"]}
+    config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}
+    if source != "gt":
+        config["validation"] = "gt"
+    return config, inputs
 
 
 def _finished(folder: Path, stage: str, key: Depends) -> str:

@@ -1,6 +1,8 @@
 """`students`: train every (architecture x caption source) and score it on the ground-truth test split.
 
-Sources are ``gt`` plus every finished distilled dataset of the run (or ``students.sources``). Output per model in
+Sources are ``gt`` plus every finished distilled dataset of the run (or ``students.sources``, which may also name
+``gt+<dataset>``: the ground truth plus the dataset's captions of its unlabelled images). Every source trains on its
+own train rows and is validated and tested on the ground truth. Output per model in
 ``<run_dir>/students/<arch>__<source>/``: ``best/`` (self-describing: decoder and encoder safetensors,
 student.json, vocab.json, README.md model card; what ``make caption`` and ``make export`` take), ``last/`` (resume),
 ``metrics.json`` (n-gram metrics, attribute accuracy, image reliance), ``predictions.jsonl``, ``curves.json``,
@@ -16,13 +18,13 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data.formats import load_captions, split_rows
-from pipeline.depends import source_dir
+from pipeline.depends import require_source
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
 from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, source_baselines
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, claim_output, require_stage
-from pipeline.students.experiment import SPLITS, run_experiment, student_dir
+from pipeline.students.experiment import SPLITS, run_experiment, source_rows, student_dir
 from stages.cli import stage_main, waits
 
 
@@ -56,10 +58,10 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         return rd.students / "features"
     sources = cfg.students.sources or ["gt", *rd.distilled_sources()]
     for s in sources:
-        require_stage(source_dir(rd, s), "prepare" if s == "gt" else "distill")
+        require_source(rd, s)
     with CaptionScorer(meteor=True) as scorer:
         for source in sources:
-            rows = gt if source == "gt" else _rows(rd.distill(source))
+            rows = source_rows(rd, source, gt)
             atomic_write_json(rd.students / f"baseline__{source}" / "metrics.json",
                               source_baselines(scorer, [r["caption"] for r in rows["train"]], gt["test"]))
             for arch in cfg.students.archs:  # one lock per model: array tasks train different ones in parallel

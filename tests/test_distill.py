@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_stage
@@ -66,7 +67,10 @@ def test_outputs_meta_and_diagnostics(trained):
     cfg = _distill(trained, "distill.temperature=0.2", "distill.name=precise")
     out = cfg.run_dir / "distill" / "precise"
     ds = load_captions(out / "captions")
-    assert set(split_rows(ds, "train")[0]) == {"image_id", "image_path", "caption", "split", "source"}
+    assert set(split_rows(ds, "train")[0]) == {"image_id", "image_path", "caption", "split", "source", "sample",
+                                               "origin"}
+    assert {(r["sample"], r["origin"]) for s in ("train", "val", "test") for r in split_rows(ds, s)} == {
+        (0, "dataset")}
     assert {r["source"] for r in split_rows(ds, "train")} == {"precise"}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["temperature"] == 0.2 and meta["seed"] == cfg.seed and meta["teacher_fingerprint"]
@@ -81,14 +85,14 @@ def test_outputs_meta_and_diagnostics(trained):
     generations = read_generations(out / "generations.jsonl")
     with CaptionScorer(meteor=False) as scorer:
         agree = scorer.score({r["image_id"]: [r["caption"]] for r in rows},
-                             {r["image_id"]: generations[r["image_id"]]["caption"] for r in rows})
+                             {r["image_id"]: generations[r["image_id"], 0]["caption"] for r in rows})
     assert {k: diag["vs_ground_truth"][k] for k in ("BLEU-4", "CIDEr-D")} == pytest.approx(
         {k: agree[k] for k in ("BLEU-4", "CIDEr-D")})
     from pipeline.attribute_metrics import attribute_accuracy, majority_baseline
 
     references = {r["image_id"]: r["caption"] for r in rows}
     assert diag["vs_ground_truth"]["attributes"] == attribute_accuracy(
-        references, {k: generations[k]["caption"] for k in references})
+        references, {k: generations[k, 0]["caption"] for k in references})
     test = split_rows(gt, "test")
     assert diag["majority_attributes"] == majority_baseline([r["caption"] for r in split_rows(gt, "train")],
                                                             {r["image_id"]: r["caption"] for r in test})
@@ -184,3 +188,142 @@ def test_each_shard_has_its_own_lock(make_config):
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- several captions per image and unlabelled images (issue 15) ---
+
+K2 = ("distill.temperature=0.9", "distill.samples_per_image=2")
+
+
+def _noise_image(path, seed):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+
+
+def _generations(out):
+    """Every (image id, sample) -> record of the generation files in ``out``, and the number of lines."""
+    records, lines = {}, 0
+    for file in sorted(out.glob("generations*.jsonl")):
+        records.update(read_generations(file))
+        lines += len(file.read_text().splitlines())
+    return records, lines
+
+
+@pytest.fixture(scope="module")
+def photos(trained, tmp_path_factory):
+    """An unlabelled folder: two new photos, a copy of a train image, a broken file, a text file, a hidden file."""
+    import shutil
+
+    cfg = load_config(trained)
+    train = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "train")
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "sub").mkdir()
+    _noise_image(folder / "new.png", 1)
+    _noise_image(folder / "sub" / "other.jpg", 2)
+    shutil.copy(train[0]["image_path"], folder / "copy-of-train.jpg")
+    shutil.copy(train[1]["image_path"], folder / ".hidden.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (folder / "notes.txt").write_text("no image here")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed(trained, photos):
+    """k=2 samples per image plus the unlabelled photos, distilled in one go (batch size 8)."""
+    return _distill(trained, *K2, "distill.name=mixed", f"distill.unlabeled={photos}")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_k_samples_do_not_depend_on_batch_size_shards_or_a_crash(trained, photos, mixed, monkeypatch):
+    from pipeline.teacher import distill
+    from pipeline.teacher.generate import image_seed, sample_seed
+
+    assert sample_seed(7, "x", 0) == image_seed(7, "x") != sample_seed(7, "x", 1)  # k=1 datasets keep their seeds
+    reference, _ = _generations(mixed.run_dir / "distill" / "mixed")
+    args = (*K2, "distill.name=crashed", f"distill.unlabeled={photos}", "distill.batch_size=5")
+    _distill(trained, *args, force=False, shard="0/2")
+    real, calls = distill.generate_captions, []
+
+    def crashing(*a, **k):  # the process dies in its 6th batch, after 5 batches were written
+        calls.append(1)
+        if len(calls) == 6:
+            raise _Crash
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill, "generate_captions", crashing)
+    with pytest.raises(_Crash):
+        _distill(trained, *args, force=False, shard="1/2")
+    monkeypatch.undo()
+    shard1 = load_config(trained, list(args)).run_dir / "distill" / "crashed" / "generations.shard-1-of-2.jsonl"
+    assert sum("caption" in r for r in read_generations(shard1).values()) == 25  # 5 batches of 5
+    with open(shard1, "a") as fh:
+        fh.write('{"image_id": "torn')  # a write cut short by the kill
+    _distill(trained, *args, force=False, shard="1/2")  # resumes
+    merged = _distill(trained, *args, force=False, merge=True)
+    out = merged.run_dir / "distill" / "crashed"
+    again, n_lines = _generations(out)
+    assert again == reference and n_lines == len(reference)  # same samples, each written once
+    gt = load_captions(merged.run_dir / "data" / "captions")
+    labelled = split_rows(gt, "train") + split_rows(gt, "val")
+    assert {j for (i, j) in reference if i.startswith("unlabeled/")} == {0, 1}
+    assert {k for k in reference if k[0] in {r["image_id"] for r in labelled}} == {
+        (r["image_id"], j) for r in labelled for j in (0, 1)}
+    test_ids = {r["image_id"] for r in split_rows(gt, "test")}
+    assert {k for k in reference if k[0] in test_ids} == {(i, 0) for i in test_ids}  # the test images: once
+    assert _dataset(merged, "crashed") == _dataset(mixed, "mixed")
+    differ = [i for i in {r["image_id"] for r in labelled} if reference[i, 0]["caption"] != reference[i, 1]["caption"]]
+    assert len(differ) > len(labelled) / 2  # two samples, not one caption twice
+
+
+def test_unlabeled_images_are_captioned_marked_and_bad_files_reported(mixed, photos):
+    out = mixed.run_dir / "distill" / "mixed"
+    ds = load_captions(out / "captions")
+    generations, _ = _generations(out)
+    rejected = json.loads((out / "rejected.json").read_text())
+    train = split_rows(ds, "train")
+    new = {"unlabeled/new.png", "unlabeled/sub/other.jpg"}
+    kept = {(r["image_id"], r["sample"]) for r in train if r["origin"] == "unlabeled"}
+    dropped = {(r["image_id"], r["sample"]) for r in rejected if "sample" in r and r["image_id"] in new}
+    assert kept | dropped == {(i, j) for i in new for j in (0, 1)} and not kept & dropped
+    assert all(r["split"] == "train" and r["caption"] == generations[r["image_id"], r["sample"]]["caption"]
+               and r["image_path"] == str(photos / r["image_id"].removeprefix("unlabeled/"))
+               for r in train if r["origin"] == "unlabeled")
+    assert not any(r["origin"] == "unlabeled" for s in ("val", "test") for r in split_rows(ds, s))
+    skipped = {r["image_id"]: r["reason"] for r in rejected if "path" in r}
+    assert set(skipped) == {"unlabeled/copy-of-train.jpg", "unlabeled/broken.jpg", "unlabeled/notes.txt"}
+    assert skipped["unlabeled/copy-of-train.jpg"].startswith("train image ")
+    assert skipped["unlabeled/broken.jpg"].startswith("unreadable image")
+    assert skipped["unlabeled/notes.txt"].startswith("unreadable image")
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert diag["samples_per_image"] == 2
+    assert diag["unlabeled"] == {"folder": str(photos), "images": 5, "captioned": 2, "skipped": 3,
+                                 "captions": len(kept)}
+    card = front_matter((out / "README.md").read_text())
+    assert card["samples_per_image"] == 2 and card["unlabeled"] == diag["unlabeled"]
+    assert json.loads((out / "meta.json").read_text())["unlabeled"] == str(photos)
+
+
+def test_unlabeled_test_images_are_refused_before_any_caption(trained, tmp_path):
+    from pipeline.errors import PipelineError
+
+    cfg = load_config(trained)
+    test = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "test")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _noise_image(folder / "fine.png", 3)
+    copy = folder / "exam.jpg"
+    copy.write_bytes(Path(test[0]["image_path"]).read_bytes())
+    args = ("distill.name=refused", f"distill.unlabeled={folder}")
+    with pytest.raises(PipelineError, match=rf"^{copy}: is test image '{test[0]['image_id']}' \(same bytes"):
+        _distill(trained, *args)
+    copy.unlink()
+    (folder / "link.jpg").symlink_to(test[1]["image_path"])
+    with pytest.raises(PipelineError, match=rf"^{folder / 'link.jpg'}: is test image '{test[1]['image_id']}' "
+                                            r"\(same file\)"):
+        _distill(trained, *args)
+    assert _generations(cfg.run_dir / "distill" / "refused") == ({}, 0)  # nothing captioned

@@ -114,13 +114,14 @@ def plan_chain(cfg: Config, config: Path, overrides: list[str], force: bool = Fa
     combos = [(a, s) for s in sources for a in cfg.students.archs]
     stale = []  # the (arch, source) models to train: an input job is submitted or the model is not up to date
     for arch, source in combos:
-        upstream = [jobs["prepare"], *([datasets[source]] if source in datasets else [])]
+        dataset = depends.source_dataset(source)  # gt+<name> waits for <name> too
+        upstream = [jobs["prepare"], *([datasets[dataset]] if dataset in datasets else [])]
         pinned = [*overrides, f"students.archs=[{arch}]", f"students.sources=[{source}]"]
         key = partial(depends.student, load_config(config, pinned), rd, arch, source)
         if force or not all(j.done for j in upstream) or not _up_to_date(rd.students / f"{arch}__{source}", key):
             stale.append((arch, source))
     todo = stale or combos  # the script of a finished students job still lists every model
-    todo_sources = {s for _, s in todo}
+    todo_sources = {depends.source_dataset(s) for _, s in todo}
     after = ["prepare", *(job.name for s, job in datasets.items() if s in todo_sources)]
     if not cfg.students.encoder.finetune:  # frozen encoders: their feature caches are built once, before the array
         archs = list(dict.fromkeys(a for a, _ in todo))

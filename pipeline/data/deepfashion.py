@@ -88,7 +88,9 @@ def unit_hash(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _check_image(path: Path, mode: str) -> str | None:
+def check_image(path: Path, mode: str) -> str | None:
+    """Why ``path`` is not a usable image (``mode`` ``decode``: decoded in full; ``header``: header verified), or
+    ``None``."""
     try:
         with Image.open(path) as im:
             if mode == "decode":
@@ -130,7 +132,7 @@ def read_dataset(root: Path, layout: str, *, seed: int, test_fraction: float, va
 
     image_dir = root / IMAGE_DIR
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        checks = list(tqdm(ex.map(lambda a: _check_image(image_dir / a[2], check_images), accepted, chunksize=256),
+        checks = list(tqdm(ex.map(lambda a: check_image(image_dir / a[2], check_images), accepted, chunksize=256),
                            total=len(accepted), desc="check images", unit="img", disable=len(accepted) < 2000))
     records = []
     for (file, split, key, caption), problem in zip(accepted, checks):

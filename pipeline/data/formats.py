@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +13,25 @@ from pipeline.data.text import tokenize
 INSTRUCTION = "Please describe this image in deepfashion dataset style."
 SPLITS = ("train", "val", "test")
 COLUMNS = ("image_id", "image_path", "caption", "split", "source")
+# a distilled dataset's columns beyond COLUMNS: `sample` j of the image's k teacher captions, and `origin`: whether
+# the image is one of the prepared dataset's or came from the unlabelled folder (distill.unlabeled)
+DISTILL_COLUMNS = {"sample": "int32", "origin": "string"}
+ORIGIN_DATASET, ORIGIN_UNLABELED = "dataset", "unlabeled"
 
 
-def to_hf_dataset(rows: Sequence[dict[str, Any]]):
-    """A `datasets.DatasetDict` with the columns in COLUMNS and one entry per non-empty split of SPLITS.
+def to_hf_dataset(rows: Sequence[dict[str, Any]], extra: Mapping[str, str] | None = None):
+    """A `datasets.DatasetDict` with the columns in COLUMNS (strings), then the ``extra`` columns (name -> `datasets`
+    dtype), and one entry per non-empty split of SPLITS.
 
     Empty splits are left out: `datasets` cannot reload a zero-row split saved to disk.
     """
     from datasets import Dataset, DatasetDict, Features, Value, disable_progress_bars
 
     disable_progress_bars()  # per-save bars for a few thousand rows are noise in the stage logs
-    features = Features({c: Value("string") for c in COLUMNS})
+    features = Features({**{c: Value("string") for c in COLUMNS}, **{c: Value(t) for c, t in (extra or {}).items()}})
     by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
     return DatasetDict({
-        split: Dataset.from_dict({c: [r[c] for r in part] for c in COLUMNS}, features=features)
+        split: Dataset.from_dict({c: [r[c] for r in part] for c in features}, features=features)
         for split, part in by_split.items() if part
     })
 

@@ -42,3 +42,18 @@ def ensure_pretraining_images(cfg: Config, wait: bool = False) -> None:
     with output_lock(pre.root, wait=wait):
         synthetic.generate_held_out(pre.root, "pretraining", pre.images, cfg.data.synthetic, cfg.seed,
                                     synthetic.dataset_names(cfg.data.root), workers=cfg.data.workers)
+
+
+def ensure_unlabeled_pool(cfg: Config, wait: bool = True) -> None:
+    """Render the demo's unlabelled pool (``data.unlabeled_pool``: captions in no split of ``data.root`` and not
+    among the pretraining images) when configured; the pretraining images first, which it must avoid."""
+    pool = cfg.data.unlabeled_pool
+    if pool is None:
+        return
+    ensure_pretraining_images(cfg, wait)
+    exclude = synthetic.dataset_names(cfg.data.root)
+    if cfg.data.pretraining is not None:
+        exclude |= synthetic.dataset_names(cfg.data.pretraining.root)
+    with output_lock(pool.root, wait=wait):
+        synthetic.generate_held_out(pool.root, "unlabeled_pool", pool.images, cfg.data.synthetic, cfg.seed, exclude,
+                                    workers=cfg.data.workers)

@@ -20,6 +20,7 @@ from pipeline import depends
 from pipeline.attribute_metrics import attribute_accuracy
 from pipeline.cards import caption_source, student_card
 from pipeline.config import Config
+from pipeline.data.formats import ORIGIN_UNLABELED, load_captions, split_rows
 from pipeline.depends import source_dir
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
@@ -36,6 +37,23 @@ RELIANCE_SEED = 1234  # the test-image permutation of the image-reliance control
 
 def student_dir(rd: RunDir, arch: str, source: str) -> Path:
     return rd.students / f"{arch}__{source}"
+
+
+def source_rows(rd: RunDir, source: str, gt: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """What a student of ``source`` trains on, with the ground truth's ``val`` and ``test`` rows (``gt``) whatever
+    the source: ``gt``'s own train rows; a distilled dataset's (every one of its k samples per image, its unlabelled
+    images included); for ``gt+<dataset>``, the ground truth's plus the dataset's rows of unlabelled images."""
+    dataset = depends.source_dataset(source)
+    if dataset is None:
+        return gt
+    train = split_rows(load_captions(rd.distill(dataset) / "captions"), "train")
+    if source != dataset:
+        extra = [r for r in train if r.get("origin") == ORIGIN_UNLABELED]
+        if not extra:
+            raise PipelineError(f"{rd.distill(dataset)}: source '{source}' adds the dataset's captions of unlabelled "
+                                "images, and it has none (distil it with distill.unlabeled=<folder>)")
+        train = gt["train"] + extra
+    return {"train": train, "val": gt["val"], "test": gt["test"]}
 
 
 def permuted_images(features: FeatureFn, split: str, n: int, seed: int = RELIANCE_SEED) -> FeatureFn:
@@ -80,9 +98,10 @@ def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, deco
 
 def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
                    test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable, force: bool) -> dict:
-    """Train ``arch`` on ``rows`` (train/val of the source), score it on the ground-truth ``test_rows``; returns its
-    metrics (also in ``metrics.json``). An up-to-date output is read back instead; ``decoder_inputs(arch, paths)``
-    gives (features, encoder being fine-tuned or None)."""
+    """Train ``arch`` on ``rows`` (:func:`source_rows`: every (image, caption) row of train is an example, so k
+    captions of an image are k examples; val picks the checkpoint), score it on the ground-truth ``test_rows``;
+    returns its metrics (also in ``metrics.json``). An up-to-date output is read back instead;
+    ``decoder_inputs(arch, paths)`` gives (features, encoder being fine-tuned or None)."""
     out = student_dir(rd, arch, source)
     config, inputs = depends.student(cfg, rd, arch, source)
     if not force and is_up_to_date(out, config, inputs):

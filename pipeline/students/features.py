@@ -140,14 +140,16 @@ class EncoderFeatures:
 
 class DecoderInputs:
     """Feature sources of a run's students: ``(arch, paths per split) -> (features, encoder being fine-tuned or
-    None)``. Frozen encoders' tables are cached in ``folder`` (and in memory: architectures sharing an encoder share
-    one table); with ``students.encoder.finetune`` the encoder runs in the training loop instead."""
+    None)``. Frozen encoders' tables of ``all_paths`` (the prepared dataset's images) are cached in ``folder`` (and in
+    memory: architectures sharing an encoder share one table); images outside it (a source's unlabelled images) get
+    a cache of their own. A path may appear in many rows (k captions of one image): each row reads its image's
+    features. With ``students.encoder.finetune`` the encoder runs in the training loop instead."""
 
     def __init__(self, folder: Path, cfg: StudentsConfig, seed: int, all_paths: list[str],
                  pretraining_root: Path | None = None):
         self.folder, self.cfg, self.seed, self.all_paths = folder, cfg, seed, all_paths
         self.pretraining_root = pretraining_root
-        self.tables: dict[str, tuple[torch.Tensor, dict[str, int]]] = {}
+        self.tables: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, dict[str, int]]] = {}
 
     def _ensure_weights(self, encoder: str) -> None:
         """The demo's stand-in weights file of ``encoder``, built first when configured (students.encoder.stand_in)."""
@@ -157,13 +159,23 @@ class DecoderInputs:
             with output_lock(weights_file(encoder, self.cfg.encoder), wait=True):
                 ensure_stand_in(encoder, self.cfg.encoder, self.seed, self.pretraining_root)
 
-    def table(self, encoder: str) -> tuple[torch.Tensor, dict[str, int]]:
-        """The frozen ``encoder``'s features of every image (computed or read from the cache once)."""
-        if encoder not in self.tables:
+    def _cached(self, encoder: str, paths: list[str]) -> tuple[torch.Tensor, dict[str, int]]:
+        return cached_features(self.folder, encoder, self.cfg.encoder, self.seed, paths,
+                               num_workers=self.cfg.num_workers)
+
+    def table(self, encoder: str, extra: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, int]]:
+        """The frozen ``encoder``'s features of every image, then of the ``extra`` images (unlabelled ones: their
+        own cache file, so the run's image cache stays as it is); computed or read from the cache once."""
+        if (encoder, extra) not in self.tables:
             self._ensure_weights(encoder)
-            self.tables[encoder] = cached_features(self.folder, encoder, self.cfg.encoder, self.seed, self.all_paths,
-                                                   num_workers=self.cfg.num_workers)
-        return self.tables[encoder]
+            if extra:
+                table, index = self.table(encoder)
+                more, more_index = self._cached(encoder, list(extra))
+                self.tables[encoder, extra] = (torch.cat([table, more]),
+                                               {**index, **{p: len(table) + i for p, i in more_index.items()}})
+            else:
+                self.tables[encoder, extra] = self._cached(encoder, self.all_paths)
+        return self.tables[encoder, extra]
 
     def __call__(self, arch: str, paths: dict[str, list[str]]):
         name, settings = ENCODER_OF[arch], self.cfg.encoder
@@ -171,7 +183,9 @@ class DecoderInputs:
             self._ensure_weights(name)
             encoder = build_encoder(name, settings, self.seed)
             return EncoderFeatures(arch, encoder, settings.image_size, paths, self.cfg.num_workers), encoder
-        return CachedFeatures(arch, *self.table(name), paths), None
+        known = set(self.all_paths)
+        extra = tuple(sorted({p for split in paths.values() for p in split} - known))
+        return CachedFeatures(arch, *self.table(name, extra), paths), None
 
     def build_caches(self, archs: list[str]) -> None:
         """Compute the feature cache of every frozen encoder ``archs`` use (a fine-tuned encoder has none)."""

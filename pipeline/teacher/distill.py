@@ -1,7 +1,11 @@
-"""Resumable, shardable caption generation: one JSONL line per image, appended and fsynced per batch.
+"""Resumable, shardable caption generation: one JSONL line per (image, sample), appended and fsynced per batch.
 
-A rerun after ``kill -9`` reads what is there (a torn last line is ignored), skips those images and appends the
-rest; because every caption is seeded from (run seed, image id), the final set equals an uninterrupted run's.
+Each row to caption names how many ``samples`` it wants (``distill.samples_per_image`` for train, val and unlabelled
+images, one for test images). A rerun after ``kill -9`` reads what is there (a torn last line is ignored), skips
+those (image id, sample) keys and appends the rest; because sample j of an image is seeded from (run seed, image id,
+j), the final set equals an uninterrupted run's whatever the batch size, shard count or resumes. Unlabelled images
+are screened (:mod:`pipeline.teacher.unlabeled`) before any is captioned; a skipped one gets a line with its reason
+(``skipped``) instead of captions.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
+from pipeline.data.formats import ORIGIN_UNLABELED
 from pipeline.data.images import load_rgb
 from pipeline.errors import PipelineError
 from pipeline.teacher.generate import generate_captions
 from pipeline.teacher.loading import load_processor, load_teacher
+from pipeline.teacher.unlabeled import DatasetImages, screen
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +62,21 @@ def shard_count(out: Path) -> int:
 
 
 def shard_rows(rows: list[dict[str, Any]], index: int, count: int) -> list[dict[str, Any]]:
-    """The ``index``-th of ``count`` disjoint slices (by position in image-id order)."""
+    """The ``index``-th of ``count`` disjoint slices (by position in image-id order; all samples of an image are in
+    one slice)."""
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: index must be in [0, {count})")
     ordered = sorted(rows, key=lambda r: r["image_id"])
     return ordered[index::count]
 
 
-def read_generations(path: Path) -> dict[str, dict[str, Any]]:
-    """Records of a generation JSONL by image id; a torn (partial) line from a crash is skipped."""
-    out: dict[str, dict[str, Any]] = {}
+Key = tuple[str, int]  # (image id, sample number)
+
+
+def read_generations(path: Path) -> dict[Key, dict[str, Any]]:
+    """Records of a generation JSONL by (image id, sample) (a line without ``sample``, as written before there were
+    several, is sample 0); a torn (partial) line from a crash is skipped."""
+    out: dict[Key, dict[str, Any]] = {}
     if not path.is_file():
         return out
     with open(path, encoding="utf-8") as fh:
@@ -76,7 +87,7 @@ def read_generations(path: Path) -> dict[str, dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            out.setdefault(rec["image_id"], rec)
+            out.setdefault((rec["image_id"], rec.get("sample", 0)), rec)
     return out
 
 
@@ -90,45 +101,81 @@ def _truncate_torn_tail(path: Path) -> None:
             fh.truncate(data.rfind(b"\n") + 1)
 
 
-def _batches(rows: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    for i in range(0, len(rows), size):
-        yield rows[i: i + size]
+def _batches(tasks: list[tuple[dict[str, Any], int]], size: int) -> Iterator[list[tuple[dict[str, Any], int]]]:
+    for i in range(0, len(tasks), size):
+        yield tasks[i: i + size]
+
+
+def _append(fh, records: list[dict[str, Any]]) -> None:
+    fh.write("".join(json.dumps(r) + "\n" for r in records))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def skipped_images(done: dict[Key, dict[str, Any]]) -> dict[str, str]:
+    """The images a generation JSONL records as skipped, with the reason."""
+    return {image_id: rec["skipped"] for (image_id, _), rec in done.items() if "skipped" in rec}
+
+
+def screen_unlabeled(rows: list[dict[str, Any]], path: Path, dataset: DatasetImages | None, check: str) -> None:
+    """Screen the unlabelled ``rows`` not yet in ``path`` (a test image raises) and append a ``skipped`` line for
+    each one that is not to be captioned."""
+    done = {image_id for image_id, _ in read_generations(path)}
+    todo = [r for r in rows if r.get("origin") == ORIGIN_UNLABELED and r["image_id"] not in done]
+    if not todo:
+        return
+    if dataset is None:
+        raise ValueError("unlabelled rows need the dataset's images to be screened against")
+    skipped = screen(todo, dataset, check)
+    for image_id, reason in list(skipped.items())[:10]:
+        log.warning("unlabelled image %s skipped: %s", image_id, reason)
+    _truncate_torn_tail(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        _append(fh, [{"image_id": i, "sample": 0, "skipped": reason} for i, reason in skipped.items()])
+    log.info("%d unlabelled images screened: %d to caption, %d skipped", len(todo), len(todo) - len(skipped),
+             len(skipped))
 
 
 def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, *, seed: int, temperature: float,
                       top_p: float, max_new_tokens: int, batch_size: int, desc: str = "distill") -> dict[str, float]:
-    """Caption every row not yet in ``path``; returns throughput figures for this call."""
+    """Caption samples ``0 .. row["samples"]-1`` (default 1) of every row that are not yet in ``path`` and whose
+    image is not recorded as skipped; returns throughput figures for this call."""
     done = read_generations(path)
-    todo = [r for r in rows if r["image_id"] not in done]
+    skipped = skipped_images(done)
+    tasks = [(r, j) for r in rows if r["image_id"] not in skipped for j in range(r.get("samples", 1))]
+    todo = [(r, j) for r, j in tasks if (r["image_id"], j) not in done]
     if done:
-        log.info("%s: %d of %d images already generated; resuming", path.name, len(rows) - len(todo), len(rows))
+        log.info("%s: %d of %d captions already generated; resuming", path.name, len(tasks) - len(todo), len(tasks))
     _truncate_torn_tail(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     started, n = time.perf_counter(), 0
-    with open(path, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc=desc, unit="img") as bar:
+    with open(path, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc=desc, unit="caption") as bar:
         for batch in _batches(todo, batch_size):
-            images = [load_rgb(r["image_path"]) for r in batch]
-            gens = generate_captions(model, processor, images, [r["image_id"] for r in batch], seed=seed,
-                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-            fh.write("".join(json.dumps({"image_id": r["image_id"], **asdict(g)}) + "\n"
-                             for r, g in zip(batch, gens)))
-            fh.flush()
-            os.fsync(fh.fileno())
+            loaded = {p: load_rgb(p) for p in dict.fromkeys(r["image_path"] for r, _ in batch)}  # once per batch
+            images = [loaded[r["image_path"]] for r, _ in batch]
+            gens = generate_captions(model, processor, images, [r["image_id"] for r, _ in batch], seed=seed,
+                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                     samples=[j for _, j in batch])
+            _append(fh, [{"image_id": r["image_id"], "sample": j, **asdict(g)} for (r, j), g in zip(batch, gens)])
             n += len(batch)
             bar.update(len(batch))
-            bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - started):.1f}")
+            bar.set_postfix(captions_per_s=f"{n / (time.perf_counter() - started):.1f}")
     seconds = time.perf_counter() - started
-    return {"generated": n, "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 3) if n else None}
+    return {"generated": n, "seconds": round(seconds, 3), "captions_per_second": round(n / seconds, 3) if n else None}
 
 
 def generate_shard(cfg: Config, rows: list[dict[str, Any]], out: Path, *, shard: tuple[int, int], model_dir: Path,
-                   adapter: Path | None) -> dict[str, float]:
-    """Caption shard ``(i, n)`` of ``rows`` with the teacher into its JSONL in ``out`` (resuming); its throughput."""
+                   adapter: Path | None, dataset: DatasetImages | None) -> dict[str, float]:
+    """Caption shard ``(i, n)`` of ``rows`` with the teacher into its JSONL in ``out`` (resuming), its unlabelled
+    rows screened against ``dataset`` first; its throughput."""
     d = cfg.distill
+    mine, path = shard_rows(rows, *shard), shard_file(out, *shard)
+    screen_unlabeled(mine, path, dataset, cfg.data.check_images)
     processor = load_processor(adapter or model_dir)
     model = load_teacher(model_dir, adapter, precision=cfg.teacher.precision,
                          attn_implementation=cfg.teacher.attn_implementation,
                          device_map="auto" if torch.cuda.is_available() else None, merge=True)
-    return generate_to_jsonl(model, processor, shard_rows(rows, *shard), shard_file(out, *shard), seed=cfg.seed,
-                             temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens,
-                             batch_size=d.batch_size, desc=f"distill {d.dataset_name} T={d.temperature}")
+    return generate_to_jsonl(model, processor, mine, path, seed=cfg.seed, temperature=d.temperature, top_p=d.top_p,
+                             max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                             desc=f"distill {d.dataset_name} T={d.temperature}")

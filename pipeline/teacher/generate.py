@@ -1,9 +1,9 @@
-"""Batched caption generation with per-image seeds: a caption depends on (seed, image id), not on the batch.
+"""Batched caption generation with per-sample seeds: a caption depends on (seed, image id, sample), not on the batch.
 
 HF ``generate`` draws every row of a batch from one global RNG, so a sample would change with batch composition,
 sharding or resume. :class:`PerRowSampler` instead applies temperature and top-p itself and draws each row from its
-own ``torch.Generator`` seeded from (run seed, image id); ``generate`` then runs greedily over the one-hot result and
-keeps doing what it does well (KV cache, stopping, padding).
+own ``torch.Generator`` seeded from (run seed, image id, sample number); ``generate`` then runs greedily over the
+one-hot result and keeps doing what it does well (KV cache, stopping, padding).
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from pipeline.teacher.collator import build_prompt
 
 def image_seed(seed: int, image_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{image_id}".encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def sample_seed(seed: int, image_id: str, sample: int) -> int:
+    """The seed of sample ``sample`` of an image: sample 0's is :func:`image_seed` (one-sample datasets keep theirs)."""
+    key = image_id if sample == 0 else f"{image_id}\0{sample}"
+    return image_seed(seed, key)
 
 
 class PerRowSampler(LogitsProcessor):
@@ -63,8 +69,10 @@ def clean_caption(text: str) -> str:
 
 @torch.inference_mode()
 def generate_captions(model, processor, images: Sequence, image_ids: Sequence[str], *, seed: int,
-                      temperature: float, top_p: float, max_new_tokens: int) -> list[Generation]:
-    """One caption per image; greedy at ``temperature == 0``, per-image-seeded sampling otherwise."""
+                      temperature: float, top_p: float, max_new_tokens: int,
+                      samples: Sequence[int] | None = None) -> list[Generation]:
+    """One caption per image; greedy at ``temperature == 0``, otherwise sampling row i with the seed of sample
+    ``samples[i]`` (default 0) of ``image_ids[i]`` (:func:`sample_seed`)."""
     tok = processor.tokenizer
     tok.padding_side = "left"
     enc = processor(images=list(images), text=[build_prompt(processor)] * len(images), return_tensors="pt",
@@ -74,7 +82,9 @@ def generate_captions(model, processor, images: Sequence, image_ids: Sequence[st
     enc = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
     processors = LogitsProcessorList()
     if temperature > 0:
-        processors.append(PerRowSampler([image_seed(seed, i) for i in image_ids], temperature, top_p))
+        samples = samples or [0] * len(image_ids)
+        processors.append(PerRowSampler([sample_seed(seed, i, j) for i, j in zip(image_ids, samples)], temperature,
+                                        top_p))
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_beams=1,
                          temperature=None, top_p=None, top_k=None)
