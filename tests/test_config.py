@@ -69,6 +69,8 @@ def test_default_distill_name_follows_temperature(make_config):
     ("distill.temperatures.hot=-1", "distill.temperatures.hot"),
     ("distill.name=../../elsewhere", "distill.name"),  # a folder name inside the run, nothing else
     ("data.synthetic.num_images=0", "data.synthetic.num_images"),
+    ("distill.samples_per_image=0", "distill.samples_per_image"),
+    ("students.sources=[gt, gt+]", "students.sources.1"),  # gt+<dataset>, and a dataset name is a folder name
 ])
 def test_bad_values_name_the_key(make_config, override, key):
     path = make_config()
@@ -80,13 +82,24 @@ def test_bad_values_name_the_key(make_config, override, key):
 
 
 @pytest.mark.parametrize("key, where", [("data.root", "data/raw"), ("data.root", "report"),
-                                        ("teacher.model", "teacher/base"), ("data.root", "distill/x")])
+                                        ("teacher.model", "teacher/base"), ("data.root", "distill/x"),
+                                        ("distill.unlabeled", "students/photos")])
 def test_inputs_inside_an_output_folder_are_refused(make_config, key, where):
     path = make_config()
     run_dir = load_config(path).run_dir
     with pytest.raises(ConfigError, match=rf"^{path}: {key}: {run_dir / where} is inside {run_dir}/"):
         load_config(path, [f"{key}={run_dir / where}"])
     assert load_config(path, [f"{key}={run_dir / 'inputs'}"])  # beside the outputs is fine
+
+
+def test_several_greedy_samples_per_image_are_refused(make_config):
+    path = make_config()
+    for overrides, key in ((["distill.temperature=0"], "distill.temperature"),
+                           (["distill.temperatures={greedy: 0.0, hot: 0.9}"], "distill.temperatures.greedy")):
+        with pytest.raises(ConfigError, match=rf"^{path}: distill.samples_per_image: 3 samples at {key}=0 would be "
+                                              r"identical \(greedy\)"):
+            load_config(path, ["distill.samples_per_image=3", *overrides])
+    assert load_config(path, ["distill.samples_per_image=3", "distill.temperature=0.7"]).distill.samples_per_image == 3
 
 
 def test_missing_required_value_names_the_key(tmp_path):

@@ -33,3 +33,23 @@ def test_attribute_list_answers_read_back_into_the_labels_of_every_real_caption(
     captions = list(load_caption_pool()["test"].values())
     assert all(read_attribute_list(attribute_list(c)) == caption_labels(c) for c in captions)
     assert attribute_list(captions[0]).startswith("gender ") and "." not in attribute_list(captions[0])[:-1]
+
+
+def test_unlabeled_pool_avoids_the_dataset_and_the_pretraining_images_and_reruns_nothing(make_config, tmp_path):
+    from pipeline import depends
+    from pipeline.config import load_config
+    from pipeline.data.raw import ensure_raw_data, ensure_unlabeled_pool
+    from pipeline.data.synthetic import dataset_names
+
+    sets = {"pretraining": {"images": 30, "root": str(tmp_path / "pre")},
+            "unlabeled_pool": {"images": 40, "root": str(tmp_path / "pool")}}
+    cfg = load_config(make_config(data={"synthetic": {"num_images": 40, "image_size": 32}, **sets}))
+    ensure_raw_data(cfg)
+    ensure_unlabeled_pool(cfg)
+    pool, pre, data = (dataset_names(root) for root in (tmp_path / "pool", tmp_path / "pre", cfg.data.root))
+    assert len(pool) == 40 and len(pre) == 30 and not pool & (pre | data)
+    assert sorted(p.name for p in (tmp_path / "pool" / "images").iterdir()) == sorted(pool)
+    # the prepared data does not depend on the pool: turning it on or off reruns nothing
+    without = load_config(make_config(data={"synthetic": {"num_images": 40, "image_size": 32},
+                                            "pretraining": sets["pretraining"], "unlabeled_pool": None}))
+    assert depends.prepare(cfg) == depends.prepare(without)

@@ -391,3 +391,75 @@ def test_students_train_and_decode_on_cuda_under_autocast(tmp_path, arch):
     assert next(model.parameters()).device.type == "cuda"
     hyps = decode_split(model, feats, "val", 4, vocab, 2, cfg.max_length)
     assert all(h.startswith("the lady wears a ") for h in hyps), hyps
+
+
+def _fake_distilled(cfg, name: str, photos: list[str], k: int) -> None:
+    """A distilled dataset laid out as `distill` writes it, without a teacher: k captions of each train and val image
+    (the ground truth's, sample j marked by a word) and of each unlabelled photo ("zebra" ones), meta and manifest."""
+    import time
+
+    from pipeline.data.formats import DISTILL_COLUMNS, load_captions, split_rows, to_hf_dataset
+    from pipeline.rundir import atomic_write_json, write_manifest
+
+    gt = load_captions(cfg.run_dir / "data" / "captions")
+    rows = [{**r, "caption": f"{r['caption']} sample{j}", "source": name, "sample": j, "origin": "dataset"}
+            for s in ("train", "val") for r in split_rows(gt, s) for j in range(k)]
+    rows += [{"image_id": f"unlabeled/{Path(p).name}", "image_path": p, "caption": f"a zebra dress number {j}.",
+              "split": "train", "source": name, "sample": j, "origin": "unlabeled"} for p in photos for j in range(k)]
+    rows += [{**r, "sample": 0, "origin": "dataset"} for r in split_rows(gt, "test")]
+    out = cfg.run_dir / "distill" / name
+    to_hf_dataset(rows, DISTILL_COLUMNS).save_to_disk(str(out / "captions"))
+    atomic_write_json(out / "meta.json", {"temperature": 0.9, "top_p": 1.0, "prompt": "p", "seed": 0,
+                                          "samples_per_image": k, "unlabeled": "photos", "teacher_model": "t"})
+    write_manifest(out, stage="distill", config={"name": name}, inputs={}, started=time.time())
+
+
+def test_students_train_on_every_sample_and_on_gt_plus_unlabeled_captions(make_config, tmp_path, monkeypatch):
+    """k captions of an image are k training rows; gt+<dataset> adds the dataset's unlabelled-image captions to the
+    ground truth; validation and test are the ground truth's for every source; unlabelled images get their own
+    feature cache."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.formats import load_captions, split_rows
+    from pipeline.errors import PipelineError
+    from pipeline.rundir import RunDir
+    from pipeline.students.experiment import source_rows
+
+    path = make_config(students={"archs": ["resnet101_gru"], "epochs": 2, "batch_size": 16, "beam_size": 1,
+                                 "min_word_count": 1, "val_every_epochs": 1,
+                                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 32}})
+    cfg = load_config(path, ["students.sources=[fake, gt+fake]"])
+    prepare.run(cfg, Namespace(force=False))
+    photos = []
+    for i in range(3):
+        photos.append(str(tmp_path / f"photo{i}.png"))
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photos[-1])
+    _fake_distilled(cfg, "fake", photos, k=2)
+    _fake_distilled(cfg, "plain", [], k=1)
+    seen = {}
+    real = students.run_experiment
+    monkeypatch.setattr(students, "run_experiment", lambda *a, **kw: seen.setdefault(kw["source"], kw["rows"])
+                        and real(*a, **kw))
+    monkeypatch.setattr(students, "CaptionScorer", lambda meteor: CaptionScorer(meteor=False))
+    students.run(cfg, Namespace(force=False))
+    gt = load_captions(cfg.run_dir / "data" / "captions")
+    gt_rows = {s: split_rows(gt, s) for s in ("train", "val", "test")}
+    fake = split_rows(load_captions(cfg.run_dir / "distill" / "fake" / "captions"), "train")
+    unlabeled = [r for r in fake if r["origin"] == "unlabeled"]
+    assert len(fake) == 2 * (len(gt_rows["train"]) + 3) and len(unlabeled) == 6
+    assert seen["fake"]["train"] == fake and seen["gt+fake"]["train"] == gt_rows["train"] + unlabeled
+    for source in ("fake", "gt+fake"):
+        assert seen[source]["val"] == gt_rows["val"] and seen[source]["test"] == gt_rows["test"]
+        out = cfg.run_dir / "students" / f"resnet101_gru__{source}"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["steps"] == 2 * -(-len(seen[source]["train"]) // 16)  # an epoch = every (image, caption) row
+        assert metrics["test_images"] == len(gt_rows["test"])
+        assert "zebra" in json.loads((out / "best" / "vocab.json").read_text())["itos"]
+    assert len(list((cfg.run_dir / "students" / "features").glob("*.safetensors"))) == 2  # dataset + photos
+    card = front_matter((cfg.run_dir / "students" / "resnet101_gru__gt+fake" / "best" / "README.md").read_text())
+    assert card["caption_source"] == "gt+fake"
+    shipped = json.loads((cfg.run_dir / "students" / "resnet101_gru__gt+fake" / "best" / "student.json").read_text())
+    assert shipped["caption_source"]["kind"] == "ground truth + distilled unlabelled"
+    with pytest.raises(PipelineError, match="source 'gt\\+plain' adds the dataset's captions of unlabelled images"):
+        source_rows(RunDir(cfg.run_dir), "gt+plain", gt_rows)
