@@ -6,6 +6,8 @@
 ``rejected.json`` (empty / truncated generations), ``test_generations.json`` (the teacher's captions of the test
 images, for its own test score and the report's gallery; never trained on), ``README.md`` (dataset card) and
 ``manifest.json`` (last).
+``distill.samples_per_image`` k: k captions per train/val image (column ``sample``); ``distill.unlabeled``: a folder
+of uncaptioned images captioned into the train split (column ``origin``; test images refused, bad files skipped).
 Sharding: ``--shard i/n`` (or a Slurm array) generates a disjoint slice; ``--merge`` joins finished shards.
 The work is :func:`pipeline.teacher.dataset.distill_dataset`.
 """
