@@ -327,3 +327,16 @@ def test_unlabeled_test_images_are_refused_before_any_caption(trained, tmp_path)
                                             r"\(same file\)"):
         _distill(trained, *args)
     assert _generations(cfg.run_dir / "distill" / "refused") == ({}, 0)  # nothing captioned
+
+
+def test_the_unlabeled_pool_is_rendered_on_first_use(trained, tmp_path):
+    from pipeline.data.synthetic import dataset_names
+
+    pool = tmp_path / "pool"
+    cfg = _distill(trained, "distill.name=pooled", f"data.unlabeled_pool={{images: 6, root: {pool}}}",
+                   f"distill.unlabeled={pool / 'images'}")
+    rendered = dataset_names(pool)
+    assert len(rendered) == 6 and not rendered & dataset_names(cfg.data.root)
+    diag = json.loads((cfg.run_dir / "distill" / "pooled" / "diagnostics.json").read_text())
+    assert {k: diag["unlabeled"][k] for k in ("images", "captioned", "skipped")} == {"images": 6, "captioned": 6,
+                                                                                      "skipped": 0}
