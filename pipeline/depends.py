@@ -30,8 +30,8 @@ from pipeline.sweep.points import extra_ids, extra_points, first_points, point_c
 
 Depends = tuple[dict[str, Any], dict[str, str]]
 STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
-SCORING = "ngram+attributes+reliance"
-COMBINED_PREFIX = "gt+"  # a source gt+<dataset>: the ground truth + the dataset's captions of unlabelled images  # what a student's metrics.json holds: a change rescores every student
+SCORING = "ngram+attributes+reliance"  # what a student's metrics.json holds: a change rescores every student
+COMBINED_PREFIX = "gt+"  # a source gt+<dataset>: the ground truth + the dataset's captions of unlabelled images
 
 
 def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:

@@ -117,15 +117,13 @@ def skipped_images(done: dict[Key, dict[str, Any]]) -> dict[str, str]:
     return {image_id: rec["skipped"] for (image_id, _), rec in done.items() if "skipped" in rec}
 
 
-def screen_unlabeled(rows: list[dict[str, Any]], path: Path, dataset: DatasetImages | None, check: str) -> None:
-    """Screen the unlabelled ``rows`` not yet in ``path`` (a test image raises) and append a ``skipped`` line for
-    each one that is not to be captioned."""
+def screen_unlabeled(rows: list[dict[str, Any]], path: Path, dataset: DatasetImages, check: str) -> None:
+    """Screen the unlabelled ``rows`` not yet in ``path`` against ``dataset`` (a test image raises) and append a
+    ``skipped`` line for each one that is not to be captioned."""
     done = {image_id for image_id, _ in read_generations(path)}
     todo = [r for r in rows if r.get("origin") == ORIGIN_UNLABELED and r["image_id"] not in done]
     if not todo:
         return
-    if dataset is None:
-        raise ValueError("unlabelled rows need the dataset's images to be screened against")
     skipped = screen(todo, dataset, check)
     for image_id, reason in list(skipped.items())[:10]:
         log.warning("unlabelled image %s skipped: %s", image_id, reason)
@@ -168,10 +166,11 @@ def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, 
 def generate_shard(cfg: Config, rows: list[dict[str, Any]], out: Path, *, shard: tuple[int, int], model_dir: Path,
                    adapter: Path | None, dataset: DatasetImages | None) -> dict[str, float]:
     """Caption shard ``(i, n)`` of ``rows`` with the teacher into its JSONL in ``out`` (resuming), its unlabelled
-    rows screened against ``dataset`` first; its throughput."""
+    rows screened against the prepared ``dataset``'s images first (``None``: there are none); its throughput."""
     d = cfg.distill
     mine, path = shard_rows(rows, *shard), shard_file(out, *shard)
-    screen_unlabeled(mine, path, dataset, cfg.data.check_images)
+    if dataset is not None:
+        screen_unlabeled(mine, path, dataset, cfg.data.check_images)
     processor = load_processor(adapter or model_dir)
     model = load_teacher(model_dir, adapter, precision=cfg.teacher.precision,
                          attn_implementation=cfg.teacher.attn_implementation,
