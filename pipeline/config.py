@@ -69,10 +69,9 @@ class DataConfig(Section):
     unlabeled_pool: PretrainingImages | None = None
 
     @model_validator(mode="after")
-    def _rendered_sets_need_synthetic(self) -> DataConfig:
-        for key in ("pretraining", "unlabeled_pool"):
-            if getattr(self, key) is not None and self.synthetic is None:
-                raise ValueError(f"data.{key} renders images: it needs data.synthetic")
+    def _pretraining_needs_synthetic(self) -> DataConfig:
+        if self.pretraining is not None and self.synthetic is None:
+            raise ValueError("data.pretraining renders images: it needs data.synthetic")
         return self
 
 

@@ -2,7 +2,9 @@
 
 import json
 
-from pipeline.config import SyntheticData
+import pytest
+
+from pipeline.config import ConfigError, SyntheticData
 from pipeline.data.synthetic import generate_held_out, load_caption_pool
 
 
@@ -53,3 +55,6 @@ def test_unlabeled_pool_avoids_the_dataset_and_the_pretraining_images_and_reruns
     without = load_config(make_config(data={"synthetic": {"num_images": 40, "image_size": 32},
                                             "pretraining": sets["pretraining"], "unlabeled_pool": None}))
     assert depends.prepare(cfg) == depends.prepare(without)
+    real = load_config(make_config(data={"synthetic": None, "unlabeled_pool": sets["unlabeled_pool"]}))
+    with pytest.raises(ConfigError, match="^data.unlabeled_pool renders images: it needs data.synthetic$"):
+        ensure_unlabeled_pool(real)  # a real dataset has no captions to render a pool from

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import synthetic
 from pipeline.rundir import foreign_entry, output_lock
 
@@ -50,6 +50,8 @@ def ensure_unlabeled_pool(cfg: Config, wait: bool = True) -> None:
     pool = cfg.data.unlabeled_pool
     if pool is None:
         return
+    if cfg.data.synthetic is None:
+        raise ConfigError("data.unlabeled_pool renders images: it needs data.synthetic")
     ensure_pretraining_images(cfg, wait)
     exclude = synthetic.dataset_names(cfg.data.root)
     if cfg.data.pretraining is not None:
