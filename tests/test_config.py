@@ -94,11 +94,9 @@ def test_inputs_inside_an_output_folder_are_refused(make_config, key, where):
 
 def test_several_greedy_samples_per_image_are_refused(make_config):
     path = make_config()
-    for overrides, key in ((["distill.temperature=0"], "distill.temperature"),
-                           (["distill.temperatures={greedy: 0.0, hot: 0.9}"], "distill.temperatures.greedy")):
-        with pytest.raises(ConfigError, match=rf"^{path}: distill.samples_per_image: 3 samples at {key}=0 would be "
-                                              r"identical \(greedy\)"):
-            load_config(path, ["distill.samples_per_image=3", *overrides])
+    with pytest.raises(ConfigError, match=rf"^{path}: distill.samples_per_image: 3 samples at distill.temperature=0 "
+                                          r"would be identical \(greedy\)"):
+        load_config(path, ["distill.samples_per_image=3", "distill.temperature=0"])
     assert load_config(path, ["distill.samples_per_image=3", "distill.temperature=0.7"]).distill.samples_per_image == 3
 
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, DistillConfig, SweepConfig
+from pipeline.config import Config, SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.rundir import SWEEP_PREFIX, RunDir, atomic_write_json
 
@@ -94,10 +94,8 @@ def point_config(cfg: Config, point: Point) -> Config:
     if point.dataset is None:
         return out
     out.distill.name, out.distill.temperature = point.dataset, point.temperature
-    if "samples_per_image" in DistillConfig.model_fields:
-        out.distill.samples_per_image = point.samples
-    if "unlabeled" in DistillConfig.model_fields:
-        out.distill.unlabeled = cfg.sweep.unlabeled if point.kind == UNLABELED else None
+    out.distill.samples_per_image = point.samples
+    out.distill.unlabeled = cfg.sweep.unlabeled if point.kind == UNLABELED else None
     return out
 
 

@@ -39,8 +39,6 @@ from pipeline.rundir import (
     write_manifest,
 )
 from pipeline.sweep.points import (
-    GT,
-    UNLABELED,
     Point,
     extra_ids,
     extra_points,
@@ -115,13 +113,11 @@ class SweepRun:
             distill_dataset(point_config(self.cfg, point), force=self.force, wait=self.wait)
 
     def rows(self, point: Point) -> dict[str, list[dict]]:
-        """The captions ``point``'s student trains on."""
-        if point.kind == GT:
-            return self.gt
-        rows = caption_rows(self.rd.distill(point.dataset))
-        if point.kind == UNLABELED:  # the ground truth plus the teacher's captions of the unlabelled images
-            return {**self.gt, "train": self.gt["train"] + [r for r in rows["train"] if r.get("origin") == UNLABELED]}
-        return rows
+        """The captions ``point``'s student trains on (its source's train rows; validation and test: the ground
+        truth's, as for every student)."""
+        from pipeline.students.experiment import source_rows
+
+        return source_rows(self.rd, point.source, self.gt)
 
     def train(self, point: Point) -> dict:
         """Train (or read back) ``point``'s student and measure it on the ground-truth validation split; its record."""
