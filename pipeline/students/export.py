@@ -58,7 +58,7 @@ class _Step(nn.Module):
 
 def _export(module: nn.Module, args: tuple, path: Path, *, input_names: list[str], output_names: list[str],
             dynamic_shapes: tuple) -> None:
-    torch.onnx.export(module, args, str(path), dynamo=True, input_names=input_names, output_names=output_names,
+    torch.onnx.export(module.eval(), args, str(path), dynamo=True, input_names=input_names, output_names=output_names,
                       dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
 
 
