@@ -106,7 +106,8 @@ def test_rerun_skips_finished_stages(demo_run):
 def test_sweep_on_the_demo_then_rerun_trains_nothing_and_the_report_shows_it(demo_run):
     """`make sweep` on the finished demo (one temperature; the ground-truth student is the demo's own)."""
     config = str(demo_run.run_dir.parent / "config.yaml")
-    args = ("--config", config, "sweep.temperatures=[0.9]", "sweep.student=vgg19_gru")
+    args = ("--config", config, "sweep.temperatures=[0.9]", "sweep.student=vgg19_gru", "sweep.samples_per_image=[1]",
+            "sweep.unlabeled=null")
     res = run_stage("sweep", *args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "vgg19_gru__gt is up to date" in res.stderr  # the demo trained it already
