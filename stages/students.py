@@ -17,20 +17,15 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.data.formats import load_captions, split_rows
+from pipeline.data.formats import SPLITS, load_splits
 from pipeline.depends import require_source
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
 from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, source_baselines
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, claim_output, require_stage
-from pipeline.students.experiment import SPLITS, run_experiment, source_rows, student_dir
+from pipeline.students.experiment import run_experiment, source_rows, student_dir
 from stages.cli import stage_main, waits
-
-
-def _rows(folder: Path) -> dict[str, list[dict]]:
-    data = load_captions(folder / "captions")
-    return {s: split_rows(data, s) for s in SPLITS}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +42,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     unknown = [a for a in cfg.students.archs if a not in ENCODER_OF]
     if unknown:
         raise PipelineError(f"students.archs: unknown architecture(s) {unknown}; known: {sorted(ENCODER_OF)}")
-    gt = _rows(rd.data)
+    gt = load_splits(rd.data / "captions")
     if not gt["test"]:
         raise PipelineError(f"{rd.data}: the ground-truth test split is empty")
     decoder_inputs = DecoderInputs(rd.students / "features", cfg.students, cfg.seed,

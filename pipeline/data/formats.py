@@ -48,6 +48,12 @@ def load_captions(folder: str | Path):
     return load_from_disk(str(folder))
 
 
+def load_splits(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows of every split (``SPLITS``) of the caption dataset in ``folder``, as plain dicts."""
+    data = load_captions(folder)
+    return {s: split_rows(data, s) for s in SPLITS}
+
+
 def llava_conversations(rows: Iterable[dict[str, Any]], image_root: Path) -> list[dict[str, Any]]:
     """Records in the original LLaVA repo's fine-tuning format; `image` is relative to `image_root`."""
     out = []

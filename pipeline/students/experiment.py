@@ -30,7 +30,6 @@ from pipeline.students.train import FeatureFn, decode_split, load_student, recor
 from pipeline.students.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 RELIANCE_SEED = 1234  # the test-image permutation of the image-reliance control (fixed across runs and models)
 

@@ -22,7 +22,7 @@ from typing import Self
 from pipeline import depends
 from pipeline.config import Config, config_slice
 from pipeline.data.diagnostics import caption_diagnostics
-from pipeline.data.formats import load_captions, split_rows
+from pipeline.data.formats import SPLITS, load_splits
 from pipeline.errors import PipelineError
 from pipeline.plots import plot_sweep
 from pipeline.reporting import csv_text
@@ -58,14 +58,6 @@ from pipeline.sweep.summary import (
 )
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
-
-
-def caption_rows(folder: Path) -> dict[str, list[dict]]:
-    data = load_captions(folder / "captions")
-    return {s: split_rows(data, s) for s in SPLITS}
-
-
 class SweepRun:
     """What the points of one sweep share: the config, the ground truth and, built on first use, the caption scorer
     and the students' feature sources. Closes the scorer when the ``with`` block ends."""
@@ -75,7 +67,7 @@ class SweepRun:
         self.rd = RunDir(cfg.run_dir)
         self.arch = cfg.sweep.student
         require_stage(self.rd.data, "prepare")
-        self.gt = caption_rows(self.rd.data)
+        self.gt = load_splits(self.rd.data / "captions")
         for split in ("val", "test"):
             if not self.gt[split]:
                 raise PipelineError(f"{self.rd.data}: the ground-truth {split} split is empty; the sweep scores on it")
