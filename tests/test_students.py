@@ -334,6 +334,8 @@ def test_killed_students_stage_resumes_from_its_last_epoch(make_config):
 
     from conftest import ROOT
 
+    from pipeline.data.formats import load_splits
+
     path = make_config(students={"archs": ["vgg19_gru"], "epochs": 40, "batch_size": 8, "val_every_epochs": 10,
                                  "early_stop_patience": 99, "beam_size": 1,
                                  "encoder": {"pretrained": False, "width": 0.125, "image_size": 32}})
@@ -358,7 +360,7 @@ def test_killed_students_stage_resumes_from_its_last_epoch(make_config):
     assert 2 <= killed_at < 40 and read_manifest(out) is None, killed_at
     students.run(cfg, Namespace(force=False))
     metrics = json.loads((out / "metrics.json").read_text())
-    n_train = len(students._rows(cfg.run_dir / "data")["train"])
+    n_train = len(load_splits(cfg.run_dir / "data" / "captions")["train"])
     assert metrics["resumed_after_epoch"] >= killed_at
     assert metrics["epochs_run"] == 40 and metrics["steps"] == 40 * -(-n_train // 8)
     curves = json.loads((out / "curves.json").read_text())
