@@ -182,6 +182,14 @@ class DistillConfig(Section):
         return "precise" if self.temperature < 0.5 else "creative"
 
 
+class StandInTraining(Section):
+    """One encoder family's own stand-in training settings (unset: the shared ones)."""
+
+    epochs: Positive | None = None
+    learning_rate: Rate | None = None
+    batch_size: Positive | None = None
+
+
 class EncoderStandIn(Section):
     """A stand-in for ImageNet pretraining: each (scaled) torchvision encoder is trained on attribute labels of the
     pretraining images and saved in torchvision's own file layout under ``weights_dir``."""
@@ -190,6 +198,15 @@ class EncoderStandIn(Section):
     images: Positive | None = 1000  # the first N pretraining images (None: all of them)
     learning_rate: Rate = 2e-3
     batch_size: Positive = 64
+    # per encoder family, other values of the keys above (a plain VGG without batch norm needs a lower rate and
+    # more epochs), e.g. {vgg19: {epochs: 10, learning_rate: 1.0e-3}}
+    by_encoder: dict[Literal["vgg19", "resnet101", "vit_b_16"], StandInTraining] = {}
+
+    def of(self, encoder: str) -> EncoderStandIn:
+        """The settings of ``encoder``'s stand-in (its ``by_encoder`` entry applied; ``by_encoder`` itself dropped)."""
+        override = self.by_encoder.get(encoder)
+        return self.model_copy(update={**(override.model_dump(exclude_none=True) if override else {}),
+                                       "by_encoder": {}})
 
 
 class EncoderSettings(Section):

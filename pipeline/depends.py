@@ -8,6 +8,7 @@ earlier output raises :class:`~pipeline.rundir.StageInputError` naming it.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,31 @@ def require_source(rd: RunDir, source: str) -> dict[str, Any]:
     return require_stage(source_dir(rd, source), "prepare" if source == "gt" else "distill")
 
 
+def source_baselines(rd: RunDir, source: str) -> dict[str, str]:
+    """A source's baselines (``students/baseline__<source>``): its captions, the ground truth and the scoring."""
+    return {"captions": require_source(rd, source)["fingerprint"],
+            "ground_truth": require_stage(rd.data, "prepare")["fingerprint"], "scoring": SCORING}
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def encoder_weights(cfg: Config, arch: str) -> str | None:
+    """The content digest of the pretrained weights file a student's encoder loads (``"missing"`` before the demo
+    builds its stand-in; None without pretrained weights): new weights retrain the student."""
+    from pipeline.students.encoders import ENCODER_OF, weights_file
+
+    if not cfg.students.encoder.pretrained:
+        return None
+    path = weights_file(ENCODER_OF[arch], cfg.students.encoder)
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
     """One `students` model: the seed, architecture, source and student settings; its captions and the ground truth.
     Every source validates on the ground truth (``validation``: distilled sources validated on their teacher's val
@@ -98,7 +124,8 @@ def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
     for key in STUDENT_KEYS_IGNORED:
         settings.pop(key)
     inputs = {"captions": require_source(rd, source)["fingerprint"],
-              "ground_truth": require_stage(rd.data, "prepare")["fingerprint"]}
+              "ground_truth": require_stage(rd.data, "prepare")["fingerprint"],
+              "encoder_weights": encoder_weights(cfg, arch)}
     config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}
     if source != "gt":
         config["validation"] = "gt"

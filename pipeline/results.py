@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.attribute_metrics import ATTRIBUTES, attribute_accuracy, majority_baseline
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import RunDir, is_sweep_source, read_manifest
+from pipeline.rundir import RunDir, atomic_write_json, is_sweep_source, output_lock, read_manifest
 
 SEED_ORDER = ("BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L")  # the course reports' column order
 ATTRIBUTE_COLUMNS = ("attributes", "image withheld: attr. drop", "image withheld: CIDEr-D drop")
@@ -34,6 +35,17 @@ def source_baselines(scorer: CaptionScorer, train_captions: Sequence[str], test_
             "test": scorer.score({k: [v] for k, v in references.items()}, constant),
             "attributes": attribute_accuracy(references, constant),
             "majority": majority_baseline(train_captions, references)}
+
+
+def write_source_baselines(folder: Path, inputs: dict[str, Any], scorer: CaptionScorer,
+                           train_captions: Sequence[str], test_rows: Sequence[dict]) -> None:
+    """``folder/metrics.json``: :func:`source_baselines`, with the ``inputs`` (fingerprints) they were computed from;
+    kept as it is when those match (every students step of a source shares one; they take turns under a lock)."""
+    file = folder / "metrics.json"
+    with output_lock(file, wait=True):
+        if file.is_file() and json.loads(file.read_text()).get("inputs") == inputs:
+            return
+        atomic_write_json(file, {**source_baselines(scorer, train_captions, test_rows), "inputs": inputs})
 
 
 def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:

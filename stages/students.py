@@ -16,14 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline import depends
 from pipeline.config import Config
 from pipeline.data.formats import SPLITS, load_splits
-from pipeline.depends import require_source
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.reporting import csv_text, markdown_table
-from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, source_baselines
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, claim_output, require_stage
+from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, write_source_baselines
+from pipeline.rundir import RunDir, atomic_write_text, claim_output, require_stage
 from pipeline.students.experiment import run_experiment, source_rows, student_dir
 from stages.cli import stage_main, waits
 
@@ -53,12 +53,12 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         return rd.students / "features"
     sources = cfg.students.sources or ["gt", *rd.distilled_sources()]
     for s in sources:
-        require_source(rd, s)
+        depends.require_source(rd, s)
     with CaptionScorer(meteor=True) as scorer:
         for source in sources:
             rows = source_rows(rd, source, gt)
-            atomic_write_json(rd.students / f"baseline__{source}" / "metrics.json",
-                              source_baselines(scorer, [r["caption"] for r in rows["train"]], gt["test"]))
+            write_source_baselines(rd.students / f"baseline__{source}", depends.source_baselines(rd, source), scorer,
+                                   [r["caption"] for r in rows["train"]], gt["test"])
             for arch in cfg.students.archs:  # one lock per model: array tasks train different ones in parallel
                 with claim_output(student_dir(rd, arch, source), wait=waits(args)):
                     run_experiment(cfg, rd, arch=arch, source=source, rows=rows, test_rows=gt["test"], scorer=scorer,

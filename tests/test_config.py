@@ -164,3 +164,19 @@ def test_config_errors_name_the_file_the_key_came_from(tmp_path, child, override
     (tmp_path / "child.yaml").write_text(child)
     with pytest.raises(ConfigError, match="^" + message.replace("{dir}", re.escape(str(tmp_path.resolve())))):
         load_config(tmp_path.resolve() / "child.yaml", overrides)
+
+
+def test_stand_in_settings_per_encoder_family():
+    """``by_encoder`` gives one family its own stand-in training; the others keep the shared settings; an unknown
+    family or key is refused."""
+    from pydantic import ValidationError
+
+    from pipeline.config import EncoderStandIn
+
+    stand_in = EncoderStandIn(epochs=5, learning_rate=2e-3, by_encoder={"vgg19": {"epochs": 10, "learning_rate": 1e-3}})
+    assert (stand_in.of("vgg19").epochs, stand_in.of("vgg19").learning_rate) == (10, 1e-3)
+    assert (stand_in.of("resnet101").epochs, stand_in.of("resnet101").learning_rate) == (5, 2e-3)
+    assert stand_in.of("vgg19").batch_size == stand_in.batch_size and not stand_in.of("vgg19").by_encoder
+    for bad in ({"vgg": {"epochs": 2}}, {"vgg19": {"epoch": 2}}, {"vgg19": {"epochs": 0}}):
+        with pytest.raises(ValidationError):
+            EncoderStandIn(by_encoder=bad)

@@ -8,7 +8,7 @@ import torch
 from pipeline.cards import front_matter
 from pipeline.config import EncoderSettings, StudentsConfig, load_config
 from pipeline.metrics import CaptionScorer
-from pipeline.rundir import read_manifest
+from pipeline.rundir import read_manifest, sha256_file
 from pipeline.students import features as features_mod
 from pipeline.students.beam import beam_search, greedy_decode
 from pipeline.students.decoders import build_decoder
@@ -279,9 +279,9 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
     assert "constant caption (baseline)" in summary and "majority attributes (baseline)" in summary
     assert "ViT-B/16 + Transformer" in summary
     assert len(list((out / "features").glob("*.safetensors"))) == 2
-    before = (out / "vgg19_gru__gt" / "manifest.json").stat().st_mtime_ns
-    students.run(cfg, Namespace(force=False))  # up to date: skipped
-    assert (out / "vgg19_gru__gt" / "manifest.json").stat().st_mtime_ns == before
+    before = [(out / f / "metrics.json").stat().st_mtime_ns for f in ("vgg19_gru__gt", "baseline__gt")]
+    students.run(cfg, Namespace(force=False))  # up to date: skipped, the baselines too
+    assert [(out / f / "metrics.json").stat().st_mtime_ns for f in ("vgg19_gru__gt", "baseline__gt")] == before
 
 
 @pytest.mark.slow
@@ -465,3 +465,36 @@ def test_students_train_on_every_sample_and_on_gt_plus_unlabeled_captions(make_c
     assert shipped["caption_source"]["kind"] == "ground truth + distilled unlabelled"
     with pytest.raises(PipelineError, match="source 'gt\\+plain' adds the dataset's captions of unlabelled images"):
         source_rows(RunDir(cfg.run_dir), "gt+plain", gt_rows)
+
+
+def test_students_retrain_when_their_encoder_weights_change(make_config):
+    """A student depends on the content of the weights file its encoder loads: the same file keeps it up to date,
+    other weights (a new ImageNet download, a rebuilt demo stand-in) train it again."""
+    from pipeline.students.encoders import torchvision_model, weights_file
+
+    path = make_config(data={"synthetic": {"num_images": 60, "image_size": 64}},
+                       students={"archs": ["vgg19_gru"], "epochs": 1, "batch_size": 16, "beam_size": 1,
+                                 "encoder": {"pretrained": True, "width": 0.125, "image_size": 64}})
+    cfg = load_config(path)
+    cfg.students.encoder.weights_dir = cfg.run_dir / "weights"
+    file = weights_file("vgg19", cfg.students.encoder)
+    file.parent.mkdir(parents=True)
+
+    def write_weights(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(torchvision_model("vgg19", cfg.students.encoder).state_dict(), file)
+
+    write_weights(0)
+    prepare.run(cfg, Namespace(force=False))
+    students.run(cfg, Namespace(force=False))
+    manifest = cfg.run_dir / "students" / "vgg19_gru__gt" / "manifest.json"
+    first, written = read_manifest(manifest.parent), manifest.stat().st_mtime_ns
+    assert first["inputs"]["encoder_weights"] == sha256_file(file)
+    write_weights(0)  # the same weights written again: a new file time, the same content
+    students.run(cfg, Namespace(force=False))
+    assert manifest.stat().st_mtime_ns == written
+    write_weights(1)
+    students.run(cfg, Namespace(force=False))
+    assert manifest.stat().st_mtime_ns != written
+    assert read_manifest(manifest.parent)["inputs"]["encoder_weights"] == sha256_file(file) != first["inputs"][
+        "encoder_weights"]

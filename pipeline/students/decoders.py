@@ -1,8 +1,9 @@
 """Caption decoders of the students. Each has ``forward`` (teacher forcing, for training) and ``init_state`` /
 ``step`` (one token at a time, batch-first state tensors) so one batched beam search serves all of them.
 
-- ``GlobalGRU``: one image vector initialises the GRU state (VGG19+GRU); with ``concat`` the vector is also
-  concatenated to every word embedding (the seed's ResNet-101 global + GRU).
+- ``GlobalGRU``: one image vector initialises the GRU state; with ``concat`` the vector is also concatenated to every
+  word embedding (the seed's ResNet-101 global + GRU, and VGG19 + GRU: initialised from the image only, the demo's
+  VGG student wrote one caption whatever the photo, as its 128-unit state forgets the image within a few words).
 - ``AttentionGRU``: additive (Bahdanau) attention over image regions at every step with a sigmoid gate, a GRU cell,
   a causal self-attention layer over the GRU outputs, and the doubly-stochastic attention regulariser.
 - ``TransformerCaptioner``: a causal Transformer decoder over ViT token memory.
@@ -174,9 +175,7 @@ DECODER_SETTINGS = ("embed_dim", "hidden_dim", "num_layers", "dropout", "transfo
 
 def build_decoder(arch: str, feat_dim: int, vocab_size: int, cfg) -> nn.Module:
     """The decoder of a student architecture (``cfg`` is the StudentsConfig)."""
-    if arch == "vgg19_gru":
-        return GlobalGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout, cfg.num_layers)
-    if arch == "resnet101_gru":
+    if arch in ("vgg19_gru", "resnet101_gru"):
         return GlobalGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout, cfg.num_layers,
                          concat=True)
     if arch == "resnet101_attn_gru":

@@ -39,9 +39,9 @@ def torchvision_model(name: str, settings: EncoderSettings) -> nn.Module:
             return models.vit_b_16(image_size=settings.image_size)
         return models.vgg19() if name == "vgg19" else models.resnet101()
     if name == "vgg19":
-        channels = [_scaled(c, settings.width) if c != "M" else c for c in
-                    (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512,
-                     512, "M")]
+        # one convolution per stage instead of VGG19's 2-2-4-4-4 (as the ResNet below has one block per stage): the
+        # 16-convolution plain net does not train from scratch in the demo's few steps (constant features)
+        channels = [c for width in (64, 128, 256, 512, 512) for c in (_scaled(width, settings.width), "M")]
         vgg = models.VGG(make_layers(channels))  # torchvision's VGG init (PyTorch's default drowns the signal)
         dim = _scaled(4096, settings.width)
         vgg.classifier = nn.Sequential(nn.Linear(channels[-2] * 49, dim), nn.ReLU(True), nn.Dropout(),

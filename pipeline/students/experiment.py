@@ -26,6 +26,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, is_up_to_date, reset_work_dir, write_manifest
 from pipeline.students.encoders import ENCODER_OF, build_encoder
+from pipeline.students.features import DecoderInputs
 from pipeline.students.train import FeatureFn, decode_split, load_student, record_test_results, train_student
 from pipeline.students.vocab import Vocabulary
 
@@ -96,12 +97,13 @@ def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, deco
 
 
 def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
-                   test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable, force: bool) -> dict:
+                   test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: DecoderInputs, force: bool) -> dict:
     """Train ``arch`` on ``rows`` (:func:`source_rows`: every (image, caption) row of train is an example, so k
     captions of an image are k examples; val picks the checkpoint), score it on the ground-truth ``test_rows``;
     returns its metrics (also in ``metrics.json``). An up-to-date output is read back instead;
     ``decoder_inputs(arch, paths)`` gives (features, encoder being fine-tuned or None)."""
     out = student_dir(rd, arch, source)
+    decoder_inputs.ensure_weights(ENCODER_OF[arch])  # a demo stand-in is built first: the student depends on it
     config, inputs = depends.student(cfg, rd, arch, source)
     if not force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date", out.name)

@@ -151,7 +151,7 @@ class DecoderInputs:
         self.pretraining_root = pretraining_root
         self.tables: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, dict[str, int]]] = {}
 
-    def _ensure_weights(self, encoder: str) -> None:
+    def ensure_weights(self, encoder: str) -> None:
         """The demo's stand-in weights file of ``encoder``, built first when configured (students.encoder.stand_in)."""
         if self.cfg.encoder.stand_in is not None:
             from pipeline.students.standin import ensure_stand_in
@@ -167,7 +167,7 @@ class DecoderInputs:
         """The frozen ``encoder``'s features of every image, then of the ``extra`` images (unlabelled ones: their
         own cache file, so the run's image cache stays as it is); computed or read from the cache once."""
         if (encoder, extra) not in self.tables:
-            self._ensure_weights(encoder)
+            self.ensure_weights(encoder)
             if extra:
                 table, index = self.table(encoder)
                 more, more_index = self._cached(encoder, list(extra))
@@ -180,7 +180,7 @@ class DecoderInputs:
     def __call__(self, arch: str, paths: dict[str, list[str]]):
         name, settings = ENCODER_OF[arch], self.cfg.encoder
         if settings.finetune:
-            self._ensure_weights(name)
+            self.ensure_weights(name)
             encoder = build_encoder(name, settings, self.seed)
             return EncoderFeatures(arch, encoder, settings.image_size, paths, self.cfg.num_workers), encoder
         known = set(self.all_paths)

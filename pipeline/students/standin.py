@@ -11,6 +11,7 @@ rendered images let a small model read.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 def stand_in_settings(name: str, settings: EncoderSettings, seed: int, pretraining_root: Path) -> dict:
     """What a stand-in weights file depends on."""
     images = json.loads((Path(pretraining_root) / "README.json").read_text())
-    return {"encoder": name, "width": settings.width, "image_size": settings.image_size,
-            "stand_in": settings.stand_in.model_dump(mode="json"), "seed": seed, "pretraining_images": images}
+    shapes = {k: list(v.shape) for k, v in torchvision_model(name, settings).state_dict().items()}
+    layout = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]  # the model's own shape
+    return {"encoder": name, "width": settings.width, "image_size": settings.image_size, "layout": layout,
+            "stand_in": settings.stand_in.of(name).model_dump(mode="json"), "seed": seed, "pretraining_images": images}
 
 
 def _record(path: Path) -> Path:
@@ -58,7 +61,7 @@ def ensure_stand_in(name: str, settings: EncoderSettings, seed: int, pretraining
 
     with torch.no_grad():
         dim = features(images[:1]).shape[-1]
-    stand_in = settings.stand_in
+    stand_in = settings.stand_in.of(name)
     accuracy = pretrain_on_attributes(features, encoder, dim, images, attribute_targets([captions[n] for n in names]),
                                       epochs=stand_in.epochs, batch_size=stand_in.batch_size,
                                       lr=stand_in.learning_rate, seed=seed, desc=f"pretrain {name} stand-in")

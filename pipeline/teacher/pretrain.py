@@ -8,9 +8,9 @@ rendered images whose captions are in no split (``data.pretraining``):
 1. vision: the vision tower and the projector learn the outfit attributes from the image tokens the language model
    will see (one linear head per attribute over all of them, so where a thing is drawn matters);
 2. language: the language model (the image side frozen) learns to answer "List the outfit attributes." with an
-   attribute list
-   ("gender female; sleeve length long; ...") — a style unlike DeepFashion's prose, which `finetune` still has
-   to learn.
+   attribute list ("gender female; sleeve length long; ...") in a new random order for every image and epoch, so
+   that every attribute must be read from the image wherever it comes in the answer (DeepFashion's prose states them
+   in many orders) — a style unlike DeepFashion's prose, which `finetune` still has to learn.
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from pipeline.teacher.collator import CaptionCollator
 
 log = logging.getLogger(__name__)
 QUESTION = "List the outfit attributes."
+ANSWERS = "attribute list, a new random order per image and epoch"  # in the tiny LLaVA's cache key: a change rebuilds it
 
 
-def attribute_list(caption: str) -> str:
-    """The pretraining answer for an image: the attributes its caption states, as a list."""
-    labels = caption_labels(caption)
-    return "; ".join(f"{ATTRIBUTES[a]} {v}" for a, v in labels.items() if v != ABSENT) + "."
+def attribute_list(caption: str, order: Sequence[int] | None = None) -> str:
+    """The pretraining answer for an image: the attributes its caption states, as a list (in ``order``: indices into
+    ATTRIBUTES; default: ATTRIBUTES' order)."""
+    labels = list(caption_labels(caption).items())
+    stated = [labels[i] for i in (order if order is not None else range(len(labels)))]
+    return "; ".join(f"{ATTRIBUTES[a]} {v}" for a, v in stated if v != ABSENT) + "."
 
 
 def read_attribute_list(text: str) -> dict[str, str]:
@@ -80,7 +83,6 @@ def pretrain_tiny_llava(model, processor, images: Sequence[Image.Image], caption
 def _language_step(model, processor, images: Sequence[Image.Image], captions: Sequence[str], cfg: TinyPretraining,
                    seed: int) -> float:
     collate = CaptionCollator(processor, max_length=1024, instruction=QUESTION)
-    answers = [attribute_list(c) for c in captions]
     # the image side keeps what the vision step taught it; the language model learns to read it
     language = [p for n, p in model.named_parameters() if "vision_tower" not in n and "multi_modal_projector" not in n]
     optimizer = torch.optim.AdamW(language, lr=cfg.language_learning_rate, weight_decay=0.0)
@@ -93,7 +95,10 @@ def _language_step(model, processor, images: Sequence[Image.Image], captions: Se
     with tqdm(total=cfg.language_epochs * batches, desc="pretrain language model", unit="step") as bar:
         for _ in range(cfg.language_epochs):
             for idx in torch.randperm(len(images), generator=generator).split(cfg.batch_size):
-                batch = collate([{"image": images[i], "caption": answers[i], "image_id": str(i)} for i in idx])
+                # a new attribute order per image and epoch: the answer at any position must come from the image
+                orders = [torch.randperm(len(ATTRIBUTES), generator=generator).tolist() for _ in idx]
+                batch = collate([{"image": images[i], "caption": attribute_list(captions[i], order), "image_id": str(i)}
+                                 for i, order in zip(idx.tolist(), orders)])
                 loss = model(**batch).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

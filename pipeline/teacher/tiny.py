@@ -55,7 +55,12 @@ def tiny_settings(cfg: TinyTeacher, seed: int, pretraining_root: Path | None) ->
     images = None
     if cfg.pretrain is not None and pretraining_root is not None:
         images = json.loads((Path(pretraining_root) / "README.json").read_text())
-    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images}
+    answers = None
+    if cfg.pretrain is not None:
+        from pipeline.teacher.pretrain import ANSWERS
+
+        answers = ANSWERS
+    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images, "answers": answers}
 
 
 def is_current(path: Path, settings: dict) -> bool:
