@@ -42,7 +42,7 @@ def write_source_baselines(folder: Path, inputs: dict[str, Any], scorer: Caption
     """``folder/metrics.json``: :func:`source_baselines`, with the ``inputs`` (fingerprints) they were computed from;
     kept as it is when those match (every students step of a source shares one; they take turns under a lock)."""
     file = folder / "metrics.json"
-    with output_lock(file, wait=True):
+    with output_lock(folder, wait=True):  # the lock file is beside the folder: no folder without its metrics.json
         if file.is_file() and json.loads(file.read_text()).get("inputs") == inputs:
             return
         atomic_write_json(file, {**source_baselines(scorer, train_captions, test_rows), "inputs": inputs})
@@ -56,7 +56,8 @@ def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
         if is_sweep_source(folder.name.split("__", 1)[1]):
             continue
         if folder.name.startswith("baseline__"):
-            baselines[folder.name.split("__", 1)[1]] = json.loads((folder / "metrics.json").read_text())
+            if (folder / "metrics.json").is_file():  # else another step is computing it right now
+                baselines[folder.name.split("__", 1)[1]] = json.loads((folder / "metrics.json").read_text())
         elif read_manifest(folder) is not None:
             results.append({**json.loads((folder / "metrics.json").read_text()), "folder": folder})
     order = list(ARCH_NAMES)

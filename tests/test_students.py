@@ -498,3 +498,19 @@ def test_students_retrain_when_their_encoder_weights_change(make_config):
     assert manifest.stat().st_mtime_ns != written
     assert read_manifest(manifest.parent)["inputs"]["encoder_weights"] == sha256_file(file) != first["inputs"][
         "encoder_weights"]
+
+
+def test_results_skip_a_baseline_another_step_is_still_computing(tmp_path):
+    """Students steps of several sources run side by side: one step's summary must not read another source's
+    baseline folder before its metrics.json exists (the demo's `make demo` failed on exactly that)."""
+    from pipeline.results import finished_results, write_source_baselines
+    from pipeline.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    (rd.students / "baseline__creative").mkdir(parents=True)  # being written elsewhere
+    assert finished_results(rd) == ([], {})
+    rows = [{"image_id": str(i), "caption": f"The lady wears a {w} skirt."} for i, w in enumerate(["long", "short"])]
+    with CaptionScorer(meteor=False) as scorer:
+        write_source_baselines(rd.students / "baseline__gt", {"captions": "a"}, scorer, [r["caption"] for r in rows],
+                               rows)
+    assert set(finished_results(rd)[1]) == {"gt"} and not (rd.students / "baseline__gt" / ".metrics.json.lock").exists()
