@@ -60,6 +60,34 @@ def test_beam_of_one_equals_greedy_and_beams_are_valid(arch):
     assert len(beams) == 6 and all(len(b) <= 13 and 2 not in b for b in beams)
 
 
+class _EndsAfter(torch.nn.Module):
+    """A toy decoder: image i's captions may end after ``feats[i, 0]`` words (a large value: never)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = torch.nn.Linear(4, 30)
+
+    def init_state(self, feats):
+        return {"x": feats[:, 1:], "left": feats[:, :1].clone()}
+
+    def step(self, state, tokens):
+        logits = self.out(state["x"] * (tokens[:, None] % 5 + 1))
+        logits[:, 2] = torch.where(state["left"][:, 0] <= 0, 10.0, float("-inf"))  # <end> as soon as allowed
+        return torch.log_softmax(logits, -1), {**state, "left": state["left"] - 1}
+
+
+def test_beam_search_of_a_batch_equals_each_image_alone():
+    """Images whose beams have all ended leave the batch early: their captions, and those of the images still being
+    decoded (one never ends before max_length), are what each image gets when decoded on its own."""
+    torch.manual_seed(3)
+    model = _EndsAfter()
+    feats = torch.randn(7, 5)
+    feats[:, 0] = torch.tensor([3.0, 0.0, 8.0, 1.0, 100.0, 5.0, 2.0])
+    batch = beam_search(model, feats, 3, 12, start_id=1, end_id=2)
+    assert batch == [beam_search(model, feats[i:i + 1], 3, 12, start_id=1, end_id=2)[0] for i in range(len(feats))]
+    assert len(batch[4]) == 13 and len({len(c) for c in batch}) >= 4, batch  # ended at several steps, one never
+
+
 def test_transformer_incremental_step_matches_full_forward():
     torch.manual_seed(2)
     model = build_decoder("vit_transformer", 24, 30, SMALL).eval()

@@ -35,7 +35,9 @@ def greedy_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, 
 @torch.no_grad()
 def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, start_id: int,
                 end_id: int) -> list[list[int]]:
-    """Best sequence per image (sum of log-probabilities over length) among ``beam_size`` beams."""
+    """Best sequence per image (sum of log-probabilities over length) among ``beam_size`` beams. An image whose beams
+    have all ended leaves the batch (its result cannot change any more), so a few long captions do not keep every
+    image's beams stepping to ``max_length``."""
     batch, k, device = feats.shape[0], beam_size, feats.device
     state = _repeat(decoder.init_state(feats), k)
     scores = torch.full((batch, k), float("-inf"), device=device)
@@ -44,24 +46,39 @@ def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, s
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, k, device=device)
     done = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    images = torch.arange(batch, device=device)  # which image each row of the shrinking batch is
+    results: list[list[int]] = [[] for _ in range(batch)]
+
+    def finish(rows: torch.Tensor) -> None:
+        best = (scores[rows] / lengths[rows].clamp(min=1)).argmax(-1)
+        picked = history.view(len(scores), k, -1)[rows, best]
+        for image, seq in zip(images[rows].tolist(), picked.tolist()):
+            results[image] = until_end(seq, end_id)
+
     for _ in range(max_length + 1):
         logp, state = decoder.step(state, tokens)
-        logp = logp.view(batch, k, -1)
+        logp = logp.view(len(scores), k, -1)
         finished = torch.full_like(logp, float("-inf"))
         finished[..., end_id] = 0.0  # a finished beam only extends with <end>, at no cost
         logp = torch.where(done[..., None], finished, logp)
-        total = (scores[..., None] + logp).view(batch, -1)
+        total = (scores[..., None] + logp).view(len(scores), -1)
         scores, flat = total.topk(k, dim=-1)
         origin, tokens2d = flat // logp.shape[-1], flat % logp.shape[-1]
-        index = (origin + torch.arange(batch, device=device)[:, None] * k).view(-1)
+        index = (origin + torch.arange(len(scores), device=device)[:, None] * k).view(-1)
         state, history = _select(state, index), history.index_select(0, index)
         lengths, done = lengths.gather(1, origin), done.gather(1, origin)
         lengths = lengths + (~done).float()
         done = done | (tokens2d == end_id)
         tokens = tokens2d.view(-1)
         history = torch.cat([history, tokens[:, None]], 1)
-        if done.all():
-            break
-    best = (scores / lengths.clamp(min=1)).argmax(-1)
-    rows = history.view(batch, k, -1)[torch.arange(batch, device=device), best]
-    return [until_end(row, end_id) for row in rows.tolist()]
+        ended = done.all(-1)
+        if ended.any():
+            finish(ended.nonzero()[:, 0])
+            keep = (~ended).nonzero()[:, 0]
+            if not len(keep):
+                return results
+            rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
+            state, history, tokens = _select(state, rows), history.index_select(0, rows), tokens[rows]
+            scores, lengths, done, images = scores[keep], lengths[keep], done[keep], images[keep]
+    finish(torch.arange(len(scores), device=device))
+    return results
