@@ -25,10 +25,11 @@ def run(tmp_path_factory):
         data={"synthetic": {"num_images": 500, "image_size": 64}, "split": {"test": 0.3, "val": 0.1},
               "pretraining": {"images": 1500, "root": str(folder / "pretraining")}},
         teacher={"tiny": {"pretrain": {"vision_epochs": 12, "language_epochs": 6}}},
-        students={"archs": ["resnet101_gru"], "sources": ["gt"], "epochs": 24, "val_every_epochs": 6,
+        students={"archs": ["resnet101_gru", "vgg19_gru"], "sources": ["gt"], "epochs": 24, "val_every_epochs": 6,
                   "beam_size": 1, "encoder": {"pretrained": True, "weights_dir": str(folder / "weights"),
                                               "width": 0.25, "image_size": 64,
-                                              "stand_in": {"epochs": 12, "images": 800}}})
+                                              "stand_in": {"epochs": 12, "images": 800, "by_encoder": {
+                                                  "vgg19": {"epochs": 20, "learning_rate": 1.0e-3}}}}})
     cfg = load_config(path)
     prepare.run(cfg, Namespace(force=False))
     data = load_captions(cfg.run_dir / "data" / "captions")
@@ -84,8 +85,9 @@ def test_pretrained_teacher_answers_what_the_image_shows(run):
     assert seen - accuracy(answers(images[1:] + images[:1]), truth) > 0.03  # swapped images: worse answers
 
 
-def test_student_reads_the_image_and_loses_it_when_images_are_swapped(run):
-    metrics = json.loads((run.run_dir / "students" / "resnet101_gru__gt" / "metrics.json").read_text())
+@pytest.mark.parametrize("arch", ["resnet101_gru", "vgg19_gru"])
+def test_student_reads_the_image_and_loses_it_when_images_are_swapped(run, arch):
+    metrics = json.loads((run.run_dir / "students" / f"{arch}__gt" / "metrics.json").read_text())
     baseline = json.loads((run.run_dir / "students" / "baseline__gt" / "metrics.json").read_text())
     accuracy, majority = metrics["attributes"]["macro"], baseline["majority"]["macro"]
     assert accuracy > majority + 0.05, (accuracy, majority)
