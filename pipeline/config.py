@@ -243,7 +243,10 @@ class StudentsConfig(Section):
     val_every_epochs: Positive = 1
     val_every_steps: Positive | None = None  # validate every N optimizer steps instead of epochs
     val_beam_size: Positive = 1
-    early_stop_patience: Positive = 3  # stop after this many validations without a better val CIDEr-D
+    # validation metric that picks best/ and counts for early stopping (ties: the other one): attribute accuracy
+    # (does the caption state this image's outfit?) or CIDEr-D
+    select_on: Literal["attributes", "CIDEr-D"] = "attributes"
+    early_stop_patience: Positive = 3  # stop after this many validations without a better one
     transformer_layers: Positive = 3
     transformer_heads: Positive = 8
     num_workers: StrictInt = Field(0, ge=0)  # image-decoding workers (feature cache; the encoder-in-the-loop batches)

@@ -44,21 +44,23 @@ def plot_metric_bars(results: Sequence[dict], path: Path) -> None:
 
 
 def plot_curves(curves: dict[str, dict], path: Path) -> None:
-    """Training loss and validation CIDEr-D against step, one line per student."""
+    """Training loss, validation CIDEr-D and validation attribute accuracy against step, one line per student."""
     plt = _figure()
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    fig, (loss_ax, cider_ax, attr_ax) = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
     colours = plt.get_cmap("tab20").colors
     for i, (name, c) in enumerate(sorted(curves.items())):
         colour = colours[i % len(colours)]
         if c.get("train_loss"):
             steps, losses = zip(*c["train_loss"])
             loss_ax.plot(steps, losses, lw=0.8, label=name, color=colour)
-        if c.get("val_cider"):
-            steps, cider = zip(*c["val_cider"])
-            val_ax.plot(steps, cider, marker="o", ms=3, label=name, color=colour)
+        for ax, key in ((cider_ax, "val_cider"), (attr_ax, "val_attributes")):
+            if c.get(key):
+                steps, values = zip(*c[key])
+                ax.plot(steps, values, marker="o", ms=3, label=name, color=colour)
     loss_ax.set(title="training loss (masked cross-entropy)", xlabel="step", yscale="log")
-    val_ax.set(title="validation CIDEr-D", xlabel="step")
-    val_ax.legend(fontsize=6, ncol=2)
+    cider_ax.set(title="validation CIDEr-D", xlabel="step")
+    attr_ax.set(title="validation attribute accuracy (macro)", xlabel="step")
+    attr_ax.legend(fontsize=6, ncol=2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

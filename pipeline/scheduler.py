@@ -14,7 +14,6 @@ raises one line naming the step, its last error line and its log.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.cpus import step_environment
 from pipeline.errors import PipelineError
 
 
@@ -81,7 +81,7 @@ class _Run:
                 if self.failed:
                     return
                 proc = subprocess.Popen(step.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                        env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
+                                        env=step_environment(self.threads))
                 self.running.add(proc)
             code = proc.wait()
         with self.cond:

@@ -69,3 +69,14 @@ def test_a_stage_process_uses_its_share():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "SLURM_CPUS_PER_TASK": "1"}, capture_output=True,
                          text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "1"
+
+
+def test_step_environment_sets_threads_and_malloc_thresholds_a_user_setting_wins(monkeypatch):
+    from pipeline.cpus import MALLOC_TUNABLES, step_environment
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    env = step_environment(2)
+    assert env["OMP_NUM_THREADS"] == "2" and env["GLIBC_TUNABLES"] == MALLOC_TUNABLES
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert step_environment(1)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

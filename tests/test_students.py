@@ -17,8 +17,9 @@ from pipeline.students.vocab import Vocabulary
 from stages import prepare, students
 
 ARCH_FEATS = {"vgg19_gru": (32,), "resnet101_gru": (48,), "resnet101_attn_gru": (9, 48), "vit_transformer": (5, 24)}
+# the tests' scorers script validation CIDEr-D: select on it (test_selection_on_validation_attributes covers the other)
 SMALL = StudentsConfig(embed_dim=16, hidden_dim=32, transformer_heads=4, transformer_layers=2, max_length=12,
-                       dropout=0.0)
+                       dropout=0.0, select_on="CIDEr-D")
 
 
 def test_vocabulary_round_trip(tmp_path):
@@ -185,6 +186,32 @@ def test_validation_every_n_steps_and_early_stopping(tmp_path):
     result = train_student("vgg19_gru", cfg, feats, 16, caps, vocab, tmp_path / "b", 0, Scorer([.5, .4, .3, 1.0]))
     assert [s for s, _ in result["curves"]["val_cider"]] == [2, 4, 6] and result["steps"] == 6
     assert result["best_step"] == 2 and result["epochs_run"] == 2
+
+
+@pytest.mark.parametrize("select_on, best_step", [("attributes", 8), ("CIDEr-D", 6)])
+def test_selection_on_validation_attributes_or_cider(tmp_path, monkeypatch, select_on, best_step):
+    """best/ is the checkpoint with the best validation ``select_on``; a tie goes to the other metric."""
+    import pipeline.students.train as train
+
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    table = {"train": torch.randn(32, 16), "val": torch.randn(4, 16)}
+    attributes, cider = iter([.5, .9, .7, .9]), iter([.1, .2, .9, .8])  # validations at steps 2, 4, 6, 8
+
+    class Scorer:
+        def score(self, refs, hyps, only=None):
+            return {"CIDEr-D": next(cider)}
+
+    monkeypatch.setattr(train, "attribute_accuracy", lambda refs, hyps: {"macro": next(attributes)})
+    cfg = SMALL.model_copy(update={"epochs": 2, "batch_size": 8, "val_every_steps": 2, "early_stop_patience": 9,
+                                   "select_on": select_on})
+    result = train_student("vgg19_gru", cfg, lambda split, idx: table[split][idx], 16, caps, vocab, tmp_path, 0,
+                           Scorer())
+    assert result["best_step"] == best_step and result["selected_on"] == select_on
+    assert [v for _, v in result["curves"]["val_attributes"]] == [.5, .9, .7, .9]
+    saved = json.loads((tmp_path / "best" / "student.json").read_text())
+    assert saved["step"] == best_step and saved["val_attributes"] == {8: .9, 6: .7}[best_step]
 
 
 def test_fine_tuned_encoder_is_trained_checkpointed_and_resumed_exactly(tmp_path):

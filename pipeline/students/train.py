@@ -3,8 +3,8 @@
 Batches are padded caption id sequences with masked cross-entropy; inputs come from a feature source (cached
 features of a frozen encoder, or an encoder run in the loop when it is fine-tuned). Every epoch ends with an atomic
 ``last/`` checkpoint (weights as safetensors, optimizer state, loop state), so a killed run resumes where it was; the
-best model by validation CIDEr-D is kept in ``best/``, self-describing (see :mod:`pipeline.students.runtime`): it
-rebuilds and captions with no config.
+best model by validation attribute accuracy or CIDEr-D (``students.select_on``) is kept in ``best/``, self-describing
+(see :mod:`pipeline.students.runtime`): it rebuilds and captions with no config.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.attribute_metrics import attribute_accuracy
 from pipeline.config import EncoderSettings, StudentsConfig
 from pipeline.errors import PipelineError
 from pipeline.metrics import CaptionScorer
@@ -194,7 +195,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
                   captions: dict[str, list[str]], vocab: Vocabulary, out_dir: Path, seed: int,
                   scorer: CaptionScorer, encoder: nn.Module | None = None,
                   frozen_encoder: nn.Module | None = None) -> dict[str, Any]:
-    """Train on ``captions["train"]``, select on val CIDEr-D; resumes from ``out_dir/last`` when present.
+    """Train on ``captions["train"]``, select on validation (``cfg.select_on``); resumes from ``out_dir/last``.
 
     ``encoder``: the image encoder that ``features`` runs, fine-tuned with ``cfg.encoder_lr`` (the decoder gets
     ``cfg.decoder_lr``) and checkpointed with the decoder. It stays in eval mode: BatchNorm keeps its statistics
@@ -213,8 +214,8 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.Adam(groups)
     targets = [vocab.encode(c, cfg.max_length) for c in captions["train"]]
-    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_epoch": None, "best_step": None,
-             "bad_validations": 0, "curves": {"train_loss": [], "val_cider": []}}
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_key": None, "best_epoch": None, "best_step": None,
+             "bad_validations": 0, "curves": {"train_loss": [], "val_cider": [], "val_attributes": []}}
     last = out_dir / "last"
     if (last / "state.json").is_file():
         _load_weights(last, model, encoder)
@@ -227,19 +228,26 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
                             encoder_finetuned=encoder is not None)
 
     def validate(epoch: float, train_loss: float) -> None:
-        """Val CIDEr-D now; keep best/, count rounds without improvement (early stopping)."""
+        """Val CIDEr-D and attribute accuracy now; keep best/ (``cfg.select_on``, ties: the other), count rounds
+        without improvement (early stopping)."""
         hyps = decode_split(model, features, "val", len(captions["val"]), vocab, cfg.val_beam_size, cfg.max_length)
         model.train()
-        cider = scorer.score({str(i): [c] for i, c in enumerate(captions["val"])},
-                             {str(i): h for i, h in enumerate(hyps)}, only=("CIDEr-D",))["CIDEr-D"]
-        writer.add_scalar("val/CIDEr-D", cider, state["step"])
+        refs = {str(i): c for i, c in enumerate(captions["val"])}
+        preds = {str(i): h for i, h in enumerate(hyps)}
+        cider = scorer.score({k: [c] for k, c in refs.items()}, preds, only=("CIDEr-D",))["CIDEr-D"]
+        attributes = attribute_accuracy(refs, preds)["macro"]
+        for name, value in (("CIDEr-D", cider), ("attributes", attributes)):
+            writer.add_scalar(f"val/{name}", value, state["step"])
         state["curves"]["val_cider"].append([state["step"], round(cider, 5)])
-        log.info("%s epoch %.4g step %d: train loss %.3f, val CIDEr-D %.3f", out_dir.name, epoch, state["step"],
-                 train_loss, cider)
-        if cider > state["best"]:
-            state.update(best=cider, best_epoch=round(epoch, 4), best_step=state["step"], bad_validations=0)
+        state["curves"].setdefault("val_attributes", []).append([state["step"], round(attributes, 5)])
+        log.info("%s epoch %.4g step %d: train loss %.3f, val CIDEr-D %.3f, val attributes %.3f", out_dir.name, epoch,
+                 state["step"], train_loss, cider, attributes)
+        key = [attributes, cider] if cfg.select_on == "attributes" else [cider, attributes]
+        if state.get("best_key") is None or key > state["best_key"]:
+            state.update(best=cider, best_key=key, best_epoch=round(epoch, 4), best_step=state["step"],
+                         bad_validations=0)
             save_student(out_dir / "best", model, vocab, {**meta, "epoch": round(epoch, 4), "step": state["step"],
-                                                          "val_cider": cider},
+                                                          "val_cider": cider, "val_attributes": attributes},
                          encoder if encoder is not None else frozen_encoder)
         else:
             state["bad_validations"] += 1
@@ -289,5 +297,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     writer.close()
     seconds = time.perf_counter() - started
     return {"epochs_run": state["epoch"], "resumed_after_epoch": resumed_after, "best_epoch": state["best_epoch"],
-            "best_step": state["best_step"], "best_val_cider": state["best"], "steps": state["step"],
+            "best_step": state["best_step"], "best_val_cider": state["best"],
+            "best_val_attributes": state["best_key"][cfg.select_on == "CIDEr-D"] if state["best_key"] else None,
+            "selected_on": cfg.select_on, "steps": state["step"],
             "captions_per_second": round(n_captions / seconds, 1) if n_captions else None, "curves": state["curves"]}
