@@ -7,6 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
+# glibc malloc keeps big freed blocks instead of unmapping them (see MALLOC_TUNABLES in pipeline/cpus.py, which the
+# demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
 .PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status test bench clean
 

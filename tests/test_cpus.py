@@ -80,3 +80,12 @@ def test_step_environment_sets_threads_and_malloc_thresholds_a_user_setting_wins
     assert env["OMP_NUM_THREADS"] == "2" and env["GLIBC_TUNABLES"] == MALLOC_TUNABLES
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     assert step_environment(1)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+
+
+def test_makefile_exports_the_same_malloc_thresholds():
+    from pathlib import Path
+
+    from pipeline.cpus import MALLOC_TUNABLES
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert f"export GLIBC_TUNABLES ?= {MALLOC_TUNABLES}\n" in makefile
