@@ -91,10 +91,15 @@ def require_source(rd: RunDir, source: str) -> dict[str, Any]:
     return require_stage(source_dir(rd, source), "prepare" if source == "gt" else "distill")
 
 
+def _source_inputs(rd: RunDir, source: str) -> dict[str, str]:
+    """What every model of a caption source is computed from: its captions and the ground truth."""
+    return {"captions": require_source(rd, source)["fingerprint"],
+            "ground_truth": require_stage(rd.data, "prepare")["fingerprint"]}
+
+
 def source_baselines(rd: RunDir, source: str) -> dict[str, str]:
     """A source's baselines (``students/baseline__<source>``): its captions, the ground truth and the scoring."""
-    return {"captions": require_source(rd, source)["fingerprint"],
-            "ground_truth": require_stage(rd.data, "prepare")["fingerprint"], "scoring": SCORING}
+    return {**_source_inputs(rd, source), "scoring": SCORING}
 
 
 @functools.lru_cache(maxsize=16)
@@ -123,9 +128,7 @@ def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
     settings = config_slice(cfg, "students")["students"]
     for key in STUDENT_KEYS_IGNORED:
         settings.pop(key)
-    inputs = {"captions": require_source(rd, source)["fingerprint"],
-              "ground_truth": require_stage(rd.data, "prepare")["fingerprint"],
-              "encoder_weights": encoder_weights(cfg, arch)}
+    inputs = {**_source_inputs(rd, source), "encoder_weights": encoder_weights(cfg, arch)}
     config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}
     if source != "gt":
         config["validation"] = "gt"
