@@ -214,8 +214,8 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.Adam(groups)
     targets = [vocab.encode(c, cfg.max_length) for c in captions["train"]]
-    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_key": None, "best_epoch": None, "best_step": None,
-             "bad_validations": 0, "curves": {"train_loss": [], "val_cider": [], "val_attributes": []}}
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_attributes": None, "best_key": None,
+             "best_epoch": None, "best_step": None, "bad_validations": 0, "curves": {"train_loss": [], "val_cider": [], "val_attributes": []}}
     last = out_dir / "last"
     if (last / "state.json").is_file():
         _load_weights(last, model, encoder)
@@ -239,13 +239,13 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         for name, value in (("CIDEr-D", cider), ("attributes", attributes)):
             writer.add_scalar(f"val/{name}", value, state["step"])
         state["curves"]["val_cider"].append([state["step"], round(cider, 5)])
-        state["curves"].setdefault("val_attributes", []).append([state["step"], round(attributes, 5)])
+        state["curves"]["val_attributes"].append([state["step"], round(attributes, 5)])
         log.info("%s epoch %.4g step %d: train loss %.3f, val CIDEr-D %.3f, val attributes %.3f", out_dir.name, epoch,
                  state["step"], train_loss, cider, attributes)
         key = [attributes, cider] if cfg.select_on == "attributes" else [cider, attributes]
-        if state.get("best_key") is None or key > state["best_key"]:
-            state.update(best=cider, best_key=key, best_epoch=round(epoch, 4), best_step=state["step"],
-                         bad_validations=0)
+        if state["best_key"] is None or key > state["best_key"]:
+            state.update(best=cider, best_attributes=attributes, best_key=key, best_epoch=round(epoch, 4),
+                         best_step=state["step"], bad_validations=0)
             save_student(out_dir / "best", model, vocab, {**meta, "epoch": round(epoch, 4), "step": state["step"],
                                                           "val_cider": cider, "val_attributes": attributes},
                          encoder if encoder is not None else frozen_encoder)
@@ -298,6 +298,6 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     seconds = time.perf_counter() - started
     return {"epochs_run": state["epoch"], "resumed_after_epoch": resumed_after, "best_epoch": state["best_epoch"],
             "best_step": state["best_step"], "best_val_cider": state["best"],
-            "best_val_attributes": state["best_key"][cfg.select_on == "CIDEr-D"] if state["best_key"] else None,
+            "best_val_attributes": state["best_attributes"],
             "selected_on": cfg.select_on, "steps": state["step"],
             "captions_per_second": round(n_captions / seconds, 1) if n_captions else None, "curves": state["curves"]}
