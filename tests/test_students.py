@@ -191,7 +191,7 @@ def test_validation_every_n_steps_and_early_stopping(tmp_path):
 @pytest.mark.parametrize("select_on, best_step", [("attributes", 8), ("CIDEr-D", 6)])
 def test_selection_on_validation_attributes_or_cider(tmp_path, monkeypatch, select_on, best_step):
     """best/ is the checkpoint with the best validation ``select_on``; a tie goes to the other metric."""
-    import pipeline.students.train as train
+    from pipeline.students import train
 
     caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
             "val": ["the lady wears a red hat ."] * 4}
