@@ -17,7 +17,8 @@ from pipeline.students.vocab import Vocabulary
 from stages import prepare, students
 
 ARCH_FEATS = {"vgg19_gru": (32,), "resnet101_gru": (48,), "resnet101_attn_gru": (9, 48), "vit_transformer": (5, 24)}
-# the tests' scorers script validation CIDEr-D: select on it (test_selection_on_validation_attributes covers the other)
+# the tests' scorers script validation CIDEr-D: select on it (test_selection_on_validation_attributes_or_cider covers
+# both)
 SMALL = StudentsConfig(embed_dim=16, hidden_dim=32, transformer_heads=4, transformer_layers=2, max_length=12,
                        dropout=0.0, select_on="CIDEr-D")
 

@@ -214,8 +214,9 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.Adam(groups)
     targets = [vocab.encode(c, cfg.max_length) for c in captions["train"]]
-    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_attributes": None, "best_key": None,
-             "best_epoch": None, "best_step": None, "bad_validations": 0, "curves": {"train_loss": [], "val_cider": [], "val_attributes": []}}
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "best_attributes": None, "best_epoch": None,
+             "best_step": None, "bad_validations": 0,
+             "curves": {"train_loss": [], "val_cider": [], "val_attributes": []}}
     last = out_dir / "last"
     if (last / "state.json").is_file():
         _load_weights(last, model, encoder)
@@ -226,6 +227,10 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     meta = describe_student(arch, cfg, feat_dim=feat_dim, vocab_size=len(vocab), seed=seed,
                             encoder_finetuned=encoder is not None)
+
+    def rank(cider: float, attributes: float) -> tuple[float, float]:
+        """A validation's standing: ``cfg.select_on`` first, the other metric breaks ties."""
+        return (attributes, cider) if cfg.select_on == "attributes" else (cider, attributes)
 
     def validate(epoch: float, train_loss: float) -> None:
         """Val CIDEr-D and attribute accuracy now; keep best/ (``cfg.select_on``, ties: the other), count rounds
@@ -242,10 +247,9 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         state["curves"]["val_attributes"].append([state["step"], round(attributes, 5)])
         log.info("%s epoch %.4g step %d: train loss %.3f, val CIDEr-D %.3f, val attributes %.3f", out_dir.name, epoch,
                  state["step"], train_loss, cider, attributes)
-        key = [attributes, cider] if cfg.select_on == "attributes" else [cider, attributes]
-        if state["best_key"] is None or key > state["best_key"]:
-            state.update(best=cider, best_attributes=attributes, best_key=key, best_epoch=round(epoch, 4),
-                         best_step=state["step"], bad_validations=0)
+        if state["best_attributes"] is None or rank(cider, attributes) > rank(state["best"], state["best_attributes"]):
+            state.update(best=cider, best_attributes=attributes, best_epoch=round(epoch, 4), best_step=state["step"],
+                         bad_validations=0)
             save_student(out_dir / "best", model, vocab, {**meta, "epoch": round(epoch, 4), "step": state["step"],
                                                           "val_cider": cider, "val_attributes": attributes},
                          encoder if encoder is not None else frozen_encoder)
