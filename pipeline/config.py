@@ -235,6 +235,9 @@ class StudentsConfig(Section):
     max_length: StrictInt = Field(100, gt=1)
     epochs: Positive = 10
     batch_size: Positive = 64
+    # batches of captions of similar length (shuffled pools sorted by length, batches in random order): the decoders
+    # run to each batch's longest caption, so random batches spend ~30% of their steps on padding
+    group_by_length: StrictBool = True
     encoder_lr: Rate = 1e-5
     decoder_lr: Rate = 5e-4
     grad_clip: Rate = 5.0  # max gradient norm

@@ -82,9 +82,10 @@ class AttentionGRU(nn.Module):
         context = (alpha[..., None] * feats).sum(1) * torch.sigmoid(self.gate(h))
         return context, alpha
 
-    def _cell(self, feats, enc, h, tokens):
+    def _cell(self, feats, enc, h, words):
+        """One step of the GRU on the (dropped-out) word embeddings ``words`` and the attended image."""
         context, alpha = self._attend(feats, enc, h)
-        h = self.cell(torch.cat([self.drop(self.embed(tokens)), context], -1), h)
+        h = self.cell(torch.cat([words, context], -1), h)
         return h, alpha
 
     def _self_attend(self, hs: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,9 +98,10 @@ class AttentionGRU(nn.Module):
         feats = torch.relu(self.regions(self.feat_norm(feats)))
         enc = self.enc_att(feats)
         h = torch.tanh(self.init_h(feats.mean(1)))
+        words = self.drop(self.embed(tokens))  # every step's input at once: the loop runs only what needs h
         hs, alphas = [], []
         for t in range(tokens.shape[1]):
-            h, alpha = self._cell(feats, enc, h, tokens[:, t])
+            h, alpha = self._cell(feats, enc, h, words[:, t])
             hs.append(h)
             alphas.append(alpha)
         out = self._self_attend(torch.stack(hs, 1))
@@ -116,7 +118,7 @@ class AttentionGRU(nn.Module):
                 "past": feats.new_zeros(feats.shape[0], 0, self.cell.hidden_size)}
 
     def step(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
-        h, _ = self._cell(state["feats"], state["enc"], state["h"], tokens)
+        h, _ = self._cell(state["feats"], state["enc"], state["h"], self.drop(self.embed(tokens)))
         past = torch.cat([state["past"], h[:, None]], 1)
         out = self._self_attend(past, query=h[:, None])[:, 0]
         return torch.log_softmax(self.out(out), -1), {**state, "h": h, "past": past}

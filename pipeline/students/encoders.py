@@ -97,6 +97,13 @@ class ViTTokens(nn.Module):
 BUILDERS = {"vgg19": VGGFc7, "resnet101": ResNetGrid, "vit_b_16": ViTTokens}
 
 
+def encoder_module(name: str, model: nn.Module) -> nn.Module:
+    """The encoder over a torchvision model (its parameters shared), in channels-last memory format: the fast
+    convolution layout of oneDNN and cuDNN (the demo's CNNs train ~1.4x faster on a CPU, ``make bench``). Weights
+    are saved contiguous, so the files keep torchvision's layout."""
+    return BUILDERS[name](model).to(memory_format=torch.channels_last)
+
+
 def weights_file(name: str, settings: EncoderSettings) -> Path:
     filename = Path(WEIGHTS[name].url).name
     folder = settings.weights_dir or Path(torch.hub.get_dir()) / "checkpoints"
@@ -120,7 +127,7 @@ def build_encoder(name: str, settings: EncoderSettings, seed: int = 0) -> nn.Mod
         except RuntimeError as exc:
             raise PipelineError(f"{path}: not weights of a {name} at students.encoder.width={settings.width} "
                                 f"({str(exc).splitlines()[0]})") from None
-    return BUILDERS[name](model)
+    return encoder_module(name, model)
 
 
 def image_transform(image_size: int):

@@ -22,7 +22,7 @@ import torch
 from pipeline.attribute_heads import attribute_targets, pretrain_on_attributes
 from pipeline.config import EncoderSettings
 from pipeline.rundir import atomic_write_bytes, atomic_write_json
-from pipeline.students.encoders import BUILDERS, image_transform, torchvision_model, weights_file
+from pipeline.students.encoders import encoder_module, image_transform, torchvision_model, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def ensure_stand_in(name: str, settings: EncoderSettings, seed: int, pretraining
     images = torch.stack([transform(load_rgb(Path(pretraining_root) / "images" / n)) for n in names])
     torch.manual_seed(seed)
     model = torchvision_model(name, settings)
-    encoder = BUILDERS[name](model)
+    encoder = encoder_module(name, model)
 
     def features(x: torch.Tensor) -> torch.Tensor:  # every region / token: where a thing is drawn matters
         return encoder(x).flatten(1)

@@ -47,6 +47,20 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> torch.Tensor:
     return out
 
 
+def epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                  group_by_length: bool) -> list[list[int]]:
+    """One epoch's batches of caption indices: random, or grouped by length (transformers' mega-batch grouping,
+    then the batches in random order, so that an epoch does not run from the longest captions to the shortest)."""
+    if not group_by_length:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    order = get_length_grouped_indices(lengths, batch_size, generator=generator)
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """Mean cross-entropy over non-padding target tokens."""
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -260,17 +274,17 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         return state["bad_validations"] >= cfg.early_stop_patience
 
     started, n_captions = time.perf_counter(), 0
-    batches = -(-len(targets) // cfg.batch_size)
+    lengths = [len(t) for t in targets]
     while state["epoch"] < cfg.epochs and not stopped():
         epoch = state["epoch"]
         model.train()
-        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{out_dir.name} epoch {epoch + 1}", unit="batch",
-                   leave=False)
+        batches = epoch_batches(lengths, cfg.batch_size, torch.Generator().manual_seed(seed * 1000 + epoch),
+                                cfg.group_by_length)
+        bar = tqdm(batches, desc=f"{out_dir.name} epoch {epoch + 1}", unit="batch", leave=False)
         validated = False
-        for n, start in enumerate(bar, 1):
-            idx = order[start: start + cfg.batch_size]
-            seq = pad_batch([targets[i] for i in idx.tolist()]).to(device)
+        for n, batch in enumerate(bar, 1):
+            idx = torch.tensor(batch)
+            seq = pad_batch([targets[i] for i in batch]).to(device)
             inp, tgt = seq[:, :-1], seq[:, 1:]
             with _autocast():
                 logits, reg = model(features("train", idx).to(device), inp, (inp != 0).float())
@@ -287,7 +301,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             validated = bool(cfg.val_every_steps) and state["step"] % cfg.val_every_steps == 0
             if validated:
-                validate(epoch + n / batches, loss.item())
+                validate(epoch + n / len(batches), loss.item())
                 if stopped():
                     break
         state["epoch"] = epoch + 1
