@@ -108,10 +108,14 @@ def test_beam_search_of_a_batch_equals_each_image_alone():
     assert len(batch[4]) == 13 and len({len(c) for c in batch}) >= 4, batch  # ended at several steps, one never
 
 
-def test_transformer_incremental_step_matches_full_forward():
+@pytest.mark.parametrize("arch", sorted(ARCH_FEATS))
+def test_incremental_step_matches_full_forward(arch):
+    """A decoding step (the attention GRU's and the Transformer's with cached self-attention keys and values) gives
+    the log-probabilities of the teacher-forced forward pass."""
     torch.manual_seed(2)
-    model = build_decoder("vit_transformer", 24, 30, SMALL).eval()
-    feats, tokens = torch.randn(3, 5, 24), torch.randint(3, 30, (3, 9))
+    shape = ARCH_FEATS[arch]
+    model = build_decoder(arch, shape[-1], 30, SMALL).eval()
+    feats, tokens = torch.randn(3, *shape), torch.randint(3, 30, (3, 9))
     with torch.no_grad():
         full = torch.log_softmax(model(feats, tokens)[0], -1)
         state, steps = model.init_state(feats), []

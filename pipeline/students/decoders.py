@@ -22,6 +22,26 @@ def causal_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.full((n, n), float("-inf"), device=device), diagonal=1)
 
 
+def keys_values(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values ``attn`` makes of ``x`` (its packed input projection), kept by a decoding step so that
+    earlier positions are projected once, not at every step."""
+    _, w_k, w_v = attn.in_proj_weight.chunk(3)
+    _, b_k, b_v = attn.in_proj_bias.chunk(3)
+    return nn.functional.linear(x, w_k, b_k), nn.functional.linear(x, w_v, b_v)
+
+
+def attend(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``attn(query, x, x)`` in eval mode from ``keys_values(attn, x)``: batch-first ``query`` [B, Q, d]."""
+    w_q, b_q = attn.in_proj_weight.chunk(3)[0], attn.in_proj_bias.chunk(3)[0]
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, heads, T, d / heads]
+        return t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+
+    out = nn.functional.scaled_dot_product_attention(heads(nn.functional.linear(query, w_q, b_q)), heads(keys),
+                                                     heads(values))
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
 class GlobalGRU(nn.Module):
     def __init__(self, feat_dim: int, vocab_size: int, embed_dim: int, hidden_dim: int, dropout: float,
                  num_layers: int = 1, concat: bool = False):
@@ -88,11 +108,9 @@ class AttentionGRU(nn.Module):
         h = self.cell(torch.cat([words, context], -1), h)
         return h, alpha
 
-    def _self_attend(self, hs: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        q = hs if query is None else query
-        mask = causal_mask(hs.shape[1], hs.device) if query is None else None
-        attended, _ = self.self_attn(q, hs, hs, attn_mask=mask, need_weights=False)
-        return self.norm(q + self.drop(attended))
+    def _self_attend(self, hs: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.self_attn(hs, hs, hs, attn_mask=causal_mask(hs.shape[1], hs.device), need_weights=False)
+        return self.norm(hs + self.drop(attended))
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None):
         feats = torch.relu(self.regions(self.feat_norm(feats)))
@@ -114,14 +132,17 @@ class AttentionGRU(nn.Module):
 
     def init_state(self, feats: torch.Tensor) -> State:
         feats = torch.relu(self.regions(self.feat_norm(feats)))
+        empty = feats.new_zeros(feats.shape[0], 0, self.cell.hidden_size)
         return {"feats": feats, "enc": self.enc_att(feats), "h": torch.tanh(self.init_h(feats.mean(1))),
-                "past": feats.new_zeros(feats.shape[0], 0, self.cell.hidden_size)}
+                "past_keys": empty, "past_values": empty}
 
     def step(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """One word (eval mode): the GRU step, then self-attention over the keys and values of every output so far."""
         h, _ = self._cell(state["feats"], state["enc"], state["h"], self.drop(self.embed(tokens)))
-        past = torch.cat([state["past"], h[:, None]], 1)
-        out = self._self_attend(past, query=h[:, None])[:, 0]
-        return torch.log_softmax(self.out(out), -1), {**state, "h": h, "past": past}
+        k, v = keys_values(self.self_attn, h[:, None])
+        keys, values = torch.cat([state["past_keys"], k], 1), torch.cat([state["past_values"], v], 1)
+        out = self.norm(h + attend(self.self_attn, h[:, None], keys, values)[:, 0])
+        return torch.log_softmax(self.out(out), -1), {**state, "h": h, "past_keys": keys, "past_values": values}
 
 
 class TransformerCaptioner(nn.Module):
@@ -149,23 +170,29 @@ class TransformerCaptioner(nn.Module):
         return self._decode(self.memory(self.feat_norm(feats)), tokens, pad), None
 
     def init_state(self, feats: torch.Tensor) -> State:
+        """Per layer: the keys and values of the image memory (cross-attention, projected once) and of the positions
+        decoded so far (self-attention, none yet)."""
         memory = self.memory(self.feat_norm(feats))
         empty = memory.new_zeros(feats.shape[0], 0, memory.shape[-1])
-        return {"memory": memory, **{f"layer{i}": empty for i in range(len(self.decoder.layers))}}
+        state = {}
+        for i, layer in enumerate(self.decoder.layers):
+            state[f"memory_keys{i}"], state[f"memory_values{i}"] = keys_values(layer.multihead_attn, memory)
+            state[f"keys{i}"], state[f"values{i}"] = empty, empty
+        return state
 
     def step(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """One position through the (pre-norm, eval-mode) decoder layers, reusing earlier positions' layer inputs:
+        """One position through the (pre-norm, eval-mode) decoder layers with the earlier positions' keys and values:
         causal attention never changes earlier outputs, so this is the full forward pass at O(T) per step."""
-        position = state["layer0"].shape[1]
+        position = state["keys0"].shape[1]
         x = (self.embed(tokens) + self.pos.weight[position])[:, None]
         new = dict(state)
         for i, layer in enumerate(self.decoder.layers):
-            past = torch.cat([state[f"layer{i}"], x], 1)
-            new[f"layer{i}"] = past
-            q, kv = layer.norm1(x), layer.norm1(past)
-            x = x + layer.self_attn(q, kv, kv, need_weights=False)[0]
-            y = layer.norm2(x)
-            x = x + layer.multihead_attn(y, state["memory"], state["memory"], need_weights=False)[0]
+            q = layer.norm1(x)
+            k, v = keys_values(layer.self_attn, q)
+            new[f"keys{i}"] = torch.cat([state[f"keys{i}"], k], 1)
+            new[f"values{i}"] = torch.cat([state[f"values{i}"], v], 1)
+            x = x + attend(layer.self_attn, q, new[f"keys{i}"], new[f"values{i}"])
+            x = x + attend(layer.multihead_attn, layer.norm2(x), state[f"memory_keys{i}"], state[f"memory_values{i}"])
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
         return torch.log_softmax(self.out(self.norm(x[:, 0])), -1), new
 

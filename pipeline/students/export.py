@@ -3,7 +3,7 @@
 Three graphs, exported with ``torch.onnx.export(dynamo=True)``: the encoder with the architecture's decoder-input
 step (``features.decoder_input``: resnet101_gru's mean over the grid), the decoder's ``init_state`` and one decoder
 ``step``. Every graph takes any batch size (beam search runs batch x beams rows); state that grows by one position
-per step (the attention GRU's past outputs, the Transformer's per-layer inputs) has a dynamic length axis. The
+per step (the self-attention keys and values of the positions decoded so far) has a dynamic length axis. The
 export is checked before it is published: onnxruntime must give PyTorch's log-probabilities on a random batch.
 """
 
