@@ -13,8 +13,10 @@ pure-Python ``my_lcs``. Every score equals pycocoevalcap's scorers called direct
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,7 @@ import numpy as np
 from pipeline.cpus import usable_cpus
 from pipeline.errors import PipelineError
 
+METEOR_SERVICE_ENV = "FASHION_DISTILL_METEOR"  # where a MeteorService listens: scorers use it instead of a jar
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 FAMILIES = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D")
 ROUGE_BETA = 1.2  # pycocoevalcap's Rouge.beta
@@ -33,8 +36,8 @@ ROUGE_BETA = 1.2  # pycocoevalcap's Rouge.beta
 class CaptionScorer:
     """Score hypotheses against references. ``meteor=False`` skips METEOR (and its Java start-up, ~10 s);
     ``meteor_processes`` METEOR jars share the pairs of each call (default: 1 below 4 CPUs, where a second jar
-    only competes with Python's BLEU/CIDEr-D for the cores, else 2). ``close()`` (or leaving a ``with`` block)
-    stops the jars."""
+    only competes with Python's BLEU/CIDEr-D for the cores, else 2), or, where ``METEOR_SERVICE_ENV`` names a
+    :class:`MeteorService`, that service's jar. ``close()`` (or leaving a ``with`` block) stops the jars."""
 
     def __init__(self, meteor: bool = True, meteor_processes: int | None = None):
         if shutil.which("java") is None:
@@ -46,8 +49,10 @@ class CaptionScorer:
 
         self._tokenizer = PTBTokenizer()
         self._bleu, self._cider = Bleu(4), Cider()
-        self._meteors: list[MeteorProcess] = []
-        if meteor:
+        self._meteors: list[MeteorProcess | MeteorClient] = []
+        if meteor and os.environ.get(METEOR_SERVICE_ENV):
+            self._meteors = [MeteorClient(os.environ[METEOR_SERVICE_ENV])]
+        elif meteor:
             if meteor_processes is None:
                 meteor_processes = 1 if usable_cpus() < 4 else 2
             # each jar starts now and loads its paraphrase tables while the caller goes on
@@ -173,6 +178,95 @@ class MeteorProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MeteorService:
+    """One METEOR jar for the scorers of several processes (the demo's student steps, each of which would start its
+    own: ~8 CPU-s of Java loading paraphrase tables). It answers ``statistics`` and ``evaluate`` requests on a Unix
+    socket (``multiprocessing.connection``, with a random key), one thread per connected scorer; both requests are
+    stateless, so scorers may interleave. Inside ``with``, ``METEOR_SERVICE_ENV`` names it to this process and the
+    processes it starts."""
+
+    def __init__(self):
+        from multiprocessing.connection import Listener
+
+        self._meteor = MeteorProcess()
+        self._folder = tempfile.mkdtemp(prefix="meteor-")
+        self._key = os.urandom(16)
+        self._listener = Listener(os.path.join(self._folder, "socket"), family="AF_UNIX", authkey=self._key)
+        self.address = f"{self._listener.address}#{self._key.hex()}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection) -> None:
+        with connection:
+            while True:
+                try:
+                    request, payload = connection.recv()
+                except (EOFError, OSError):
+                    return
+                try:
+                    answer = (self._meteor.statistics(payload) if request == "statistics"
+                              else self._meteor.evaluate(payload))
+                except Exception as exc:  # the client raises it
+                    answer = PipelineError(f"METEOR service: {exc}")
+                connection.send(answer)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._meteor.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> MeteorService:
+        self._previous = os.environ.get(METEOR_SERVICE_ENV)
+        os.environ[METEOR_SERVICE_ENV] = self.address
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is None:
+            os.environ.pop(METEOR_SERVICE_ENV, None)
+        else:
+            os.environ[METEOR_SERVICE_ENV] = self._previous
+        self.close()
+
+
+class MeteorClient:
+    """A :class:`MeteorService`'s jar, with :class:`MeteorProcess`'s ``statistics`` / ``evaluate``."""
+
+    def __init__(self, address: str):
+        from multiprocessing.connection import Client
+
+        path, _, key = address.rpartition("#")
+        try:
+            self._connection = Client(path, family="AF_UNIX", authkey=bytes.fromhex(key))
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{METEOR_SERVICE_ENV}={address}: no METEOR service there ({exc}); unset it to "
+                                "start a METEOR jar in this process") from None
+        self._lock = threading.Lock()
+
+    def _ask(self, request: str, payload):
+        with self._lock:
+            self._connection.send((request, payload))
+            answer = self._connection.recv()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def statistics(self, lines: list[bytes]) -> list[str]:
+        return self._ask("statistics", lines)
+
+    def evaluate(self, stats: Sequence[float]) -> float:
+        return self._ask("evaluate", list(stats))
+
+    def close(self) -> None:
+        self._connection.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:

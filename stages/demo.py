@@ -3,7 +3,8 @@
 ``--jobs N`` (default: the CPUs this process may use, at most 4) runs the chain's steps on N parallel workers
 (:mod:`pipeline.scheduler`): after `prepare`, the teacher's finetune and distillations run beside the students of the
 ground truth (which need no teacher), and each distilled source's students start as soon as its dataset exists;
-then the summary and the report. ``--jobs 1`` runs the same steps one after another.
+then the summary and the report. ``--jobs 1`` runs the same steps one after another. The steps' scorers share one
+METEOR jar (:class:`pipeline.metrics.MeteorService`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from pipeline.config import Config
 from pipeline.cpus import usable_cpus
+from pipeline.metrics import MeteorService
 from pipeline.scheduler import Step, run_steps, stage_step
 from stages import prepare, report, students
 from stages.cli import stage_main, waits
@@ -48,10 +50,11 @@ def chain_steps(cfg: Config, args: argparse.Namespace) -> tuple[list[Step], list
 def run(cfg: Config, args: argparse.Namespace) -> None:
     prepare.run(cfg, args)
     steps, sources = chain_steps(cfg, args)
-    run_steps(steps, args.jobs or min(MAX_JOBS, usable_cpus()), cfg.run_dir / "logs", usable_cpus())
-    summary = cfg.model_copy(deep=True)
-    summary.students.sources = sources
-    students.run(summary, argparse.Namespace(**{**vars(args), "force": False}))  # all trained: tables only
+    with MeteorService():  # one METEOR jar for every step's scorer, not one per student step
+        run_steps(steps, args.jobs or min(MAX_JOBS, usable_cpus()), cfg.run_dir / "logs", usable_cpus())
+        summary = cfg.model_copy(deep=True)
+        summary.students.sources = sources
+        students.run(summary, argparse.Namespace(**{**vars(args), "force": False}))  # all trained: tables only
     report.run(cfg, args)
     print(f"\nDemo finished. Results: {cfg.run_dir.resolve()}\n  prepared data: {cfg.run_dir / 'data'}\n"
           f"  teacher adapter: {cfg.run_dir / 'teacher' / 'adapter'}\n"

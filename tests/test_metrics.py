@@ -1,4 +1,5 @@
 import gc
+import json
 
 import psutil  # installed with accelerate
 import pytest
@@ -69,3 +70,37 @@ def test_a_dropped_meteor_process_is_stopped():
     del meteor
     gc.collect()
     assert not psutil.pid_exists(pid)
+
+
+def test_processes_share_one_meteor_service():
+    """Scorers in child processes score METEOR with the service's jar, start none of their own, and get what a
+    scorer with its own jar gets; without the service a bad address fails in one line naming it."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.errors import PipelineError
+    from pipeline.metrics import METEOR_SERVICE_ENV, MeteorService
+
+    refs = {"a": ["a red shirt with long sleeves", "a long-sleeve red shirt"], "b": ["blue denim shorts"]}
+    hyps = {"a": "a red shirt with short sleeves", "b": "the shorts are blue"}
+    with CaptionScorer(meteor_processes=1) as scorer:
+        expected = scorer.score(refs, hyps, only=["METEOR"])["METEOR"]
+    child = ("import json, psutil\nfrom pipeline.metrics import CaptionScorer\n"
+             f"with CaptionScorer() as s:\n    m = s.score({refs!r}, {hyps!r}, only=['METEOR'])['METEOR']\n"
+             "    jars = [p for p in psutil.Process().children() if 'meteor-1.5.jar' in p.cmdline()]\n"
+             "print(json.dumps([m, len(jars)]))")
+    with MeteorService() as service:
+        assert os.environ[METEOR_SERVICE_ENV] == service.address
+        runs = [subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in runs]
+        with CaptionScorer() as scorer:  # in this process too
+            assert scorer.score(refs, hyps, only=["METEOR"])["METEOR"] == expected
+    assert METEOR_SERVICE_ENV not in os.environ
+    assert results == [[expected, 0], [expected, 0]]
+    os.environ[METEOR_SERVICE_ENV] = service.address  # closed: nobody listens
+    try:
+        with pytest.raises(PipelineError, match=f"{METEOR_SERVICE_ENV}=.*no METEOR service there"):
+            CaptionScorer()
+    finally:
+        del os.environ[METEOR_SERVICE_ENV]
