@@ -13,6 +13,7 @@ pure-Python ``my_lcs``. Every score equals pycocoevalcap's scorers called direct
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -37,7 +38,8 @@ class CaptionScorer:
     """Score hypotheses against references. ``meteor=False`` skips METEOR (and its Java start-up, ~10 s);
     ``meteor_processes`` METEOR jars share the pairs of each call (default: 1 below 4 CPUs, where a second jar
     only competes with Python's BLEU/CIDEr-D for the cores, else 2), or, where ``METEOR_SERVICE_ENV`` names a
-    :class:`MeteorService`, that service's jar. ``close()`` (or leaving a ``with`` block) stops the jars."""
+    :class:`MeteorService`, that service's one jar (``meteor_processes`` is then ignored). ``close()`` (or leaving a
+    ``with`` block) stops the jars."""
 
     def __init__(self, meteor: bool = True, meteor_processes: int | None = None):
         if shutil.which("java") is None:
@@ -190,18 +192,28 @@ class MeteorService:
     def __init__(self):
         from multiprocessing.connection import Listener
 
-        self._meteor = MeteorProcess()
-        self._folder = tempfile.mkdtemp(prefix="meteor-")
+        # a short folder: a Unix socket's path is limited to ~107 bytes, which a long TMPDIR can exceed
+        self._folder = tempfile.mkdtemp(prefix="meteor-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self._key = os.urandom(16)
-        self._listener = Listener(os.path.join(self._folder, "socket"), family="AF_UNIX", authkey=self._key)
+        try:
+            self._listener = Listener(os.path.join(self._folder, "socket"), family="AF_UNIX", authkey=self._key)
+        except OSError:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise
         self.address = f"{self._listener.address}#{self._key.hex()}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._meteor = MeteorProcess()
+        self._closed = False
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def _accept(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 connection = self._listener.accept()
-            except OSError:  # closed
+            except Exception:  # a client gone or with a wrong key during the handshake: serve the next one
+                continue
+            if self._closed:
+                connection.close()
                 return
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
@@ -217,9 +229,22 @@ class MeteorService:
                               else self._meteor.evaluate(payload))
                 except Exception as exc:  # the client raises it
                     answer = PipelineError(f"METEOR service: {exc}")
-                connection.send(answer)
+                try:
+                    connection.send(answer)
+                except OSError:  # the client's process ended
+                    return
 
     def close(self) -> None:
+        """Stop accepting (a last connection of our own wakes the waiting ``accept``), stop the jar."""
+        from multiprocessing.connection import Client
+
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError, EOFError), Client(self._listener.address, family="AF_UNIX",
+                                                            authkey=self._key):
+            pass
+        self._accepting.join(timeout=10)
         self._listener.close()
         self._meteor.close()
         shutil.rmtree(self._folder, ignore_errors=True)

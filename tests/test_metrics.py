@@ -104,3 +104,20 @@ def test_processes_share_one_meteor_service():
             CaptionScorer()
     finally:
         del os.environ[METEOR_SERVICE_ENV]
+
+
+def test_meteor_service_survives_a_failed_handshake_and_closes():
+    """A client with a wrong key (or gone mid-handshake) does not stop the service for the next scorer; closing it
+    ends its accepting thread and removes its socket folder."""
+    import os
+    from multiprocessing.connection import AuthenticationError, Client
+
+    from pipeline.metrics import MeteorService
+
+    with MeteorService() as service:
+        path = service.address.rpartition("#")[0]
+        with pytest.raises(AuthenticationError):
+            Client(path, family="AF_UNIX", authkey=b"wrong key")
+        with CaptionScorer() as scorer:
+            assert scorer.score({"a": ["a red shirt"]}, {"a": "a red shirt"}, only=["METEOR"])["METEOR"] > 0.9
+    assert not service._accepting.is_alive() and not os.path.exists(os.path.dirname(path))

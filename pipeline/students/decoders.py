@@ -24,7 +24,11 @@ def causal_mask(n: int, device: torch.device) -> torch.Tensor:
 
 def keys_values(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values ``attn`` makes of ``x`` (its packed input projection), kept by a decoding step so that
-    earlier positions are projected once, not at every step."""
+    earlier positions are projected once, not at every step. For the decoders' own attention layers: batch-first,
+    one packed projection with biases, no extra key/value biases (checked)."""
+    if not attn.batch_first or attn.in_proj_weight is None or attn.in_proj_bias is None or attn.bias_k is not None:
+        raise ValueError("keys_values: needs a batch-first nn.MultiheadAttention with a packed, biased input "
+                         "projection and no add_bias_kv")
     _, w_k, w_v = attn.in_proj_weight.chunk(3)
     _, b_k, b_v = attn.in_proj_bias.chunk(3)
     return nn.functional.linear(x, w_k, b_k), nn.functional.linear(x, w_v, b_v)
