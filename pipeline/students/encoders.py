@@ -99,7 +99,7 @@ BUILDERS = {"vgg19": VGGFc7, "resnet101": ResNetGrid, "vit_b_16": ViTTokens}
 
 def encoder_module(name: str, model: nn.Module) -> nn.Module:
     """The encoder over a torchvision model (its parameters shared), in channels-last memory format: the fast
-    convolution layout of oneDNN and cuDNN (the demo's VGG and ResNet train 1.27x / 1.31x faster on a CPU,
+    convolution layout of oneDNN and cuDNN (the demo's VGG and ResNet train ~1.3x faster on a CPU,
     ``make bench``). Weights are saved contiguous, so the files keep torchvision's layout."""
     return BUILDERS[name](model).to(memory_format=torch.channels_last)
 
