@@ -1,4 +1,4 @@
-"""Supervised attribute pretraining: one linear head per outfit attribute over an image backbone's pooled features.
+"""Supervised attribute pretraining: a classifier per outfit attribute over an image backbone's features.
 
 The demo's pretraining stand-ins (for ImageNet under the students' encoders, for CLIP under the tiny LLaVA's vision
 tower) train a backbone this way on rendered images whose captions are disjoint from train/val/test, so that its
@@ -30,7 +30,7 @@ def attribute_targets(captions: Sequence[str]) -> torch.Tensor:
 
 
 class AttributeHeads(nn.Module):
-    """A linear classifier per attribute over a ``dim``-wide feature vector."""
+    """A linear classifier per attribute over a ``dim``-wide feature vector (``[B, dim]``)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -51,14 +51,31 @@ class AttributeHeads(nn.Module):
         return torch.stack([(logits.argmax(-1) == targets[:, i]).sum() for i, logits in enumerate(self(features))])
 
 
+class AttentiveAttributeHeads(AttributeHeads):
+    """Per attribute, a learnt query attends over ``dim``-wide tokens (``[B, T, dim]``) and a linear classifier reads
+    what it gathered: the way a language model's words read image tokens, so the tokens learn to be read that way."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.queries = nn.Parameter(torch.randn(len(ATTRIBUTE_VALUES), dim) * dim ** -0.5)
+        self.keys = nn.Linear(dim, dim)
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        x = self.norm(features)
+        weights = torch.einsum("btd,ad->bat", self.keys(x), self.queries).softmax(-1)
+        gathered = torch.einsum("bat,btd->bad", weights, x)
+        return [head(gathered[:, i]) for i, head in enumerate(self.heads)]
+
+
 def pretrain_on_attributes(pooled: Callable[[torch.Tensor], torch.Tensor], backbone: nn.Module, dim: int,
                            images: torch.Tensor, targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-                           seed: int, held_out: float = 0.1, desc: str = "pretrain") -> dict[str, float]:
-    """Train ``backbone`` (through ``pooled``: preprocessed images -> ``[B, dim]``) and attribute heads on ``images``
-    (already preprocessed) with AdamW; returns the held-out accuracy per attribute (the last ``held_out`` share of
-    the images is never trained on)."""
+                           seed: int, held_out: float = 0.1, desc: str = "pretrain",
+                           heads: type[AttributeHeads] = AttributeHeads) -> dict[str, float]:
+    """Train ``backbone`` (through ``pooled``: preprocessed images -> the features ``heads`` read, ``dim`` wide) and
+    attribute ``heads`` on ``images`` (already preprocessed) with AdamW; returns the held-out accuracy per attribute
+    (the last ``held_out`` share of the images is never trained on)."""
     torch.manual_seed(seed)
-    heads = AttributeHeads(dim)
+    heads = heads(dim)
     n_eval = max(1, int(len(images) * held_out))
     train, evaluation = slice(0, len(images) - n_eval), slice(len(images) - n_eval, len(images))
     params = [p for p in backbone.parameters() if p.requires_grad] + list(heads.parameters())

@@ -48,3 +48,17 @@ def test_a_failing_step_stops_the_run_and_names_its_error(tmp_path):
         run_steps([fail, slow, never], 2, tmp_path / "logs", 2)
     assert not (tmp_path / "ran").exists()
     assert time.perf_counter() - started < 20  # the other worker's step was terminated
+
+
+def test_module_steps_fork_from_a_server_that_imported_torch_once(tmp_path):
+    """``python -m`` steps (every stage) start without importing torch again, with their CPU share and log; their
+    exit status counts."""
+    ok = Step("probe", [sys.executable, "-m", "forked_probe", str(tmp_path / "ok")])
+    plain = _py("plain", f"import sys; open(r'{tmp_path / 'plain'}', 'w').write(str('torch' in sys.modules))")
+    run_steps([ok, plain], 2, tmp_path / "logs", 4)
+    assert (tmp_path / "ok").read_text() == "True 2"
+    assert (tmp_path / "plain").read_text() == "False"  # a plain command: a new interpreter
+    assert (tmp_path / "logs" / "probe.log").read_text().strip() == "probe ran"
+    failing = Step("failing probe", [sys.executable, "-m", "forked_probe", str(tmp_path / "bad"), "4"])
+    with pytest.raises(PipelineError, match=r"failing probe failed with exit status 4: probe ran"):
+        run_steps([failing, _py("other", "")], 2, tmp_path / "logs", 2)

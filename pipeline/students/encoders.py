@@ -116,17 +116,19 @@ def build_encoder(name: str, settings: EncoderSettings, seed: int = 0) -> nn.Mod
     torch.manual_seed(seed)
     if settings.pretrained and name == "vit_b_16" and settings.width == 1.0 and settings.image_size != 224:
         raise PipelineError(f"students.encoder.image_size={settings.image_size}: pretrained ViT-B/16 needs 224")
-    model = torchvision_model(name, settings)
-    if settings.pretrained:
-        path = weights_file(name, settings)
-        if not path.is_file():
-            raise PipelineError(f"pretrained weights for {name} not found at {path}; put {path.name} there (or set "
-                                "students.encoder.weights_dir) or use students.encoder.pretrained=false")
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except RuntimeError as exc:
-            raise PipelineError(f"{path}: not weights of a {name} at students.encoder.width={settings.width} "
-                                f"({str(exc).splitlines()[0]})") from None
+    if not settings.pretrained:
+        return encoder_module(name, torchvision_model(name, settings))
+    path = weights_file(name, settings)
+    if not path.is_file():
+        raise PipelineError(f"pretrained weights for {name} not found at {path}; put {path.name} there (or set "
+                            "students.encoder.weights_dir) or use students.encoder.pretrained=false")
+    with torch.device("meta"):  # every tensor comes from the file: initialising them first would be wasted work
+        model = torchvision_model(name, settings)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)
+    except RuntimeError as exc:
+        raise PipelineError(f"{path}: not weights of a {name} at students.encoder.width={settings.width} "
+                            f"({str(exc).splitlines()[0]})") from None
     return encoder_module(name, model)
 
 

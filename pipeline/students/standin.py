@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def stand_in_settings(name: str, settings: EncoderSettings, seed: int, pretraining_root: Path) -> dict:
     """What a stand-in weights file depends on."""
     images = json.loads((Path(pretraining_root) / "README.json").read_text())
-    shapes = {k: list(v.shape) for k, v in torchvision_model(name, settings).state_dict().items()}
+    with torch.device("meta"):  # shapes only: no weights to initialise (VGG's took seconds in every student step)
+        shapes = {k: list(v.shape) for k, v in torchvision_model(name, settings).state_dict().items()}
     layout = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]  # the model's own shape
     return {"encoder": name, "width": settings.width, "image_size": settings.image_size, "layout": layout,
             "stand_in": settings.stand_in.of(name).model_dump(mode="json"), "seed": seed, "pretraining_images": images}

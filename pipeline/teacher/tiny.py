@@ -55,12 +55,12 @@ def tiny_settings(cfg: TinyTeacher, seed: int, pretraining_root: Path | None) ->
     images = None
     if cfg.pretrain is not None and pretraining_root is not None:
         images = json.loads((Path(pretraining_root) / "README.json").read_text())
-    answers = None
+    recipe = None
     if cfg.pretrain is not None:
-        from pipeline.teacher.pretrain import ANSWERS
+        from pipeline.teacher.pretrain import RECIPE
 
-        answers = ANSWERS
-    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images, "answers": answers}
+        recipe = RECIPE
+    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images, "recipe": recipe}
 
 
 def is_current(path: Path, settings: dict) -> bool:

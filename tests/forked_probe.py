@@ -1,0 +1,13 @@
+"""``python -m forked_probe <out> [status]`` for test_scheduler: writes whether torch was imported before this module
+ran (a forked step's server preloads it) and its CPU share, then exits with ``status``."""
+
+import os
+import sys
+
+PRELOADED = "torch" in sys.modules
+
+if __name__ == "__main__":
+    with open(sys.argv[1], "w") as out:
+        out.write(f"{PRELOADED} {os.environ['OMP_NUM_THREADS']}")
+    print("probe ran")
+    sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
