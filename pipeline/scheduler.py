@@ -11,14 +11,16 @@ step stops the run (running steps are terminated; their outputs resume on the ne
 raises one line naming the step, its last error line and its log.
 
 A ``python -m <module> ...`` step (every stage step) is not started as a new interpreter but forked from a
-``multiprocessing`` forkserver that imported torch, torchvision, transformers and the students' modules once: the demo's ~17
-steps would otherwise each spend ~4 CPU seconds importing them. Any other command runs as a subprocess.
+``multiprocessing`` forkserver (on Linux) that imported torch, torchvision, transformers and the students' modules
+once: the demo's ~17 steps would otherwise each spend ~4 CPU seconds importing them. Any other command runs as a
+subprocess.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import runpy
@@ -53,38 +55,50 @@ PRELOAD = ["torch", "torchvision", "transformers", "datasets", "peft", "pipeline
 
 
 def _run_module(module: str, args: list[str], env: dict[str, str], log: Path | None) -> None:
-    """In a forked child: run ``python -m <module> <args>`` with ``env``, its output to ``log`` (None: inherited)."""
+    """In a forked child: ``python -m <module> <args>`` with ``env``, its output appended to ``log`` (None: the
+    server's). Unlike a new interpreter, it has the server's imports (``PRELOAD``, and the parent's ``__main__``
+    module, which multiprocessing re-imports), and atexit handlers do not run: stages close what they open."""
     os.environ.clear()
     os.environ.update(env)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # imported by the server, its thread pool sized by the server's environment
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if log is not None:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
     sys.argv = [module, *args]
+    sys.modules.pop(module, None)  # imported with the parent's __main__: run it afresh, as `python -m` would
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 class _ForkedStage:
     """``python -m <module> ...`` run in a child of the forkserver, with :class:`subprocess.Popen`'s ``wait`` and
-    ``terminate``."""
+    ``terminate``. ``lock`` must be held around every other ``Process.start()``: it polls every child, and two
+    threads reading one child's status from the forkserver's pipe would leave one with a false 255."""
 
-    def __init__(self, context, argv: list[str], env: dict[str, str], log: Path | None):
+    def __init__(self, context, argv: list[str], env: dict[str, str], log: Path | None, lock):
+        self.lock = lock
         self.process = context.Process(target=_run_module, args=(argv[2], argv[3:], env, log), daemon=False)
         self.process.start()
 
     def wait(self) -> int:
-        self.process.join()
-        return self.process.exitcode
+        multiprocessing.connection.wait([self.process.sentinel])
+        with self.lock:
+            self.process.join()
+            return self.process.exitcode
 
     def terminate(self) -> None:
-        self.process.terminate()
+        self.process.terminate()  # a no-op once joined
 
 
 def _forkserver():
-    """The forkserver context stage steps start from (None where the platform has none); it imports ``PRELOAD`` once,
-    starting with glibc's malloc tuned for training loops (``MALLOC_TUNABLES``; read when a process starts)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """The forkserver context module steps start from (Linux only: macOS forks badly once system frameworks are
+    loaded); it imports ``PRELOAD`` once, starting with glibc's malloc tuned for training loops (``MALLOC_TUNABLES``,
+    read when a process starts). A forkserver something else started first (Python >= 3.14's default start method)
+    keeps its own preload: steps still run, importing more."""
+    if sys.platform != "linux":
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
@@ -132,18 +146,18 @@ class _Run:
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             forked = self.forkserver is not None and _runs_module(step.argv)
-            out = None if self.stream or forked else stack.enter_context(open(log, "w", encoding="utf-8"))
+            out = None if self.stream else stack.enter_context(open(log, "w", encoding="utf-8"))  # a forked step appends
             with self.cond:
                 if self.failed:
                     return
                 env = step_environment(self.threads)
                 try:
                     if forked:
-                        proc = _ForkedStage(self.forkserver, step.argv, env, None if self.stream else log)
+                        proc = _ForkedStage(self.forkserver, step.argv, env, None if self.stream else log, self.cond)
                     else:
                         proc = subprocess.Popen(step.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                                 env=env)
-                except (OSError, RuntimeError) as exc:  # no such program, or the forkserver did not start
+                except Exception as exc:  # no such program, or the forkserver did not start (or died)
                     proc, message = None, f"Error: could not start {' '.join(step.argv[:3])}: {exc}"
                     if self.stream:
                         print(message, file=sys.stderr)
@@ -173,8 +187,15 @@ class _Run:
         threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.workers)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # Ctrl-C: start nothing more, stop what runs (steps resume on the next run)
+            with self.cond:
+                self.pending.clear()
+                for proc in self.running:
+                    proc.terminate()
+            raise
         self.bar.close()
         if self.failed:
             step, code, log = self.failed

@@ -32,7 +32,11 @@ def _held_out_macro(heads: type[AttributeHeads], flat: bool) -> float:
 
 
 def test_attentive_heads_read_a_label_wherever_its_token_is_and_linear_heads_cannot():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    attentive, linear = _held_out_macro(AttentiveAttributeHeads, flat=False), _held_out_macro(AttributeHeads, True)
+    try:
+        attentive, linear = _held_out_macro(AttentiveAttributeHeads, False), _held_out_macro(AttributeHeads, True)
+    finally:
+        torch.set_num_threads(threads)
     assert attentive > 0.9, attentive
     assert linear < attentive - 0.3, (linear, attentive)
