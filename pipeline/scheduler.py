@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.cpus import MALLOC_TUNABLES, step_environment
+from pipeline.cpus import MALLOC_TUNABLES, set_torch_threads, step_environment
 from pipeline.errors import PipelineError
 
 
@@ -51,7 +51,8 @@ def stage_step(name: str, stage: str, config: str, overrides: Sequence[str], *ex
     return Step(name, [sys.executable, "-m", f"stages.{stage}", "--config", config, *overrides, *extra], after)
 
 
-PRELOAD = ["torch", "torchvision", "transformers", "datasets", "peft", "pipeline.students.experiment", "pipeline.metrics"]
+PRELOAD = ["torch", "torchvision", "transformers", "datasets", "peft", "pipeline.students.experiment",
+           "pipeline.metrics"]
 
 
 def _run_module(module: str, args: list[str], env: dict[str, str], log: Path | None) -> None:
@@ -60,9 +61,8 @@ def _run_module(module: str, args: list[str], env: dict[str, str], log: Path | N
     module, which multiprocessing re-imports), and atexit handlers do not run: stages close what they open."""
     os.environ.clear()
     os.environ.update(env)
-    torch = sys.modules.get("torch")
-    if torch is not None:  # imported by the server, its thread pool sized by the server's environment
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if "torch" in sys.modules:  # imported by the server, its thread pool sized by the server's environment
+        set_torch_threads()
     if log is not None:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
@@ -146,7 +146,8 @@ class _Run:
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             forked = self.forkserver is not None and _runs_module(step.argv)
-            out = None if self.stream else stack.enter_context(open(log, "w", encoding="utf-8"))  # a forked step appends
+            # truncated here for every step: a forked one appends from its child
+            out = None if self.stream else stack.enter_context(open(log, "w", encoding="utf-8"))
             with self.cond:
                 if self.failed:
                     return
@@ -157,7 +158,7 @@ class _Run:
                     else:
                         proc = subprocess.Popen(step.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                                 env=env)
-                except Exception as exc:  # no such program, or the forkserver did not start (or died)
+                except Exception as exc:  # noqa: BLE001 -- no such program, or the forkserver did not start or died
                     proc, message = None, f"Error: could not start {' '.join(step.argv[:3])}: {exc}"
                     if self.stream:
                         print(message, file=sys.stderr)

@@ -125,7 +125,7 @@ def build_encoder(name: str, settings: EncoderSettings, seed: int = 0) -> nn.Mod
     with torch.device("meta"):  # every tensor comes from the file: initialising them first would be wasted work
         model = torchvision_model(name, settings)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # assigned as they are: float32, like init
+        state = torch.load(path, map_location="cpu", weights_only=True)  # assigned, not copied: cast as init would
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     except RuntimeError as exc:
         raise PipelineError(f"{path}: not weights of a {name} at students.encoder.width={settings.width} "
