@@ -74,3 +74,31 @@ def test_sleeve_length_is_visible():
     lower_arm = (slice(62, 74), slice(38, 47))  # long sleeves cover it, short ones leave skin
     long_, short = _pixels(BASE.format(sleeve="long", extra="")), _pixels(BASE.format(sleeve="short", extra=""))
     assert np.abs(long_ - short)[lower_arm].mean() > 20
+
+
+NECK = ("Her tank top has sleeves cut off, cotton fabric and solid color patterns.{neck} The woman wears a long pants. "
+        "The pants are with denim fabric and solid color patterns.{extra}")
+NECKLINES = {"absent": "", "v": " It has a v-shape neckline.", "round": " It has a round neckline.",
+             "square": " It has a square neckline.", "suspenders": " It has a suspenders neckline.",
+             "stand": " It has a stand neckline.", "lapel": " It has a lapel neckline."}
+
+
+def test_every_neckline_is_drawn_differently_at_the_demo_resolution():
+    """At 64 px (the tiny LLaVA's input) each pair of necklines differs clearly in the neck and chest region."""
+    chest = (slice(14, 30), slice(24, 40))
+    drawn = {}
+    for name, sentence in NECKLINES.items():
+        outfit = parse_caption(NECK.format(neck=sentence, extra=""))
+        assert (outfit.neckline or "absent") == name, sentence
+        drawn[name] = np.asarray(render_outfit(outfit, 64, 3), dtype=np.int16)[chest]
+    for a in drawn:
+        for b in drawn:
+            if a < b:
+                assert np.abs(drawn[a] - drawn[b]).mean() > 8, (a, b)
+
+
+def test_socks_show_over_long_trousers():
+    ankles = (slice(110, 118), slice(38, 90))
+    plain = _pixels(NECK.format(neck="", extra=""))
+    socks = _pixels(NECK.format(neck="", extra=" This lady wears socks in shoes."))
+    assert np.abs(plain - socks)[ankles].mean() > 20

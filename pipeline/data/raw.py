@@ -20,7 +20,7 @@ def ensure_raw_data(cfg: Config, wait: bool = False) -> None:
     if syn is None:
         return
     with output_lock(root, wait=wait):
-        wanted = {"dataset": "DeepFashion-lite", "seed": cfg.seed, **syn.model_dump(mode="json")}
+        wanted = synthetic.dataset_settings(syn, cfg.seed)
         if root.is_dir() and any(root.iterdir()):
             readme = root / "README.json"
             if foreign_entry(root) is not None or not readme.is_file():

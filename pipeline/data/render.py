@@ -14,17 +14,26 @@ from PIL import Image, ImageDraw
 
 from pipeline.data.attributes import Garment, Outfit
 
+# in the folders' settings: a change regenerates rendered datasets (and so everything trained on them)
+RENDERER_VERSION = 2  # 2: outlined, larger neckline cuts; larger prints where each garment shows; socks over hems
 UNIT = 128  # drawing coordinates; the image is rendered at 2x its final size and downsampled
 SLEEVE_FRACTION = {"sleeveless": 0.0, "short": 0.3, "medium": 0.6, "long": 1.0, None: 0.3}
 # share of the legs below the hip band that the lower garment covers
 LOWER_FRACTION = {"three-point": 0.12, "short": 0.32, "medium": 0.55, "three-quarter": 0.78, "long": 1.0, None: 0.55}
 HIP_BOTTOM = 84  # every lower garment covers the hips down to here, so its fabric and pattern always show
+# the skin-coloured cut of each neckline that has one: a deep V, a wide round scoop, a square
+NECKLINE_CUTS = {"v": ("polygon", [(51, 30), (77, 30), (64, 58)]), "round": ("ellipse", (51, 16, 77, 47)),
+                 "square": ("rectangle", (53, 30, 75, 48))}
 SKIN_TONES = [(241, 194, 167), (224, 172, 138), (198, 134, 100), (141, 85, 58), (255, 219, 190)]
 TORSO = (48, 32, 80, 72)
 ARM_TOP, ARM_BOTTOM = 34, 76
 LEG_TOP, LEG_BOTTOM = 72, 118
 LEFT_ARM, RIGHT_ARM = (38, 47), (81, 90)
 LEFT_LEG, RIGHT_LEG = (50, 63), (65, 78)
+INK = (25, 25, 35)
+# where a garment's graphic prints go (unit coordinates): on the chest, on the hip band every lower garment covers,
+# on both open fronts of an outer layer
+PRINTS = {"upper": ((64, 62, 8),), "lower": ((64, 77, 7),), "outer": ((51, 52, 5), (77, 52, 5))}
 
 
 def _colour(rng: np.random.Generator, fabric: str | None) -> tuple[int, int, int]:
@@ -46,7 +55,7 @@ def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return (250, 250, 245) if lum < 120 else (25, 25, 35)
 
 
-def _texture(size: int, garment: Garment, rng: np.random.Generator) -> Image.Image:
+def _texture(size: int, garment: Garment, prints: tuple, rng: np.random.Generator) -> Image.Image:
     """Full-canvas RGB fill for one garment: fabric texture, then pattern overlay. Textures are coarse (periods of
     6+ units, i.e. 3+ pixels at 64 px) so they survive the demo's low resolutions."""
     base = _colour(rng, garment.fabric)
@@ -66,11 +75,12 @@ def _texture(size: int, garment: Garment, rng: np.random.Generator) -> Image.Ima
     elif fabric in ("mixed", "other"):  # coarse checks
         arr *= (1.0 - 0.35 * ((yy // 8 + xx // 8) % 2))[..., None]
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    _pattern(img, garment.pattern, base, rng)
+    _pattern(img, garment.pattern, base, prints, rng)
     return img
 
 
-def _pattern(img: Image.Image, pattern: str | None, base: tuple[int, int, int], rng: np.random.Generator) -> None:
+def _pattern(img: Image.Image, pattern: str | None, base: tuple[int, int, int], prints: tuple,
+             rng: np.random.Generator) -> None:
     draw = ImageDraw.Draw(img)
     s = img.size[0] / UNIT
     ink = _contrast(base)
@@ -83,29 +93,28 @@ def _pattern(img: Image.Image, pattern: str | None, base: tuple[int, int, int], 
             draw.rectangle([0, v * s, img.size[0], (v + 2.5) * s], fill=ink)
     elif pattern == "floral":  # scattered round blossoms
         petal = tuple(int(c) for c in rng.integers(150, 256, size=3))
-        for _ in range(70):
+        for _ in range(110):
             x, y = rng.uniform(0, UNIT, size=2)
-            draw.ellipse([(x - 3.5) * s, (y - 3.5) * s, (x + 3.5) * s, (y + 3.5) * s], fill=petal)
-            draw.ellipse([(x - 1.5) * s, (y - 1.5) * s, (x + 1.5) * s, (y + 1.5) * s], fill=ink)
-    elif pattern == "graphic":  # one big print on the chest and one on the legs
-        cx = 64
-        for cy in (52, 92):
+            draw.ellipse([(x - 4.5) * s, (y - 4.5) * s, (x + 4.5) * s, (y + 4.5) * s], fill=petal)
+            draw.ellipse([(x - 2) * s, (y - 2) * s, (x + 2) * s, (y + 2) * s], fill=ink)
+    elif pattern == "graphic":  # big prints where the garment shows (``prints``: centre x, centre y, half size)
+        for cx, cy, r in prints:
             shape = int(rng.integers(3))
-            box = [(cx - 9) * s, (cy - 9) * s, (cx + 9) * s, (cy + 9) * s]
+            box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
             if shape == 0:
                 draw.ellipse(box, fill=ink)
             elif shape == 1:
                 draw.rectangle(box, fill=ink)
             else:
-                draw.polygon([(cx * s, (cy - 10) * s), ((cx - 10) * s, (cy + 8) * s), ((cx + 10) * s, (cy + 8) * s)],
+                draw.polygon([(cx * s, (cy - r) * s), ((cx - r) * s, (cy + r) * s), ((cx + r) * s, (cy + r) * s)],
                              fill=ink)
     elif pattern == "color_block":  # the garment's right half in a second colour
         other = tuple(int(c) for c in rng.integers(30, 230, size=3))
         draw.rectangle([64 * s, 0, img.size[0], img.size[1]], fill=ink if sum(other) < 60 else other)
     elif pattern == "mixed":  # many small multicoloured shards
-        for _ in range(90):
+        for _ in range(200):
             cx, cy = rng.uniform(0, UNIT, size=2)
-            pts = [((cx + dx) * s, (cy + dy) * s) for dx, dy in rng.uniform(-6, 6, size=(3, 2))]
+            pts = [((cx + dx) * s, (cy + dy) * s) for dx, dy in rng.uniform(-7, 7, size=(3, 2))]
             draw.polygon(pts, fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
 
 
@@ -128,8 +137,8 @@ class _Canvas:
         m = Image.new("L", (self.size, self.size), 0)
         return m, ImageDraw.Draw(m)
 
-    def fill(self, mask: Image.Image, garment: Garment, rng: np.random.Generator) -> None:
-        self.image.paste(_texture(self.size, garment, rng), (0, 0), mask)
+    def fill(self, mask: Image.Image, garment: Garment, part: str, rng: np.random.Generator) -> None:
+        self.image.paste(_texture(self.size, garment, PRINTS[part], rng), (0, 0), mask)
 
 
 def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = None) -> Image.Image:
@@ -159,13 +168,13 @@ def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = Non
         d.rectangle(c.box(x0, LEG_TOP, x1, LEG_BOTTOM), fill=skin)
         d.rectangle(c.box(x0 - 1, LEG_BOTTOM, x1 + 2, LEG_BOTTOM + 5), fill=(35, 30, 30))
 
-    if outfit.socks:
-        sock = tuple(int(v) for v in rng.integers(180, 256, size=3))
-        for x0, x1 in (LEFT_LEG, RIGHT_LEG):
-            d.rectangle(c.box(x0, LEG_BOTTOM - 7, x1, LEG_BOTTOM), fill=sock)
-
     if outfit.lower is not None:
         _draw_lower(c, outfit, rng)
+    if outfit.socks:  # above the shoes, over the hem of long trousers too
+        sock = tuple(int(v) for v in rng.integers(180, 256, size=3))
+        for x0, x1 in (LEFT_LEG, RIGHT_LEG):
+            d.rectangle(c.box(x0 - 1, LEG_BOTTOM - 8, x1 + 1, LEG_BOTTOM), fill=sock)
+            d.rectangle(c.box(x0 - 1, LEG_BOTTOM - 8, x1 + 1, LEG_BOTTOM - 6), fill=INK)
     if outfit.upper is not None:
         _draw_upper(c, outfit, rng)
     if outfit.outer is not None:
@@ -174,7 +183,7 @@ def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = Non
         md.rectangle(c.box(71, 31, 82, 76), fill=255)
         for x0, x1 in (LEFT_ARM, RIGHT_ARM):
             md.rectangle(c.box(x0 - 1, ARM_TOP - 1, x1 + 1, ARM_BOTTOM - 1), fill=255)
-        c.fill(m, outfit.outer, rng)
+        c.fill(m, outfit.outer, "outer", rng)
         d.line(c.pts([(57, 31), (57, 76)]), fill=(20, 20, 20), width=max(1, int(c.scale)))
         d.line(c.pts([(71, 31), (71, 76)]), fill=(20, 20, 20), width=max(1, int(c.scale)))
 
@@ -193,36 +202,44 @@ def _draw_lower(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
         md.rectangle(c.box(48, LEG_TOP - 2, 80, HIP_BOTTOM), fill=255)
         for x0, x1 in (LEFT_LEG, RIGHT_LEG):
             md.rectangle(c.box(x0 - 1, LEG_TOP, x1 + 1, bottom), fill=255)
-    c.fill(m, outfit.lower, rng)
+    c.fill(m, outfit.lower, "lower", rng)
 
 
 def _draw_upper(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
     neckline = outfit.neckline
     sleeve = outfit.sleeve or ("sleeveless" if outfit.upper.kind == "tank" else None)
     m, md = c.mask()
-    top = 46 if neckline == "suspenders" else 31
+    top = 50 if neckline == "suspenders" else 31
     md.rectangle(c.box(47, top, 81, 74), fill=255)
-    if neckline == "suspenders":
-        md.rectangle(c.box(52, 31, 56, 46), fill=255)
-        md.rectangle(c.box(72, 31, 76, 46), fill=255)
     frac = SLEEVE_FRACTION.get(sleeve, 0.3)
     if frac > 0:
         for x0, x1 in (LEFT_ARM, RIGHT_ARM):
             md.rectangle(c.box(x0 - 1, ARM_TOP - 1, x1 + 1, ARM_TOP + frac * (ARM_BOTTOM - ARM_TOP)), fill=255)
-    # neckline cut-outs show skin; collars are drawn in dark ink
-    if neckline == "v":
-        md.polygon(c.pts([(54, 30), (74, 30), (64, 52)]), fill=0)
-    elif neckline == "round":
-        md.ellipse(c.box(54, 22, 74, 42), fill=0)
-    elif neckline == "square":
-        md.rectangle(c.box(54, 30, 74, 45), fill=0)
-    c.fill(m, outfit.upper, rng)
-    ink = (25, 25, 35)
-    if neckline == "stand":
-        c.draw.rectangle(c.box(55, 24, 73, 34), fill=ink)
+    # neckline cuts show skin inside a dark trim (the trim keeps the shape visible on skin-coloured fabric)
+    cut = NECKLINE_CUTS.get(neckline)
+    if cut is not None:
+        kind, points = cut
+        (md.polygon if kind == "polygon" else md.ellipse if kind == "ellipse" else md.rectangle)(
+            c.pts(points) if kind == "polygon" else c.box(*points), fill=0)
+    c.fill(m, outfit.upper, "upper", rng)
+    width = max(1, round(2.5 * c.scale))
+    if cut is not None:
+        kind, points = cut
+        if kind == "polygon":
+            c.draw.line(c.pts(points[1:] + points[:1]), fill=INK, width=width)
+        elif kind == "ellipse":
+            c.draw.arc(c.box(*points), 0, 180, fill=INK, width=width)
+        else:
+            x0, y0, x1, y1 = points
+            c.draw.line(c.pts([(x0, y0), (x0, y1), (x1, y1), (x1, y0)]), fill=INK, width=width)
+    if neckline == "suspenders":  # two broad dark straps over bare shoulders
+        for x0 in (51, 71):
+            c.draw.rectangle(c.box(x0, 31, x0 + 6, 51), fill=INK)
+    elif neckline == "stand":
+        c.draw.rectangle(c.box(55, 24, 73, 34), fill=INK)
     elif neckline == "lapel":
-        c.draw.polygon(c.pts([(52, 31), (63, 31), (58, 54)]), fill=ink)
-        c.draw.polygon(c.pts([(65, 31), (76, 31), (70, 54)]), fill=ink)
+        c.draw.polygon(c.pts([(52, 31), (63, 31), (58, 54)]), fill=INK)
+        c.draw.polygon(c.pts([(65, 31), (76, 31), (70, 54)]), fill=INK)
 
 
 def _draw_accessories(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, SyntheticData
 from pipeline.data.attributes import parse_caption
-from pipeline.data.render import render_outfit
+from pipeline.data.render import RENDERER_VERSION, render_outfit
 from pipeline.rundir import atomic_write_json, publish_dir
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ def _render_into(root: Path, captions: dict[str, str], size: int, seed_base: int
         write_captions(tmp)
 
 
+def dataset_settings(cfg: SyntheticData, seed: int) -> dict:
+    """What DeepFashion-lite depends on (its README.json, less the counts): regenerated when any of it changes."""
+    return {"dataset": "DeepFashion-lite", "renderer": RENDERER_VERSION, "seed": seed, **cfg.model_dump(mode="json")}
+
+
 def generate(root: Path, cfg: SyntheticData, seed: int, workers: int = 2) -> dict[str, int]:
     """Write DeepFashion-lite with ``cfg.num_images`` images into ``root`` (atomically; deterministic per seed)."""
     pool = load_caption_pool(cfg.captions)
@@ -77,8 +82,8 @@ def generate(root: Path, cfg: SyntheticData, seed: int, workers: int = 2) -> dic
         else:
             for split, name in SPLIT_FILES.items():
                 atomic_write_json(tmp / name, chosen[split])
-        atomic_write_json(tmp / "README.json", {"dataset": "DeepFashion-lite", "seed": seed, **cfg.model_dump(
-            mode="json"), "counts": {k: len(v) for k, v in chosen.items()}})
+        atomic_write_json(tmp / "README.json", {**dataset_settings(cfg, seed),
+                                                "counts": {k: len(v) for k, v in chosen.items()}})
 
     _render_into(root, {**chosen["train"], **chosen["test"]}, cfg.image_size, seed * 1_000_003, workers,
                  "render DeepFashion-lite", write_captions)
@@ -97,7 +102,7 @@ def dataset_names(root: Path) -> set[str]:
 
 def held_out_settings(purpose: str, count: int, cfg: SyntheticData, seed: int, exclude: set[str]) -> dict:
     """What a held-out image set depends on (its README.json): rebuilt when any of it changes."""
-    return {"dataset": f"DeepFashion-lite {purpose}", "seed": seed, "images": count, "image_size": cfg.image_size,
+    return {"dataset": f"DeepFashion-lite {purpose}", "renderer": RENDERER_VERSION, "seed": seed, "images": count, "image_size": cfg.image_size,
             "captions": str(cfg.captions) if cfg.captions else "bundled",
             "excluded": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()}
 
