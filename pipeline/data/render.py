@@ -1,10 +1,12 @@
 """Render a fashion photo stand-in from parsed caption attributes, so every stated attribute is visible.
 
 A front-facing figure on a 128-unit canvas: garment shapes are masks filled with a fabric texture (denim twill, knit
-ribs, fur speckle, dark leather with sheen, pale chiffon, ...) and a pattern overlay (stripes, lattice, flowers, a
-graphic, colour blocks). Sleeve and leg lengths, the neckline cut, the outer layer and accessories (hat, glasses,
-neckwear, bracelet, ring, belt or waist cloth, socks) are drawn where they sit. Colours that captions do not state are
-random per image; everything a caption states is drawn deterministically from it.
+ribs, fur speckle, dark leather with sheen, pale chiffon, ...) and a pattern overlay (stripes, lattice, flowers, big
+graphic prints where the garment shows, colour blocks). Sleeve and leg lengths, the neckline (a deep V, a wide round
+scoop or a square cut, each inside a dark trim; dark straps; a stand collar; lapels), the outer layer and accessories
+(hat, glasses, neckwear, bracelet, ring, belt or waist cloth, socks) are drawn where they sit, large enough to tell
+apart at 64 px. Colours that captions do not state are random per image; everything a caption states is drawn
+deterministically from it.
 """
 
 from __future__ import annotations
