@@ -58,3 +58,16 @@ def test_unlabeled_pool_avoids_the_dataset_and_the_pretraining_images_and_reruns
     real = load_config(make_config(data={"synthetic": None, "unlabeled_pool": sets["unlabeled_pool"]}))
     with pytest.raises(ConfigError, match="^data.unlabeled_pool renders images: it needs data.synthetic$"):
         ensure_unlabeled_pool(real)  # a real dataset has no captions to render a pool from
+
+
+def test_a_new_renderer_renders_the_images_again(tmp_path, monkeypatch):
+    from pipeline.data import synthetic
+
+    root, cfg = tmp_path / "held-out", SyntheticData(image_size=32)
+    generate_held_out(root, "pretraining", 6, cfg, seed=0, exclude=set(), workers=1)
+    stamp = (root / "captions.json").stat().st_mtime_ns
+    monkeypatch.setattr(synthetic, "RENDERER_VERSION", synthetic.RENDERER_VERSION + 1)
+    generate_held_out(root, "pretraining", 6, cfg, seed=0, exclude=set(), workers=1)
+    assert (root / "captions.json").stat().st_mtime_ns != stamp
+    assert json.loads((root / "README.json").read_text())["renderer"] == synthetic.RENDERER_VERSION
+    assert synthetic.dataset_settings(cfg, 0)["renderer"] == synthetic.RENDERER_VERSION  # DeepFashion-lite's too
