@@ -85,20 +85,27 @@ NECKLINES = {"absent": "", "v": " It has a v-shape neckline.", "round": " It has
              "stand": " It has a stand neckline.", "lapel": " It has a lapel neckline."}
 
 
-def test_every_neckline_is_drawn_differently_at_the_demo_resolution():
-    """At 64 px (the tiny LLaVA's input) each pair of necklines differs clearly in the neck and chest region."""
+@pytest.mark.parametrize("extra", ["", " The lady also wears an outer clothing, with cotton fabric and solid color "
+                                       "patterns."])
+def test_every_neckline_is_drawn_differently_at_the_demo_resolution(extra):
+    """At 64 px (the tiny LLaVA's input) each pair of necklines differs clearly in the neck and chest region, under an
+    open outer layer too."""
     chest = (slice(14, 30), slice(24, 40))
     drawn = {}
     for name, sentence in NECKLINES.items():
-        outfit = parse_caption(NECK.format(neck=sentence, extra=""))
-        assert (outfit.neckline or "absent") == name, sentence
+        outfit = parse_caption(NECK.format(neck=sentence, extra=extra))
+        assert (outfit.neckline or "absent") == name and (outfit.outer is not None) == bool(extra), sentence
         drawn[name] = np.asarray(render_outfit(outfit, 64, 3), dtype=np.int16)[chest]
     for (a, pixels_a), (b, pixels_b) in itertools.combinations(drawn.items(), 2):
         assert np.abs(pixels_a - pixels_b).mean() > 8, (a, b)
 
 
-def test_socks_show_over_long_trousers():
+def test_socks_show_over_long_trousers_and_leave_a_three_quarter_hem_visible():
     ankles = (slice(110, 118), slice(38, 90))
-    plain = _pixels(NECK.format(neck="", extra=""))
-    socks = _pixels(NECK.format(neck="", extra=" This lady wears socks in shoes."))
-    assert np.abs(plain - socks)[ankles].mean() > 20
+    socks = " This lady wears socks in shoes."
+    plain, with_socks = _pixels(NECK.format(neck="", extra="")), _pixels(NECK.format(neck="", extra=socks))
+    assert np.abs(plain - with_socks)[ankles].mean() > 20
+    three_quarter = NECK.format(neck="", extra=socks).replace("a long pants", "a three-quarter pants")
+    assert parse_caption(three_quarter).lower_length == "three-quarter"
+    shins = (slice(100, 118), slice(38, 90))
+    assert np.abs(with_socks - _pixels(three_quarter))[shins].mean() > 10

@@ -17,11 +17,12 @@ from PIL import Image, ImageDraw
 from pipeline.data.attributes import Garment, Outfit
 
 # in the folders' settings: a change regenerates rendered datasets (and so everything trained on them)
-RENDERER_VERSION = 2  # 2: outlined, larger neckline cuts; larger prints where each garment shows; socks over hems
+# 2: outlined, larger neckline cuts drawn over any outer layer; larger prints where each garment shows; socks over hems
+RENDERER_VERSION = 2
 UNIT = 128  # drawing coordinates; the image is rendered at 2x its final size and downsampled
 SLEEVE_FRACTION = {"sleeveless": 0.0, "short": 0.3, "medium": 0.6, "long": 1.0, None: 0.3}
 # share of the legs below the hip band that the lower garment covers
-LOWER_FRACTION = {"three-point": 0.12, "short": 0.32, "medium": 0.55, "three-quarter": 0.78, "long": 1.0, None: 0.55}
+LOWER_FRACTION = {"three-point": 0.12, "short": 0.32, "medium": 0.55, "three-quarter": 0.74, "long": 1.0, None: 0.55}
 HIP_BOTTOM = 84  # every lower garment covers the hips down to here, so its fabric and pattern always show
 # the skin-coloured cut of each neckline that has one: a deep V, a wide round scoop, a square
 NECKLINE_CUTS = {"v": ("polygon", [(51, 30), (77, 30), (64, 58)]), "round": ("ellipse", (51, 16, 77, 47)),
@@ -34,8 +35,8 @@ LEFT_ARM, RIGHT_ARM = (38, 47), (81, 90)
 LEFT_LEG, RIGHT_LEG = (50, 63), (65, 78)
 INK = (25, 25, 35)
 # where a garment's graphic prints go (unit coordinates): on the chest, on the hip band every lower garment covers,
-# on both open fronts of an outer layer
-PRINTS = {"upper": ((64, 62, 8),), "lower": ((64, 77, 7),), "outer": ((51, 52, 5), (77, 52, 5))}
+# on both open fronts of an outer layer (clear of the V's point, the belt and the top's hem)
+PRINTS = {"upper": ((64, 64, 6),), "lower": ((64, 80, 5),), "outer": ((51, 52, 5), (77, 52, 5))}
 
 
 def _colour(rng: np.random.Generator, fabric: str | None) -> tuple[int, int, int]:
@@ -172,11 +173,11 @@ def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = Non
 
     if outfit.lower is not None:
         _draw_lower(c, outfit, rng)
-    if outfit.socks:  # above the shoes, over the hem of long trousers too
+    if outfit.socks:  # above the shoes, over the hem of long trousers too (below a three-quarter hem)
         sock = tuple(int(v) for v in rng.integers(180, 256, size=3))
         for x0, x1 in (LEFT_LEG, RIGHT_LEG):
-            d.rectangle(c.box(x0 - 1, LEG_BOTTOM - 8, x1 + 1, LEG_BOTTOM), fill=sock)
-            d.rectangle(c.box(x0 - 1, LEG_BOTTOM - 8, x1 + 1, LEG_BOTTOM - 6), fill=INK)
+            d.rectangle(c.box(x0 - 1, LEG_BOTTOM - 5, x1 + 1, LEG_BOTTOM), fill=sock)
+            d.rectangle(c.box(x0 - 1, LEG_BOTTOM - 5, x1 + 1, LEG_BOTTOM - 3.5), fill=INK)
     if outfit.upper is not None:
         _draw_upper(c, outfit, rng)
     if outfit.outer is not None:
@@ -188,6 +189,8 @@ def render_outfit(outfit: Outfit, size: int, seed: int, gender: str | None = Non
         c.fill(m, outfit.outer, "outer", rng)
         d.line(c.pts([(57, 31), (57, 76)]), fill=(20, 20, 20), width=max(1, int(c.scale)))
         d.line(c.pts([(71, 31), (71, 76)]), fill=(20, 20, 20), width=max(1, int(c.scale)))
+    if outfit.upper is not None:  # over an open outer layer too, so that it shows
+        _draw_neckline(c, outfit.neckline)
 
     _draw_accessories(c, outfit, rng)
     return c.image.resize((size, size), Image.LANCZOS)
@@ -224,7 +227,12 @@ def _draw_upper(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
         (md.polygon if kind == "polygon" else md.ellipse if kind == "ellipse" else md.rectangle)(
             c.pts(points) if kind == "polygon" else c.box(*points), fill=0)
     c.fill(m, outfit.upper, "upper", rng)
+
+
+def _draw_neckline(c: _Canvas, neckline: str | None) -> None:
+    """The dark trim round a neckline's cut, the straps of suspenders, a stand collar or lapels."""
     width = max(1, round(2.5 * c.scale))
+    cut = NECKLINE_CUTS.get(neckline)
     if cut is not None:
         kind, points = cut
         if kind == "polygon":

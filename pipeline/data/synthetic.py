@@ -102,8 +102,8 @@ def dataset_names(root: Path) -> set[str]:
 
 def held_out_settings(purpose: str, count: int, cfg: SyntheticData, seed: int, exclude: set[str]) -> dict:
     """What a held-out image set depends on (its README.json): rebuilt when any of it changes."""
-    return {"dataset": f"DeepFashion-lite {purpose}", "renderer": RENDERER_VERSION, "seed": seed, "images": count, "image_size": cfg.image_size,
-            "captions": str(cfg.captions) if cfg.captions else "bundled",
+    return {"dataset": f"DeepFashion-lite {purpose}", "renderer": RENDERER_VERSION, "seed": seed, "images": count,
+            "image_size": cfg.image_size, "captions": str(cfg.captions) if cfg.captions else "bundled",
             "excluded": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()}
 
 
