@@ -36,7 +36,7 @@ LEFT_LEG, RIGHT_LEG = (50, 63), (65, 78)
 INK = (25, 25, 35)
 # where a garment's graphic prints go (unit coordinates): on the chest, on the hip band every lower garment covers,
 # on both open fronts of an outer layer (clear of the V's point, the belt and the top's hem)
-PRINTS = {"upper": ((64, 64, 6),), "lower": ((64, 80, 5),), "outer": ((51, 52, 5), (77, 52, 5))}
+PRINTS = {"upper": ((64, 61, 8),), "lower": ((64, 80, 5),), "outer": ((51, 52, 5), (77, 52, 5))}
 
 
 def _colour(rng: np.random.Generator, fabric: str | None) -> tuple[int, int, int]:
