@@ -109,3 +109,19 @@ def test_socks_show_over_long_trousers_and_leave_a_three_quarter_hem_visible():
     assert parse_caption(three_quarter).lower_length == "three-quarter"
     shins = (slice(100, 118), slice(38, 90))
     assert np.abs(with_socks - _pixels(three_quarter))[shins].mean() > 10
+
+
+@pytest.mark.parametrize("garment, caption, region", [
+    ("upper", "Her tank top has sleeves cut off, cotton fabric and {p} patterns. It has a v-shape neckline. The woman "
+              "wears a long pants. The pants are with denim fabric and solid color patterns. There is a belt on her "
+              "waist.", (slice(27, 34), slice(29, 35))),
+    ("lower", "Her tank top has sleeves cut off, cotton fabric and solid color patterns. The woman wears a long pants. "
+              "The pants are with denim fabric and {p} patterns. There is a belt on her waist.",
+     (slice(38, 42), slice(29, 35))),
+])
+def test_a_graphic_print_shows_on_its_garment_at_the_demo_resolution(garment, caption, region):
+    """At 64 px a graphic print is visible where the garment always shows (past a V's point and a belt)."""
+    solid, graphic = (np.asarray(render_outfit(parse_caption(caption.format(p=p)), 64, 3), dtype=np.int16)[region]
+                      for p in ("solid color", "graphic"))
+    assert getattr(parse_caption(caption.format(p="graphic")), garment).pattern == "graphic"
+    assert np.abs(solid - graphic).mean() > 30, garment
