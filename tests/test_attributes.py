@@ -85,8 +85,10 @@ NECKLINES = {"absent": "", "v": " It has a v-shape neckline.", "round": " It has
              "stand": " It has a stand neckline.", "lapel": " It has a lapel neckline."}
 
 
-@pytest.mark.parametrize("extra", ["", " The lady also wears an outer clothing, with cotton fabric and solid color "
-                                       "patterns."])
+OUTER = " The lady also wears an outer clothing, with cotton fabric and solid color patterns."
+
+
+@pytest.mark.parametrize("extra", ["", OUTER])
 def test_every_neckline_is_drawn_differently_at_the_demo_resolution(extra):
     """At 64 px (the tiny LLaVA's input) each pair of necklines differs clearly in the neck and chest region, under an
     open outer layer too."""
@@ -112,11 +114,11 @@ def test_socks_show_over_long_trousers_and_leave_a_three_quarter_hem_visible():
 
 
 @pytest.mark.parametrize("garment, caption, region", [
-    ("upper", "Her tank top has sleeves cut off, cotton fabric and {p} patterns. It has a v-shape neckline. The woman "
-              "wears a long pants. The pants are with denim fabric and solid color patterns. There is a belt on her "
-              "waist.", (slice(27, 34), slice(29, 35))),
-    ("lower", "Her tank top has sleeves cut off, cotton fabric and solid color patterns. The woman wears a long pants. "
-              "The pants are with denim fabric and {p} patterns. There is a belt on her waist.",
+    ("upper", ("Her tank top has sleeves cut off, cotton fabric and {p} patterns. It has a v-shape neckline. The "
+               "woman wears a long pants. The pants are with denim fabric and solid color patterns. There is a belt "
+               "on her waist."), (slice(27, 34), slice(29, 35))),
+    ("lower", ("Her tank top has sleeves cut off, cotton fabric and solid color patterns. The woman wears a long "
+               "pants. The pants are with denim fabric and {p} patterns. There is a belt on her waist."),
      (slice(38, 42), slice(29, 35))),
 ])
 def test_a_graphic_print_shows_on_its_garment_at_the_demo_resolution(garment, caption, region):
