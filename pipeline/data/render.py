@@ -55,7 +55,7 @@ def _colour(rng: np.random.Generator, fabric: str | None) -> tuple[int, int, int
 
 def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    return (250, 250, 245) if lum < 120 else (25, 25, 35)
+    return (250, 250, 245) if lum < 120 else INK
 
 
 def _texture(size: int, garment: Garment, prints: tuple, rng: np.random.Generator) -> Image.Image:
@@ -221,27 +221,27 @@ def _draw_upper(c: _Canvas, outfit: Outfit, rng: np.random.Generator) -> None:
         for x0, x1 in (LEFT_ARM, RIGHT_ARM):
             md.rectangle(c.box(x0 - 1, ARM_TOP - 1, x1 + 1, ARM_TOP + frac * (ARM_BOTTOM - ARM_TOP)), fill=255)
     # neckline cuts show skin inside a dark trim (the trim keeps the shape visible on skin-coloured fabric)
-    cut = NECKLINE_CUTS.get(neckline)
-    if cut is not None:
-        kind, points = cut
-        (md.polygon if kind == "polygon" else md.ellipse if kind == "ellipse" else md.rectangle)(
-            c.pts(points) if kind == "polygon" else c.box(*points), fill=0)
+    kind, points = NECKLINE_CUTS.get(neckline, (None, None))
+    if kind == "polygon":
+        md.polygon(c.pts(points), fill=0)
+    elif kind == "ellipse":
+        md.ellipse(c.box(*points), fill=0)
+    elif kind == "rectangle":
+        md.rectangle(c.box(*points), fill=0)
     c.fill(m, outfit.upper, "upper", rng)
 
 
 def _draw_neckline(c: _Canvas, neckline: str | None) -> None:
     """The dark trim round a neckline's cut, the straps of suspenders, a stand collar or lapels."""
     width = max(1, round(2.5 * c.scale))
-    cut = NECKLINE_CUTS.get(neckline)
-    if cut is not None:
-        kind, points = cut
-        if kind == "polygon":
-            c.draw.line(c.pts(points[1:] + points[:1]), fill=INK, width=width)
-        elif kind == "ellipse":
-            c.draw.arc(c.box(*points), 0, 180, fill=INK, width=width)
-        else:
-            x0, y0, x1, y1 = points
-            c.draw.line(c.pts([(x0, y0), (x0, y1), (x1, y1), (x1, y0)]), fill=INK, width=width)
+    kind, points = NECKLINE_CUTS.get(neckline, (None, None))
+    if kind == "polygon":  # every edge but the top one
+        c.draw.line(c.pts(points[1:] + points[:1]), fill=INK, width=width)
+    elif kind == "ellipse":  # the lower half
+        c.draw.arc(c.box(*points), 0, 180, fill=INK, width=width)
+    elif kind == "rectangle":  # both sides and the bottom
+        x0, y0, x1, y1 = points
+        c.draw.line(c.pts([(x0, y0), (x0, y1), (x1, y1), (x1, y0)]), fill=INK, width=width)
     if neckline == "suspenders":  # two broad dark straps over bare shoulders
         for x0 in (51, 71):
             c.draw.rectangle(c.box(x0, 31, x0 + 6, 51), fill=INK)
