@@ -7,11 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
-# glibc malloc keeps big freed blocks instead of unmapping them (see MALLOC_TUNABLES in pipeline/cpus.py, which the
+# glibc malloc keeps big freed blocks instead of unmapping them (see MALLOC_TUNABLES in pipeline/core/cpus.py, which the
 # demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
-.PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status test bench clean
+.PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status test lint bench clean
 
 setup: $(STAMP)
 
@@ -93,6 +93,9 @@ status: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline stages scripts tests
 
 # make bench [BENCH_ARGS="--only speed --speed-images 64"]: the speed section times the run CONFIG names
 bench: $(STAMP)

@@ -4,7 +4,7 @@ Sections (``--only name,name``):
 - prepare: `prepare` over a 44,096-record dataset (the full DeepFashion-MultiModal size) with small images;
 - teacher: the demo teacher's fine-tuning samples/s and peak memory, then batched vs sequential (batch 1) caption
   generation throughput as a ratio (on a GPU also a 13B-shaped random LLaVA: samples/s, memory, MFU);
-- students: training captions/s with the feature cache + batching vs the seed's way (batch 1, encoder run every
+- students: training captions/s with the feature cache + batching vs the course project's way (batch 1, encoder run every
   step) on the same model and data, as a ratio; and an epoch of the attention GRU and the Transformer with random vs
   length-grouped batches (``students.group_by_length``), as a ratio; and the demo's CNN encoders training in NCHW vs
   channels-last memory format, as a ratio;
@@ -32,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.cpus import cpu_share  # noqa: E402
-from pipeline.data.synthetic import load_caption_pool  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
-from pipeline.speed import SpeedSettings, require_run  # noqa: E402
+from pipeline.core.archs import ARCHS
+from pipeline.core.config import Config, load_config  # noqa: E402
+from pipeline.core.cpus import cpu_share  # noqa: E402
+from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.core.rundir import RunDir  # noqa: E402
+from pipeline.demo.synthetic import load_caption_pool  # noqa: E402
+from pipeline.inference.speed import SpeedSettings, require_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES: dict[str, Callable[..., dict]] = {}
@@ -161,12 +162,12 @@ def _gpu_llava_13b() -> dict:
 @bench
 def bench_students(work: Path) -> dict:
     """Captions/s of one training epoch with cached features + batch 64 vs batch 1 with the encoder every step
-    (the seed's way); also batch 64 with the encoder fine-tuned in the loop (``students.encoder.finetune``)."""
+    (the course project's way); also batch 64 with the encoder fine-tuned in the loop (``students.encoder.finetune``)."""
     import torch
 
     from pipeline.data.formats import load_captions, split_rows
     from pipeline.students.decoders import build_decoder
-    from pipeline.students.encoders import BUILDERS, ENCODER_OF, build_encoder, encoder_module, torchvision_model
+    from pipeline.students.encoders import BUILDERS, build_encoder, encoder_module, torchvision_model
     from pipeline.students.features import EncoderFeatures, ImageFiles, cached_features
     from pipeline.students.train import caption_loss, epoch_batches, pad_batch
     from pipeline.students.vocab import Vocabulary
@@ -195,7 +196,7 @@ def bench_students(work: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
 
-    # the seed's way: batch 1, the encoder (fine-tuned, lr 1e-5) recomputed for every caption
+    # the course project's way: batch 1, the encoder (fine-tuned, lr 1e-5) recomputed for every caption
     torch.manual_seed(0)
     encoder = build_encoder("vgg19", s.encoder)
     images = ImageFiles(paths, s.encoder.image_size)
@@ -238,9 +239,9 @@ def bench_students(work: Path) -> dict:
     lengths = [len(t) for t in targets]
     grouped = {}
     for arch in ("resnet101_attn_gru", "vit_transformer"):
-        table, _ = cached_features(work / "cache", ENCODER_OF[arch], s.encoder, 0, paths)
+        table, _ = cached_features(work / "cache", ARCHS[arch].encoder, s.encoder, 0, paths)
 
-        def epoch_rate(group_by_length: bool) -> float:
+        def epoch_rate(group_by_length: bool, arch: str = arch, table: torch.Tensor = table) -> float:
             torch.manual_seed(0)
             model = build_decoder(arch, table.shape[-1], len(vocab), s)
             opt = torch.optim.Adam(model.parameters(), lr=s.decoder_lr)
@@ -258,7 +259,7 @@ def bench_students(work: Path) -> dict:
     images = torch.stack([ImageFiles(paths, s.encoder.image_size)[i] for i in range(32)])
     for name in ("vgg19", "resnet101"):
 
-        def training_rate(channels_last: bool) -> float:
+        def training_rate(channels_last: bool, name: str = name) -> float:
             torch.manual_seed(0)
             model = torchvision_model(name, s.encoder)
             encoder = encoder_module(name, model) if channels_last else BUILDERS[name](model)
@@ -295,7 +296,7 @@ def bench_metrics(work: Path) -> dict:
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    from pipeline.metrics import CaptionScorer
+    from pipeline.evaluation.metrics import CaptionScorer
 
     pool = load_caption_pool()
     refs = {k: [v] for k, v in list(pool["test"].items())[:2538]}
@@ -342,8 +343,8 @@ def bench_metrics(work: Path) -> dict:
 
 @bench
 def bench_speed(work: Path, *, cfg: Config, settings: SpeedSettings) -> dict:
-    """The teacher and every student of the run ``cfg`` names, timed side by side (:mod:`pipeline.speed`)."""
-    from pipeline.speed import measure_run, write_speed
+    """The teacher and every student of the run ``cfg`` names, timed side by side (:mod:`pipeline.inference.speed`)."""
+    from pipeline.inference.speed import measure_run, write_speed
 
     for name in ("onnxscript", "onnx_ir"):  # the ONNX exporter's pass-by-pass INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -373,7 +374,7 @@ def main() -> int:
                         help="speed: CPU threads for every runtime (default: this process's share of the CPUs)")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("pipeline.speed").setLevel(logging.INFO)  # which model the speed section is timing
+    logging.getLogger("pipeline.inference.speed").setLevel(logging.INFO)  # which model the speed section is timing
     sections = args.only.split(",")
     unknown = [name for name in sections if name not in BENCHES]
     if unknown:

@@ -14,11 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.caption import caption_files, find_images, student_captioner, teacher_captioner
-from pipeline.config import Config
-from pipeline.cpus import set_torch_threads
-from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
+from pipeline.core.config import Config
+from pipeline.core.cpus import set_torch_threads
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import RunDir
+from pipeline.inference.caption import caption_files, find_images, student_captioner, teacher_captioner
 from stages.cli import stage_main
 
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, load_config
-from pipeline.cpus import set_torch_threads
-from pipeline.errors import PipelineError
-from pipeline.rundir import claim_output
+from pipeline.core.config import Config, load_config
+from pipeline.core.cpus import set_torch_threads
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import claim_output
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 log = logging.getLogger("cli")
@@ -29,7 +29,7 @@ def waits(args: argparse.Namespace) -> bool:
 def claims(output: Callable[[Config, argparse.Namespace], Path | None],
            part: Callable[[Config, argparse.Namespace], str] | None = None
            ) -> Callable[[StageRun], StageRun]:
-    """Decorate a stage's ``run(cfg, args)``: it runs holding :func:`pipeline.rundir.claim_output` on the folder
+    """Decorate a stage's ``run(cfg, args)``: it runs holding :func:`pipeline.core.rundir.claim_output` on the folder
     ``output(cfg, args)`` names (no claim when that is None), or on its ``part(cfg, args)`` such as a shard."""
     def decorate(run: StageRun) -> StageRun:
         @functools.wraps(run)

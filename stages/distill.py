@@ -9,7 +9,7 @@ images, for its own test score and the report's gallery; never trained on), ``RE
 ``distill.samples_per_image`` k: k captions per train/val image (column ``sample``); ``distill.unlabeled``: a folder
 of uncaptioned images captioned into the train split (column ``origin``; test images refused, bad files skipped).
 Sharding: ``--shard i/n`` (or a Slurm array) generates a disjoint slice; ``--merge`` joins finished shards.
-The work is :func:`pipeline.teacher.dataset.distill_dataset`.
+The work is :func:`pipeline.workflows.distill.distill_dataset`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.teacher.dataset import distill_dataset
+from pipeline.core.config import Config
 from pipeline.teacher.distill import parse_shard
+from pipeline.workflows.distill import distill_dataset
 from stages.cli import stage_main, waits
 
 

@@ -11,14 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.attribute_metrics import ATTRIBUTES, majority_baseline
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.rundir import RunDir, atomic_write_json, require_stage
 from pipeline.data.formats import load_captions, split_rows
-from pipeline.metrics import METRICS, CaptionScorer
-from pipeline.predictions import read_predictions
-from pipeline.reporting import markdown_table
-from pipeline.rundir import RunDir, atomic_write_json, require_stage
-from pipeline.students.experiment import score_test_split
+from pipeline.evaluation.attributes import ATTRIBUTES, majority_baseline
+from pipeline.evaluation.metrics import METRICS, CaptionScorer
+from pipeline.evaluation.predictions import read_predictions
+from pipeline.reporting.tables import markdown_table
+from pipeline.workflows.students import score_test_split
 from stages.cli import stage_main
 
 

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from stages.cli import stage_main
 
 

@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import depends
-from pipeline.config import Config
-from pipeline.data.formats import load_captions, split_rows
-from pipeline.rundir import (
+from pipeline.core.config import Config
+from pipeline.core.cpus import rank
+from pipeline.core.rundir import (
     RunDir,
     atomic_write_json,
     is_up_to_date,
@@ -25,7 +24,9 @@ from pipeline.rundir import (
     wait_for_work_dir,
     write_manifest,
 )
-from pipeline.teacher.base import ensure_base_model, rank
+from pipeline.data.formats import load_captions, split_rows
+from pipeline.demo.base_model import ensure_base_model
+from pipeline.workflows import depends
 from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("finetune")

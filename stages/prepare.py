@@ -15,12 +15,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import depends
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.rundir import RunDir, atomic_write_json, is_up_to_date, publish_dir, write_manifest
 from pipeline.data.deepfashion import IMAGE_DIR, DataError, detect_layout, problems_as_dicts, read_dataset
 from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, to_hf_dataset
-from pipeline.data.raw import ensure_pretraining_images, ensure_raw_data
-from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, publish_dir, write_manifest
+from pipeline.demo.raw import ensure_pretraining_images, ensure_raw_data
+from pipeline.workflows import depends
 from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("prepare")

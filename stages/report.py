@@ -17,14 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import depends
-from pipeline.attribute_metrics import ATTRIBUTES
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
-from pipeline.depends import source_dir
-from pipeline.errors import PipelineError
-from pipeline.plots import (
+from pipeline.evaluation.attributes import ATTRIBUTES
+from pipeline.evaluation.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
+from pipeline.reporting.plots import (
     plot_attribute_heatmap,
     plot_curves,
     plot_length_histograms,
@@ -32,7 +32,7 @@ from pipeline.plots import (
     plot_speed_quality,
     plot_sweep,
 )
-from pipeline.reporting import (
+from pipeline.reporting.tables import (
     TEACHER_COLUMNS,
     csv_text,
     gallery_html,
@@ -42,8 +42,9 @@ from pipeline.reporting import (
     sweep_report,
     teacher_rows,
 )
-from pipeline.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
-from pipeline.rundir import RunDir, atomic_write_text, is_up_to_date, publish_dir, require_stage, write_manifest
+from pipeline.workflows import depends
+from pipeline.workflows.depends import source_dir
+from pipeline.workflows.students import write_summary
 from stages.cli import claims, stage_main
 
 log = logging.getLogger("report")
@@ -61,6 +62,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     if not args.force and is_up_to_date(rd.report, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.report)
         return rd.report
+    write_summary(rd)  # the students' own tables, with every student that finished
     teacher = teacher_rows(rd)
     lengths = {source: [len(tokenize(r["caption"], keep_punct=False))
                         for r in split_rows(load_captions(source_dir(rd, source) / "captions"), "train")]

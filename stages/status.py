@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cluster.slurm import FAILED_STATES, job_states, load_jobs
-from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.orchestration.slurm import FAILED_STATES, job_states, load_jobs
 from stages.cli import stage_main
 
 

@@ -16,15 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import depends
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import RunDir, claim_output, require_stage
 from pipeline.data.formats import SPLITS, load_splits
-from pipeline.errors import PipelineError
-from pipeline.metrics import CaptionScorer
-from pipeline.reporting import csv_text, markdown_table
-from pipeline.results import RESULT_COLUMNS, finished_results, result_rows, write_source_baselines
-from pipeline.rundir import RunDir, atomic_write_text, claim_output, require_stage
-from pipeline.students.experiment import run_experiment, source_rows, student_dir
+from pipeline.demo.standins import stand_in_weights
+from pipeline.evaluation.metrics import CaptionScorer
+from pipeline.evaluation.results import write_source_baselines
+from pipeline.workflows import depends
+from pipeline.workflows.students import run_experiment, source_rows, student_dir, write_summary
 from stages.cli import stage_main, waits
 
 
@@ -34,20 +34,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Path:
-    from pipeline.students.encoders import ENCODER_OF
     from pipeline.students.features import DecoderInputs
 
     rd = RunDir(cfg.run_dir)
     require_stage(rd.data, "prepare")
-    unknown = [a for a in cfg.students.archs if a not in ENCODER_OF]
-    if unknown:
-        raise PipelineError(f"students.archs: unknown architecture(s) {unknown}; known: {sorted(ENCODER_OF)}")
     gt = load_splits(rd.data / "captions")
     if not gt["test"]:
         raise PipelineError(f"{rd.data}: the ground-truth test split is empty")
     decoder_inputs = DecoderInputs(rd.students / "features", cfg.students, cfg.seed,
                                    sorted({r["image_path"] for s in SPLITS for r in gt[s]}),
-                                   cfg.data.pretraining.root if cfg.data.pretraining else None)
+                                   stand_in_weights(cfg))
     if getattr(args, "features_only", False):
         decoder_inputs.build_caches(cfg.students.archs)
         return rd.students / "features"
@@ -63,11 +59,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
                 with claim_output(student_dir(rd, arch, source), wait=waits(args)):
                     run_experiment(cfg, rd, arch=arch, source=source, rows=rows, test_rows=gt["test"], scorer=scorer,
                                    decoder_inputs=decoder_inputs, force=args.force)
-    rows = result_rows(*finished_results(rd))
-    md = markdown_table(RESULT_COLUMNS, rows)
-    atomic_write_text(rd.students / "summary.md", md)
-    atomic_write_text(rd.students / "summary.csv", csv_text(RESULT_COLUMNS, rows))
-    print(md)
+    print(write_summary(rd))
     return rd.students
 
 

@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cluster.slurm import describe_chain, plan_chain, submit, write_scripts
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
+from pipeline.orchestration.plan import describe_chain, plan_chain
+from pipeline.orchestration.slurm import submit, write_scripts
 from stages.cli import stage_main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +27,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
     config = Path(args.config).resolve()
     overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={cfg.run_dir.resolve()}"]
     cfg = load_config(config, overrides)  # what the jobs load: their manifests record its absolute paths
-    jobs = plan_chain(cfg, config, overrides, force=args.force)
-    scripts = write_scripts(cfg, jobs, PROJECT_ROOT)
+    jobs = plan_chain(cfg, config, overrides, force=args.force, shards=cfg.slurm.distill_shards, sweep=cfg.slurm.sweep)
+    scripts = write_scripts(cfg, jobs, config, PROJECT_ROOT)
     folder = scripts[jobs[0].name].parent
     if args.dry_run:
         for job in jobs:

@@ -7,7 +7,7 @@ scored on the ground-truth test split and, for the choice of temperature, on the
 Output in ``<run_dir>/sweep/``: ``points/<point>.json``, ``points.json``, ``sweep.csv``, ``best.json`` (the
 temperature chosen on validation, test scores beside), ``sweep.png`` and ``manifest.json`` (last). ``--point`` runs
 one point (``gt``, ``t<T>``, ``k<k>`` or ``unlabeled``: what `make submit`'s sweep arrays run). The work is
-:mod:`pipeline.sweep.run`.
+:mod:`pipeline.workflows.sweep`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.sweep.run import run_point, run_sweep
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.workflows.sweep import run_point, run_sweep
 from stages.cli import stage_main, waits
 
 

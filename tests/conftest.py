@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.helpers import TEACHER_TRAIN, write_config  # noqa: E402 (after the environment it reads)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,41 +27,9 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
-def write_config(tmp_path: Path, **sections) -> Path:
-    """A demo-shaped config under ``tmp_path`` with ``sections`` merged in (nested dicts merge). The demo's
-    pretraining stand-ins are off (random teacher and encoders) unless ``sections`` turn them on."""
-    from pipeline.config import merge_trees
-
-    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    base["run_dir"] = str(tmp_path / "run")
-    base["data"]["root"] = str(tmp_path / "raw")
-    base["data"]["synthetic"] = {"num_images": 60, "image_size": 32, "layout": "single"}
-    base["data"]["split"] = {"test": 0.2, "val": 0.1}
-    base["data"].pop("pretraining")
-    base["teacher"]["model"] = str(tmp_path / "tiny-llava")
-    base["teacher"]["tiny"] = {}
-    base["teacher"]["lora"]["train_projector"] = True  # a random base: its projector must learn too
-    base["students"]["encoder"] = {"pretrained": False, "width": 0.25, "image_size": 96}
-    base["students"].update(epochs=6, val_every_epochs=3)  # the tests' tiny data: fewer rounds than the demo's
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(merge_trees(base, sections)))
-    return path
-
-
 @pytest.fixture
 def make_config(tmp_path):
     return lambda **sections: write_config(tmp_path, **sections)
-
-
-def run_stage(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-TEACHER_TRAIN = {"epochs": 2, "per_device_batch_size": 8, "eval_steps": 10, "save_steps": 10, "logging_steps": 5,
-                 "max_val_samples": 16, "eval_generation_samples": 8}
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +40,9 @@ def teacher_world(tmp_path_factory):
     """
     from argparse import Namespace
 
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.data.formats import load_captions, split_rows
-    from pipeline.teacher.base import ensure_base_model
+    from pipeline.demo.base_model import ensure_base_model
     from stages import prepare
 
     base = tmp_path_factory.mktemp("teacher_world")

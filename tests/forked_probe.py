@@ -1,5 +1,5 @@
-"""``python -m forked_probe <out> [status]`` for test_scheduler: writes whether torch was imported before this module
-ran (a forked step's server preloads it), its CPU share and torch's thread count, then exits with ``status``."""
+"""``python -m tests.forked_probe <out> [status]`` for test_scheduler: writes whether torch was imported before this
+module ran (a forked step's server preloads it), its CPU share and torch's thread count, then exits with ``status``."""
 
 import os
 import sys

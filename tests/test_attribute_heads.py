@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from pipeline.attribute_heads import AttentiveAttributeHeads, AttributeHeads, pretrain_on_attributes
-from pipeline.attribute_metrics import ATTRIBUTE_VALUES
+from pipeline.demo.attribute_heads import AttentiveAttributeHeads, AttributeHeads, pretrain_on_attributes
+from pipeline.evaluation.attributes import ATTRIBUTE_VALUES
 
 
 def _tokens_with_labels_at_random_places(n: int, spare: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

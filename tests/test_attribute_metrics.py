@@ -8,7 +8,8 @@ from argparse import Namespace
 import pytest
 import torch
 
-from pipeline.attribute_metrics import (
+from pipeline.demo.synthetic import load_caption_pool
+from pipeline.evaluation.attributes import (
     ABSENT,
     ATTRIBUTES,
     attribute_accuracy,
@@ -17,8 +18,7 @@ from pipeline.attribute_metrics import (
     majority_baseline,
     majority_values,
 )
-from pipeline.data.synthetic import load_caption_pool
-from pipeline.predictions import PredictionsError, read_predictions
+from pipeline.evaluation.predictions import PredictionsError, read_predictions
 
 CAPTION = ("The {who} wears a {sleeve}-sleeve shirt with cotton fabric and solid color patterns. The {who} wears "
            "long trousers. The trousers are with denim fabric and striped patterns.{extra}")
@@ -84,7 +84,7 @@ def test_majority_baseline_equals_a_hand_count():
 def _trained_student(tmp_path, informative: bool):
     """A small GRU captioner (image vector fed at every step) on features that encode the sleeve and the hat (or
     are all zero)."""
-    from pipeline.config import StudentsConfig
+    from pipeline.core.config import StudentsConfig
     from pipeline.students.train import train_student
     from pipeline.students.vocab import Vocabulary
 
@@ -111,8 +111,9 @@ def _trained_student(tmp_path, informative: bool):
 
 @pytest.mark.parametrize("informative", [True, False])
 def test_image_reliance_drops_only_for_a_student_that_reads_the_image(tmp_path, informative):
-    from pipeline.students.experiment import permuted_images
-    from pipeline.students.train import decode_split, load_decoder
+    from pipeline.students.checkpoint import load_decoder
+    from pipeline.students.train import decode_split
+    from pipeline.workflows.students import permuted_images
 
     cfg, features, test = _trained_student(tmp_path, informative)
     model, vocab, _ = load_decoder(tmp_path / "best")
@@ -132,11 +133,10 @@ def test_image_reliance_drops_only_for_a_student_that_reads_the_image(tmp_path, 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from conftest import write_config
-
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.data.formats import load_captions, split_rows
     from stages import prepare
+    from tests.helpers import write_config
 
     path = write_config(tmp_path_factory.mktemp("evaluate"))
     cfg = load_config(path)
@@ -194,7 +194,7 @@ def test_missing_test_images_are_counted_or_allowed(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_stage_scores_a_file_and_fails_in_one_line(prepared, tmp_path):
-    from conftest import run_stage
+    from tests.helpers import run_stage
 
     path, test = prepared
     pred = tmp_path / "run a" / "preds.jsonl"  # a folder name with a space

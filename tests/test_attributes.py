@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.attributes import parse_caption
-from pipeline.data.render import render_outfit
-from pipeline.data.synthetic import load_caption_pool
+from pipeline.demo.render import render_outfit
+from pipeline.demo.synthetic import load_caption_pool
 
 
 def test_parses_every_real_caption_fully():

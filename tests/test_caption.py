@@ -11,58 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_stage, write_config
 from PIL import Image
 
-from pipeline.caption import caption_files, find_images, read_image
-from pipeline.config import EncoderSettings, StudentsConfig
+from pipeline.core.config import EncoderSettings
+from pipeline.core.errors import PipelineError
 from pipeline.data.images import load_rgb
-from pipeline.errors import PipelineError
+from pipeline.inference.caption import caption_files, find_images, read_image
 from pipeline.students import onnx_runtime
 from pipeline.students.beam import beam_search, greedy_decode
+from pipeline.students.checkpoint import Student, load_decoder, load_student
 from pipeline.students.decoders import build_decoder
-from pipeline.students.encoders import ENCODER_OF, build_encoder, image_transform
-from pipeline.students.features import decoder_input
+from pipeline.students.encoders import build_encoder, image_transform
 from pipeline.students.runtime import to_pixels
-from pipeline.students.train import Student, describe_student, load_decoder, load_student, save_student, train_student
+from pipeline.students.train import train_student
 from pipeline.students.vocab import Vocabulary
-
-ARCHS = ("vgg19_gru", "resnet101_gru", "resnet101_attn_gru", "vit_transformer")
-WORDS = ["the", "lady", "gentleman", "wears", "a", "short-sleeve", "long-sleeve", "shirt", "sweater", "with",
-         "cotton", "denim", "fabric", "pants", "shorts", "skirt", "hat", "stripe", "pure", "color", "pattern", "."]
-# added to the <end> logit of a random decoder so that its captions have different lengths
-END_BIAS = {"vgg19_gru": 0.1, "resnet101_gru": 0.3, "resnet101_attn_gru": 1.0, "vit_transformer": 0.6}
-SMALL = StudentsConfig(embed_dim=16, hidden_dim=32, transformer_heads=4, transformer_layers=2, max_length=12,
-                       dropout=0.0, beam_size=3, encoder=EncoderSettings(width=0.125, image_size=32))
-
-
-def make_student(folder: Path, arch: str, cfg: StudentsConfig = SMALL, seed: int = 0) -> Path:
-    """A random-weight student saved as the students stage saves one."""
-    torch.manual_seed(seed)
-    vocab = Vocabulary(WORDS)
-    encoder = build_encoder(ENCODER_OF[arch], cfg.encoder, seed).eval()
-    size = cfg.encoder.image_size
-    with torch.no_grad():
-        feat_dim = decoder_input(arch, encoder(torch.zeros(1, 3, size, size))).shape[-1]
-        decoder = build_decoder(arch, feat_dim, len(vocab), cfg)
-        decoder.out.bias[vocab.end_id] += END_BIAS[arch]
-    meta = describe_student(arch, cfg, feat_dim=feat_dim, vocab_size=len(vocab), seed=seed, encoder_finetuned=False)
-    save_student(folder, decoder, vocab, meta, encoder)
-    return folder
-
-
-def varied_images(n: int, seed: int = 0) -> list[Image.Image]:
-    """Small RGB images of different sizes, colours and shapes."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(n):
-        h, w = rng.integers(24, 64, 2)
-        pixels = np.full((h, w, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        pixels[y: y + h // 2, x: x + w // 2] = rng.integers(0, 256, 3)
-        noise = rng.integers(-20, 20, (h, w, 3))
-        images.append(Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)))
-    return images
+from tests.helpers import ARCHS, END_BIAS, ROOT, SMALL, make_student, run_stage, varied_images, write_config
 
 
 class NumpyDecoder:

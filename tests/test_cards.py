@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from pipeline.attribute_metrics import ATTRIBUTES
-from pipeline.cards import caption_source, dataset_card, front_matter, student_card
-from pipeline.config import StudentsConfig
-from pipeline.errors import PipelineError
-from pipeline.students.train import describe_student
+from pipeline.core.config import StudentsConfig
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.attributes import ATTRIBUTES
+from pipeline.reporting.cards import caption_source, dataset_card, front_matter, student_card
+from pipeline.students.checkpoint import describe_student
 
 TEST = {"BLEU-1": 0.61, "BLEU-4": 0.31, "METEOR": 0.27, "ROUGE-L": 0.52, "CIDEr-D": 0.93}
 ATTRS = {"macro": 0.71, "per_attribute": {a: 0.5 + i / 100 for i, a in enumerate(ATTRIBUTES)}, "images": 40}

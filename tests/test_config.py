@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -171,7 +171,7 @@ def test_stand_in_settings_per_encoder_family():
     family or key is refused."""
     from pydantic import ValidationError
 
-    from pipeline.config import EncoderStandIn
+    from pipeline.core.config import EncoderStandIn
 
     stand_in = EncoderStandIn(epochs=5, learning_rate=2e-3, by_encoder={"vgg19": {"epochs": 10, "learning_rate": 1e-3}})
     assert (stand_in.of("vgg19").epochs, stand_in.of("vgg19").learning_rate) == (10, 1e-3)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline.cpus import cpu_share, usable_cpus
+from pipeline.core.cpus import cpu_share, usable_cpus
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -39,7 +39,7 @@ def test_busy_cpus_sees_a_spinning_process():
     import sys
     import time
 
-    from pipeline.cpus import busy_cpus
+    from pipeline.core.cpus import busy_cpus
 
     if not os.path.exists("/proc/loadavg"):
         pytest.skip("no /proc/loadavg on this platform")
@@ -61,7 +61,7 @@ def test_a_stage_process_uses_its_share():
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from tests.helpers import ROOT
 
     code = ("import torch; from stages.cli import stage_main; "
             "stage_main('probe', lambda cfg, args: print(torch.get_num_threads()), argv=[])")
@@ -72,7 +72,7 @@ def test_a_stage_process_uses_its_share():
 
 
 def test_step_environment_sets_threads_and_malloc_thresholds_a_user_setting_wins(monkeypatch):
-    from pipeline.cpus import MALLOC_TUNABLES, step_environment
+    from pipeline.core.cpus import MALLOC_TUNABLES, step_environment
 
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
@@ -85,7 +85,7 @@ def test_step_environment_sets_threads_and_malloc_thresholds_a_user_setting_wins
 def test_makefile_exports_the_same_malloc_thresholds():
     from pathlib import Path
 
-    from pipeline.cpus import MALLOC_TUNABLES
+    from pipeline.core.cpus import MALLOC_TUNABLES
 
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert f"export GLIBC_TUNABLES ?= {MALLOC_TUNABLES}\n" in makefile

@@ -6,26 +6,16 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import run_stage
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.rundir import read_manifest
-
-TINY = {
-    "data": {"synthetic": {"num_images": 120, "image_size": 48}},
-    "teacher": {"train": {"epochs": 2, "per_device_batch_size": 8, "eval_steps": 10, "save_steps": 10,
-                          "max_val_samples": 8, "eval_generation_samples": 4}},
-    "distill": {"max_new_tokens": 160, "batch_size": 16},
-    "students": {"archs": ["vgg19_gru", "vit_transformer"], "epochs": 2, "batch_size": 16, "beam_size": 2,
-                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 48}},
-    "report": {"gallery_size": 4},
-}
+from pipeline.core.config import load_config
+from pipeline.core.rundir import read_manifest
+from tests.helpers import TINY, run_stage
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from conftest import write_config
+    from tests.helpers import write_config
 
     path = write_config(tmp_path_factory.mktemp("demo"), **TINY)
     res = run_stage("demo", "--config", str(path), timeout=900)

@@ -8,16 +8,16 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_stage
 
-from pipeline.cards import front_matter
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.rundir import OutputInUseError, StageInputError, read_manifest
 from pipeline.data.formats import load_captions, split_rows
-from pipeline.metrics import CaptionScorer
-from pipeline.rundir import OutputInUseError, StageInputError, read_manifest
-from pipeline.teacher.dataset import distill_dataset
+from pipeline.evaluation.metrics import CaptionScorer
+from pipeline.reporting.cards import front_matter
 from pipeline.teacher.distill import parse_shard, read_generations
+from pipeline.workflows.distill import distill_dataset
 from stages import caption, finetune
+from tests.helpers import ROOT, run_stage
 
 FAST_TEACHER = {"train": {"epochs": 1, "eval_generation_samples": 0}}
 
@@ -88,7 +88,7 @@ def test_outputs_meta_and_diagnostics(trained):
                              {r["image_id"]: generations[r["image_id"], 0]["caption"] for r in rows})
     assert {k: diag["vs_ground_truth"][k] for k in ("BLEU-4", "CIDEr-D")} == pytest.approx(
         {k: agree[k] for k in ("BLEU-4", "CIDEr-D")})
-    from pipeline.attribute_metrics import attribute_accuracy, majority_baseline
+    from pipeline.evaluation.attributes import attribute_accuracy, majority_baseline
 
     references = {r["image_id"]: r["caption"] for r in rows}
     assert diag["vs_ground_truth"]["attributes"] == attribute_accuracy(
@@ -166,7 +166,7 @@ def test_missing_teacher_or_adapter_is_a_clear_error(teacher_world, trained, tmp
 
 SHARD_HOLDER = """
 import sys, time
-from pipeline.rundir import output_lock
+from pipeline.core.rundir import output_lock
 with output_lock(sys.argv[1], part=sys.argv[2]):
     print("locked", flush=True)
     time.sleep(120)
@@ -309,7 +309,7 @@ def test_unlabeled_images_are_captioned_marked_and_bad_files_reported(mixed, pho
 
 
 def test_unlabeled_test_images_are_refused_before_any_caption(trained, tmp_path):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     cfg = load_config(trained)
     test = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "test")
@@ -330,7 +330,7 @@ def test_unlabeled_test_images_are_refused_before_any_caption(trained, tmp_path)
 
 
 def test_the_unlabeled_pool_is_rendered_on_first_use(trained, tmp_path):
-    from pipeline.data.synthetic import dataset_names
+    from pipeline.demo.synthetic import dataset_names
 
     pool = tmp_path / "pool"
     cfg = _distill(trained, "distill.name=pooled", f"data.unlabeled_pool={{images: 6, root: {pool}}}",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.config import EncoderSettings
+from pipeline.core.config import EncoderSettings
 from pipeline.students.encoders import build_encoder
 
 

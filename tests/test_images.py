@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.images import ImageError, load_rgb
-from pipeline.reporting import _image_data_uri
+from pipeline.reporting.tables import _image_data_uri
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 

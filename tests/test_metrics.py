@@ -4,7 +4,7 @@ import json
 import psutil  # installed with accelerate
 import pytest
 
-from pipeline.metrics import CaptionScorer, MeteorProcess
+from pipeline.evaluation.metrics import CaptionScorer, MeteorProcess
 
 
 def test_metrics_match_pycocoevalcap_scorers_called_directly():
@@ -15,7 +15,7 @@ def test_metrics_match_pycocoevalcap_scorers_called_directly():
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    from pipeline.data.synthetic import load_caption_pool
+    from pipeline.demo.synthetic import load_caption_pool
 
     pool = load_caption_pool()
     test, train = list(pool["test"].values()), list(pool["train"].values())
@@ -79,14 +79,14 @@ def test_processes_share_one_meteor_service():
     import subprocess
     import sys
 
-    from pipeline.errors import PipelineError
-    from pipeline.metrics import METEOR_SERVICE_ENV, MeteorService
+    from pipeline.core.errors import PipelineError
+    from pipeline.evaluation.metrics import METEOR_SERVICE_ENV, MeteorService
 
     refs = {"a": ["a red shirt with long sleeves", "a long-sleeve red shirt"], "b": ["blue denim shorts"]}
     hyps = {"a": "a red shirt with short sleeves", "b": "the shorts are blue"}
     with CaptionScorer(meteor_processes=1) as scorer:
         expected = scorer.score(refs, hyps, only=["METEOR"])["METEOR"]
-    child = ("import json, psutil\nfrom pipeline.metrics import CaptionScorer\n"
+    child = ("import json, psutil\nfrom pipeline.evaluation.metrics import CaptionScorer\n"
              f"with CaptionScorer() as s:\n    m = s.score({refs!r}, {hyps!r}, only=['METEOR'])['METEOR']\n"
              "    jars = [p for p in psutil.Process().children() if 'meteor-1.5.jar' in p.cmdline()]\n"
              "print(json.dumps([m, len(jars)]))")
@@ -112,7 +112,7 @@ def test_meteor_service_survives_a_failed_handshake_and_closes():
     import os
     from multiprocessing.connection import AuthenticationError, Client
 
-    from pipeline.metrics import MeteorService
+    from pipeline.evaluation.metrics import MeteorService
 
     with MeteorService() as service:
         path = service.address.rpartition("#")[0]

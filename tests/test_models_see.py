@@ -1,18 +1,18 @@
 """The demo's point: the teacher and the students read the photo. A small version of the demo's set-up (pretraining
 stand-ins on held-out rendered images: the tiny LLaVA's pretraining, a student's encoder; a student trained on the
 ground truth) must beat the majority-attribute baseline and lose accuracy when its images are swapped; a model that
-ignored its image input fails these checks. The fine-tuned teacher's own figures come from `make demo` (README)."""
+ignored its image input fails these checks. The fine-tuned teacher's own figures come from `make demo` (docs/results.md)."""
 
 import json
 from argparse import Namespace
 
 import pytest
-from conftest import write_config
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.data.formats import load_captions, split_rows
-from pipeline.teacher.base import ensure_base_model
+from pipeline.demo.base_model import ensure_base_model
 from stages import prepare, students
+from tests.helpers import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,11 @@ def test_pretrained_teacher_answers_what_the_image_shows(run):
     answer clearly, and its answers change with the image."""
     import torch
 
-    from pipeline.attribute_metrics import ATTRIBUTES, caption_labels, majority_values
     from pipeline.data.images import load_rgb
+    from pipeline.demo.tiny_pretrain import QUESTION, read_attribute_list
+    from pipeline.evaluation.attributes import ATTRIBUTES, caption_labels, majority_values
     from pipeline.teacher.collator import build_prompt
     from pipeline.teacher.loading import load_base_model, load_processor
-    from pipeline.teacher.pretrain import QUESTION, read_attribute_list
 
     data = load_captions(run.run_dir / "data" / "captions")
     test = split_rows(data, "test")[:96]

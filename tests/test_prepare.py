@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_stage
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.rundir import lock_file, output_lock, read_manifest
 from pipeline.data.deepfashion import DataError, item_group
 from pipeline.data.formats import INSTRUCTION, load_captions, split_rows
-from pipeline.data.synthetic import load_caption_pool
-from pipeline.rundir import lock_file, output_lock, read_manifest
+from pipeline.demo.synthetic import load_caption_pool
 from stages import prepare
 from stages.cli import stage_main
+from tests.helpers import ROOT, run_stage
 
 
 def _run(cfg_path, *overrides, force=False):

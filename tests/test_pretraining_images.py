@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError, SyntheticData
-from pipeline.data.synthetic import generate_held_out, load_caption_pool
+from pipeline.core.config import ConfigError, SyntheticData
+from pipeline.demo.synthetic import generate_held_out, load_caption_pool
 
 
 def test_held_out_images_avoid_the_dataset_and_are_rendered_once(tmp_path):
@@ -29,8 +29,8 @@ def test_held_out_images_avoid_the_dataset_and_are_rendered_once(tmp_path):
 
 
 def test_attribute_list_answers_read_back_into_the_labels_of_every_real_caption():
-    from pipeline.attribute_metrics import caption_labels
-    from pipeline.teacher.pretrain import attribute_list, read_attribute_list
+    from pipeline.demo.tiny_pretrain import attribute_list, read_attribute_list
+    from pipeline.evaluation.attributes import caption_labels
 
     captions = list(load_caption_pool()["test"].values())
     assert all(read_attribute_list(attribute_list(c)) == caption_labels(c) for c in captions)
@@ -38,10 +38,10 @@ def test_attribute_list_answers_read_back_into_the_labels_of_every_real_caption(
 
 
 def test_unlabeled_pool_avoids_the_dataset_and_the_pretraining_images_and_reruns_nothing(make_config, tmp_path):
-    from pipeline import depends
-    from pipeline.config import load_config
-    from pipeline.data.raw import ensure_raw_data, ensure_unlabeled_pool
-    from pipeline.data.synthetic import dataset_names
+    from pipeline.core.config import load_config
+    from pipeline.demo.raw import ensure_raw_data, ensure_unlabeled_pool
+    from pipeline.demo.synthetic import dataset_names
+    from pipeline.workflows import depends
 
     sets = {"pretraining": {"images": 30, "root": str(tmp_path / "pre")},
             "unlabeled_pool": {"images": 40, "root": str(tmp_path / "pool")}}
@@ -61,7 +61,7 @@ def test_unlabeled_pool_avoids_the_dataset_and_the_pretraining_images_and_reruns
 
 
 def test_a_new_renderer_renders_the_images_again(tmp_path, monkeypatch):
-    from pipeline.data import synthetic
+    from pipeline.demo import synthetic
 
     root, cfg = tmp_path / "held-out", SyntheticData(image_size=32)
     generate_held_out(root, "pretraining", 6, cfg, seed=0, exclude=set(), workers=1)

@@ -8,9 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
 
-from pipeline.rundir import (
+from pipeline.core.rundir import (
     OWNER_FILE,
     WORK_STAMP,
     ForeignDataError,
@@ -26,6 +25,7 @@ from pipeline.rundir import (
     reset_work_dir,
     write_manifest,
 )
+from tests.helpers import ROOT
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -143,7 +143,7 @@ def test_publish_dir_keeps_a_live_process_temp_folder(tmp_path):
 
 LOCKER = """
 import sys, time
-from pipeline.rundir import OutputInUseError, output_lock
+from pipeline.core.rundir import OutputInUseError, output_lock
 print("trying", flush=True)
 try:
     with output_lock(sys.argv[1], wait=sys.argv[2] == "wait"):

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.scheduler import Step, run_steps
+from pipeline.core.errors import PipelineError
+from pipeline.orchestration.scheduler import Step, run_steps
 
 
 def _py(name: str, code: str, after: tuple[str, ...] = ()) -> Step:
@@ -54,7 +54,7 @@ def test_a_failing_step_stops_the_run_and_names_its_error(tmp_path):
 def test_module_steps_fork_from_a_server_that_imported_torch_once(tmp_path):
     """``python -m`` steps (every stage) start without importing torch again, with their CPU share (torch's thread
     pool too, though torch was imported before the share was known) and log; their exit status counts."""
-    ok = Step("probe", [sys.executable, "-m", "forked_probe", str(tmp_path / "ok")])
+    ok = Step("probe", [sys.executable, "-m", "tests.forked_probe", str(tmp_path / "ok")])
     plain = _py("plain", f"import sys; open(r'{tmp_path / 'plain'}', 'w').write(str('torch' in sys.modules))")
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "probe.log").write_text("an earlier run's output\n")
@@ -62,6 +62,6 @@ def test_module_steps_fork_from_a_server_that_imported_torch_once(tmp_path):
     assert (tmp_path / "ok").read_text() == "True 3 3"
     assert (tmp_path / "plain").read_text() == "False"  # a plain command: a new interpreter
     assert (tmp_path / "logs" / "probe.log").read_text().strip() == "probe ran"
-    failing = Step("failing probe", [sys.executable, "-m", "forked_probe", str(tmp_path / "bad"), "4"])
+    failing = Step("failing probe", [sys.executable, "-m", "tests.forked_probe", str(tmp_path / "bad"), "4"])
     with pytest.raises(PipelineError, match=r"failing probe failed with exit status 4: probe ran"):
         run_steps([failing, _py("other", "")], 2, tmp_path / "logs", 2)

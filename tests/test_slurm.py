@@ -7,14 +7,15 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, run_stage, write_config
-from test_demo_e2e import TINY
 
-from pipeline import depends
-from pipeline.cluster.slurm import Job, job_states, plan_chain
-from pipeline.config import load_config
-from pipeline.rundir import RunDir, read_manifest, write_manifest
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir, read_manifest, write_manifest
+from pipeline.orchestration.plan import Job, plan_chain
+from pipeline.orchestration.slurm import job_states
+from pipeline.workflows import depends
+from tests.helpers import CHAIN, ROOT, run_stage, slurm_config
 
+STUDENTS = ("students-gt", "students-precise", "students-creative")
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"}
 
 
@@ -30,25 +31,13 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh"), "stop", str(state)], timeout=60)
 
 
-def _config(tmp_path, **extra):
-    """The e2e test's tiny demo, smaller still: the chain's point here is the scheduling, not the numbers."""
-    sections = {**TINY, "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "distill_shards": 2,
-                                  "setup": [f"source {ROOT / '.venv' / 'bin' / 'activate'}"]}}
-    sections["data"] = {"synthetic": {"num_images": 80, "image_size": 48}}
-    sections["teacher"] = {"train": {**TINY["teacher"]["train"], "epochs": 1, "eval_generation_samples": 2}}
-    sections["students"] = {**TINY["students"], "archs": ["vgg19_gru"], "epochs": 1}
-    for key, value in extra.items():
-        sections[key] = {**sections.get(key, {}), **value} if isinstance(value, dict) else value
-    return write_config(tmp_path, **sections)
-
-
 def _make(target: str, config, env, *args) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "--no-print-directory", target, f"CONFIG={config}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
 def _wait(cfg, env, timeout=1200) -> dict:
-    from pipeline.cluster.slurm import load_jobs
+    from pipeline.orchestration.slurm import load_jobs
 
     ids = load_jobs(cfg)
     deadline = time.time() + timeout
@@ -60,40 +49,34 @@ def _wait(cfg, env, timeout=1200) -> dict:
         time.sleep(3)
 
 
-CHAIN = {"prepare": [], "finetune": ["prepare"], "reset-precise": ["finetune"], "distill-precise": ["reset-precise"],
-         "merge-precise": ["distill-precise"], "reset-creative": ["finetune"], "distill-creative": ["reset-creative"],
-         "merge-creative": ["distill-creative"], "features": ["prepare"],
-         "students": ["prepare", "features", "merge-precise", "merge-creative"],
-         "report": ["students", "merge-precise", "merge-creative"]}  # job -> the jobs it waits for (afterok)
-
-
 def test_dry_run_writes_and_prints_scripts_and_dag(tmp_path):
-    cfg_path = _config(tmp_path)
+    cfg_path = slurm_config(tmp_path)
     res = run_stage("submit", "--config", str(cfg_path), "--dry-run")
     assert res.returncode == 0, res.stderr[-2000:]
     folder = load_config(cfg_path).run_dir / "slurm"
     scripts = {p.name: p.read_text() for p in folder.glob("*.sbatch")}
     assert sorted(scripts) == [f"{i:02d}-{name}.sbatch" for i, name in enumerate(CHAIN)]
     assert "#SBATCH --array=0-1" in scripts["03-distill-precise.sbatch"]
-    assert '--shard "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"' in scripts["03-distill-precise.sbatch"]
+    assert "tasks=('--shard 0/2' '--shard 1/2')" in scripts["03-distill-precise.sbatch"]
+    assert '"${task[@]}"' in scripts["03-distill-precise.sbatch"]
     assert "--reset" in scripts["02-reset-precise.sbatch"] and "--merge" in scripts["04-merge-precise.sbatch"]
-    assert "#SBATCH --array=0-2" in scripts["09-students.sbatch"]  # 1 arch x 3 sources
+    assert "#SBATCH --array=0-0" in scripts["09-students-gt.sbatch"]  # 1 arch
     assert "--features-only" in scripts["08-features.sbatch"]
     assert "distill.temperature=0.9 distill.name=creative" in scripts["06-distill-creative.sbatch"]
     assert all(s.startswith("#!/bin/bash") and "set -euo pipefail" in s for s in scripts.values())
     assert "#!/bin/bash" in res.stdout and not (folder / "jobs.json").exists()
     dag = {m[1]: (m[2], m[3]) for m in re.finditer(r"^(\S+) +(\S+)  (.+)$", res.stdout, re.M) if m[1] in CHAIN}
-    assert dag["students"] == ("3", "prepare, features, merge-precise, merge-creative")
+    assert dag["students-precise"] == ("1", "prepare, features, merge-precise")
     assert dag["distill-creative"] == ("2", "reset-creative") and dag["prepare"] == ("-", "-")
     assert {name: [] if after == "-" else after.split(", ") for name, (_, after) in dag.items()} == CHAIN
 
 
 def test_submit_script_resubmits_the_chain_with_its_dependencies(tmp_path):
     """Run submit.sh against a stand-in sbatch that logs its arguments and answers like `sbatch --parsable`."""
-    cfg = load_config(_config(tmp_path))
-    from pipeline.cluster.slurm import write_scripts
+    cfg = load_config(slurm_config(tmp_path))
+    from pipeline.orchestration.slurm import write_scripts
 
-    write_scripts(cfg, plan_chain(cfg, tmp_path / "config.yaml", []), ROOT)
+    write_scripts(cfg, plan_chain(cfg, tmp_path / "config.yaml", [], shards=2), tmp_path / "config.yaml", ROOT)
     bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.log"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text('#!/bin/bash\nn=$(( $(cat "$LOG" 2>/dev/null | wc -l) + 100 ))\n'
@@ -110,7 +93,7 @@ def test_submit_script_resubmits_the_chain_with_its_dependencies(tmp_path):
         name_of[job_id], waits_for[name] = name, [name_of[i] for i in (dependency[0] if dependency else [])]
         assert args[0] == "--parsable"
     assert waits_for == CHAIN
-    assert res.stdout.split("\n")[-2] == "report 110"
+    assert res.stdout.split("\n")[-2] == f"report {100 + len(CHAIN) - 1}"
 
 
 def _finish(folder, stage: str, key: depends.Depends) -> None:
@@ -120,7 +103,7 @@ def _finish(folder, stage: str, key: depends.Depends) -> None:
 @pytest.fixture
 def finished_run(tmp_path):
     """A config whose run directory holds every output of the chain, with the manifests its stages would write."""
-    cfg_path = _config(tmp_path)
+    cfg_path = slurm_config(tmp_path)
     cfg = load_config(cfg_path)
     (cfg.data.root / "images").mkdir(parents=True)
     (cfg.data.root / "captions.json").write_text('{"a.jpg": "a shirt"}')
@@ -141,7 +124,7 @@ def finished_run(tmp_path):
 
 def _plan(cfg_path, *overrides: str, force: bool = False) -> dict[str, Job]:
     cfg = load_config(cfg_path, overrides)
-    return {job.name: job for job in plan_chain(cfg, cfg_path, list(overrides), force=force)}
+    return {job.name: job for job in plan_chain(cfg, cfg_path, list(overrides), force=force, shards=2)}
 
 
 def _submitted(plan: dict[str, Job]) -> set[str]:
@@ -152,13 +135,14 @@ def test_resubmission_reruns_exactly_the_jobs_whose_inputs_changed(finished_run)
     assert _submitted(_plan(finished_run)) == set()
     assert _submitted(_plan(finished_run, "report.gallery_size=3")) == {"report"}
     plan = _plan(finished_run, "students.epochs=2")
-    assert _submitted(plan) == {"features", "students", "report"} and plan["students"].array == 3
+    assert _submitted(plan) == {"features", *STUDENTS, "report"}
+    assert all(plan[name].tasks == [["students.archs=[vgg19_gru]"]] for name in STUDENTS)
     plan = _plan(finished_run, "distill.temperatures.creative=0.8")
-    assert _submitted(plan) == {"reset-creative", "distill-creative", "merge-creative", "features", "students",
-                                "report"}
-    assert plan["students"].array == 1 and "combos=('vgg19_gru creative')" in plan["students"].command
-    assert plan["students"].after == ["prepare", "features", "merge-creative"]
-    assert _submitted(_plan(finished_run, "teacher.train.epochs=2")) == set(CHAIN) - {"prepare"}
+    assert _submitted(plan) == {"reset-creative", "distill-creative", "merge-creative", "features",
+                                "students-creative", "report"}
+    assert plan["students-creative"].after == ["prepare", "features", "merge-creative"]
+    # a new teacher: its datasets and their students; the ground truth's students stay
+    assert _submitted(_plan(finished_run, "teacher.train.epochs=2")) == set(CHAIN) - {"prepare", "students-gt"}
     image = load_config(finished_run).data.root / "images" / "a.jpg"
     image.write_bytes(b"another jpeg")  # the raw data changed: everything reruns
     assert _submitted(_plan(finished_run)) == set(CHAIN)
@@ -169,20 +153,17 @@ def test_output_made_with_other_settings_is_not_skipped(finished_run):
     other = load_config(finished_run, ["students.epochs=7"])
     _finish(rd.students / "vgg19_gru__precise", "students", depends.student(other, rd, "vgg19_gru", "precise"))
     plan = _plan(finished_run)
-    assert _submitted(plan) == {"features", "students", "report"}
-    assert "combos=('vgg19_gru precise')" in plan["students"].command
+    assert _submitted(plan) == {"features", "students-precise", "report"}
     plan = _plan(finished_run, "students.epochs=7")  # now the two others are the models made with other settings
-    assert "combos=('vgg19_gru gt' 'vgg19_gru creative')" in plan["students"].command
+    assert _submitted(plan) == {"features", "students-gt", "students-creative", "report"}
 
 
 def test_force_reaches_every_job(finished_run):
     plan = _plan(finished_run, force=True)
     assert _submitted(plan) == set(CHAIN)
     for name, job in plan.items():
-        stage_line = next(line for line in job.command.splitlines() if "stages." in line)
         # a distill shard gets it through its reset job: a forced shard would wipe its siblings' generations
-        assert ("--force" in stage_line.split()) == (not name.startswith("distill-")), (name, stage_line)
-    assert plan["students"].array == 3
+        assert ("--force" in job.args) == (not name.startswith("distill-")), (name, job.args)
 
 
 def test_concurrent_feature_cache_writers_compute_once(tmp_path, monkeypatch):
@@ -191,7 +172,7 @@ def test_concurrent_feature_cache_writers_compute_once(tmp_path, monkeypatch):
     import torch
     from PIL import Image
 
-    from pipeline.config import EncoderSettings
+    from pipeline.core.config import EncoderSettings
     from pipeline.students import features
 
     paths = []
@@ -218,7 +199,7 @@ def test_concurrent_feature_cache_writers_compute_once(tmp_path, monkeypatch):
 
 
 def test_multinode_finetune_uses_torchrun(tmp_path):
-    cfg_path = _config(tmp_path, slurm={"gpus_per_node": 8, "nodes": {"finetune": 2}})
+    cfg_path = slurm_config(tmp_path, slurm={"gpus_per_node": 8, "nodes": {"finetune": 2}})
     assert run_stage("submit", "--config", str(cfg_path), "--dry-run").returncode == 0
     script = (load_config(cfg_path).run_dir / "slurm" / "01-finetune.sbatch").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
@@ -227,7 +208,7 @@ def test_multinode_finetune_uses_torchrun(tmp_path):
 
 @pytest.mark.slow
 def test_chain_runs_to_completion_then_resubmit_skips(tmp_path, slurm):
-    cfg_path = _config(tmp_path)
+    cfg_path = slurm_config(tmp_path)
     res = _make("submit", cfg_path, slurm)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     cfg = load_config(cfg_path)
@@ -235,7 +216,7 @@ def test_chain_runs_to_completion_then_resubmit_skips(tmp_path, slurm):
     bad = {n: t for n, t in states.items() if any(s != "COMPLETED" for _, s in t)}
     logs = "\n".join(p.read_text()[-1500:] for p in (cfg.run_dir / "slurm" / "logs").glob("*.out"))
     assert not bad, f"{bad}\n{logs}"
-    assert len(states["students"]) == 3 and len(states["distill-creative"]) == 2
+    assert all(len(states[name]) == 1 for name in STUDENTS) and len(states["distill-creative"]) == 2
     assert read_manifest(cfg.run_dir / "report")["figures"]["students"] == 3
     status = _make("status", cfg_path, slurm)
     assert status.returncode == 0 and "report" in status.stdout and "COMPLETED" in status.stdout
@@ -246,25 +227,25 @@ def test_chain_runs_to_completion_then_resubmit_skips(tmp_path, slurm):
     kept = {p: read_manifest(p) for p in (cfg.run_dir / "teacher", cfg.run_dir / "distill" / "precise",
                                           cfg.run_dir / "students" / "vgg19_gru__precise")}
     changed = _make("submit", cfg_path, slurm, "ARGS=distill.temperatures.creative=0.8")
-    rerun = {"reset-creative", "distill-creative", "merge-creative", "features", "students", "report"}
+    rerun = {"reset-creative", "distill-creative", "merge-creative", "features", "students-creative", "report"}
     assert changed.returncode == 0, changed.stdout[-2000:] + changed.stderr[-2000:]
     assert {n for n in CHAIN if re.search(rf"^{n} +job \d+$", changed.stdout, re.M)} == rerun, changed.stdout
     states = _wait(cfg, slurm)
     assert set(states) == rerun and all(s == "COMPLETED" for t in states.values() for _, s in t), states
-    assert len(states["students"]) == 1
     assert read_manifest(cfg.run_dir / "distill" / "creative")["config"]["temperature"] == 0.8
     assert all(read_manifest(p) == manifest for p, manifest in kept.items())
 
 
 @pytest.mark.slow
 def test_failed_job_stops_its_dependents(tmp_path, slurm):
-    cfg_path = _config(tmp_path, teacher={"model": str(tmp_path / "no-such-llava"), "tiny": None})
+    cfg_path = slurm_config(tmp_path, teacher={"model": str(tmp_path / "no-such-llava"), "tiny": None})
     assert _make("submit", cfg_path, slurm).returncode == 0
     cfg = load_config(cfg_path)
     states = _wait(cfg, slurm, timeout=600)
     assert states["prepare"][0][1] == "COMPLETED"
     assert states["finetune"][0][1] == "FAILED"
-    for name in ("distill-precise", "merge-precise", "distill-creative", "merge-creative", "students", "report"):
+    for name in ("distill-precise", "merge-precise", "distill-creative", "merge-creative", "students-precise",
+                 "report"):
         assert all(s == "CANCELLED" for _, s in states[name]), (name, states[name])
     assert read_manifest(cfg.run_dir / "teacher") is None and not (cfg.run_dir / "distill").exists()
     status = _make("status", cfg_path, slurm)

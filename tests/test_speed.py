@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.attribute_metrics import ATTRIBUTES
-from pipeline.plots import plot_speed_quality
-from pipeline.reporting import results_markdown, speed_report
-from pipeline.results import finished_results
-from pipeline.rundir import RunDir
-from pipeline.speed import SpeedSettings, images_per_second, measure_student, read_speed, write_speed
+from pipeline.core.rundir import RunDir
+from pipeline.evaluation.attributes import ATTRIBUTES
+from pipeline.evaluation.results import finished_results
+from pipeline.inference.speed import SpeedSettings, images_per_second, measure_student, read_speed, write_speed
+from pipeline.reporting.plots import plot_speed_quality
+from pipeline.reporting.tables import results_markdown, speed_report
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -125,7 +125,7 @@ def test_images_per_second_warms_up_then_times_whole_passes():
 
 @pytest.mark.slow  # an ONNX export
 def test_a_student_is_exported_then_timed_in_both_runtimes(tmp_path):
-    from test_caption import make_student, varied_images
+    from tests.helpers import make_student, varied_images
 
     folder = tmp_path / "vgg19_gru__gt"
     make_student(folder / "best", "vgg19_gru")

@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cards import front_matter
-from pipeline.config import EncoderSettings, StudentsConfig, load_config
-from pipeline.metrics import CaptionScorer
-from pipeline.rundir import read_manifest, sha256_file
+from pipeline.core.config import EncoderSettings, StudentsConfig, load_config
+from pipeline.core.rundir import read_manifest, sha256_file
+from pipeline.evaluation.metrics import CaptionScorer
+from pipeline.reporting.cards import front_matter
 from pipeline.students import features as features_mod
 from pipeline.students.beam import beam_search, greedy_decode
+from pipeline.students.checkpoint import load_student
 from pipeline.students.decoders import build_decoder
-from pipeline.students.train import caption_loss, epoch_batches, load_student, train_student
+from pipeline.students.train import caption_loss, epoch_batches, train_student
 from pipeline.students.vocab import Vocabulary
 from stages import prepare, students
 
@@ -368,7 +369,7 @@ def test_pretrained_encoders_load_local_torchvision_weights_only(tmp_path, monke
     which builds its torchvision model once; a missing file fails naming the path instead of downloading."""
     from torchvision import models
 
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.students.encoders import WEIGHTS, build_encoder, weights_file
 
     settings = EncoderSettings(pretrained=True, weights_dir=tmp_path, image_size=224)
@@ -382,7 +383,7 @@ def test_pretrained_encoders_load_local_torchvision_weights_only(tmp_path, monke
         full = builder().eval()
         torch.save(full.state_dict(), tmp_path / Path(WEIGHTS[name].url).name)
         built = []
-        monkeypatch.setattr(models, name, lambda *a, b=builder, **k: built.append(1) or b(*a, **k))
+        monkeypatch.setattr(models, name, lambda *a, b=builder, built=built, **k: built.append(1) or b(*a, **k))
         encoder = build_encoder(name, settings, seed=0).eval()
         assert len(built) == 1, name
         with torch.no_grad():
@@ -412,9 +413,8 @@ def test_killed_students_stage_resumes_from_its_last_epoch(make_config):
     import sys
     import time
 
-    from conftest import ROOT
-
     from pipeline.data.formats import load_splits
+    from tests.helpers import ROOT
 
     path = make_config(students={"archs": ["vgg19_gru"], "epochs": 40, "batch_size": 8, "val_every_epochs": 10,
                                  "early_stop_patience": 99, "beam_size": 1,
@@ -480,8 +480,8 @@ def _fake_distilled(cfg, name: str, photos: list[str], k: int) -> None:
     (the ground truth's, sample j marked by a word) and of each unlabelled photo ("zebra" ones), meta and manifest."""
     import time
 
+    from pipeline.core.rundir import atomic_write_json, write_manifest
     from pipeline.data.formats import DISTILL_COLUMNS, load_captions, split_rows, to_hf_dataset
-    from pipeline.rundir import atomic_write_json, write_manifest
 
     gt = load_captions(cfg.run_dir / "data" / "captions")
     rows = [{**r, "caption": f"{r['caption']} sample{j}", "source": name, "sample": j, "origin": "dataset"}
@@ -503,10 +503,10 @@ def test_students_train_on_every_sample_and_on_gt_plus_unlabeled_captions(make_c
     import numpy as np
     from PIL import Image
 
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.rundir import RunDir
     from pipeline.data.formats import load_captions, split_rows
-    from pipeline.errors import PipelineError
-    from pipeline.rundir import RunDir
-    from pipeline.students.experiment import source_rows
+    from pipeline.workflows.students import source_rows
 
     path = make_config(students={"archs": ["resnet101_gru"], "epochs": 2, "batch_size": 16, "beam_size": 1,
                                  "min_word_count": 1, "val_every_epochs": 1,
@@ -583,8 +583,8 @@ def test_students_retrain_when_their_encoder_weights_change(make_config):
 def test_results_skip_a_baseline_another_step_is_still_computing(tmp_path):
     """Students steps of several sources run side by side: one step's summary must not read another source's
     baseline folder before its metrics.json exists (the demo's `make demo` failed on exactly that)."""
-    from pipeline.results import finished_results, write_source_baselines
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
+    from pipeline.evaluation.results import finished_results, write_source_baselines
 
     rd = RunDir(tmp_path)
     (rd.students / "baseline__creative").mkdir(parents=True)  # being written elsewhere

@@ -9,15 +9,16 @@ import json
 import time
 
 import pytest
-from conftest import write_config
 
-from pipeline import depends
-from pipeline.config import ConfigError, load_config
+from pipeline.core.archs import ARCHS
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.rundir import RunDir, atomic_write_json, is_up_to_date, read_manifest, write_manifest
 from pipeline.data.formats import to_hf_dataset
-from pipeline.reporting import results_markdown, sweep_report
-from pipeline.rundir import RunDir, atomic_write_json, is_up_to_date, read_manifest, write_manifest
+from pipeline.reporting.tables import results_markdown, sweep_report
 from pipeline.sweep.points import GT, SAMPLES, TEMPERATURE, UNLABELED, Point, extra_points, first_points
 from pipeline.sweep.summary import best_summary, best_temperatures, comparisons, select_best
+from pipeline.workflows import depends
+from tests.helpers import CHAIN, slurm_config, write_config
 
 SWEEP = {"temperatures": [0.2, 0.9], "samples_per_image": [1], "unlabeled": None}  # whatever the demo config sweeps
 CAPTION = "The lady wears a short-sleeve T-shirt with pure color patterns. She wears a long denim skirt."
@@ -81,10 +82,9 @@ def test_sweep_config_is_validated(tmp_path):
 def test_arch_names_match_the_students():
     from typing import get_args
 
-    from pipeline.config import Arch
-    from pipeline.students.encoders import ENCODER_OF
+    from pipeline.core.config import Arch
 
-    assert set(get_args(Arch)) == set(ENCODER_OF)
+    assert set(get_args(Arch)) == set(ARCHS)
 
 
 # scores the stand-in students get: validation prefers T=0.2, test prefers T=0.9
@@ -161,15 +161,15 @@ def spied_run(tmp_path, monkeypatch):
     write_manifest(rd.data, stage="prepare", config={}, inputs={}, started=time.time())
     write_manifest(rd.teacher, stage="finetune", config={}, inputs={}, started=time.time())
     spies = Spies()
-    monkeypatch.setattr("pipeline.teacher.dataset.distill_dataset", spies.distill)
-    monkeypatch.setattr("pipeline.students.experiment.run_experiment", spies.train)
-    monkeypatch.setattr("pipeline.students.experiment.score_checkpoint", spies.score)
-    monkeypatch.setattr("pipeline.metrics.CaptionScorer", NoScorer)
+    monkeypatch.setattr("pipeline.workflows.distill.distill_dataset", spies.distill)
+    monkeypatch.setattr("pipeline.workflows.students.run_experiment", spies.train)
+    monkeypatch.setattr("pipeline.workflows.students.score_checkpoint", spies.score)
+    monkeypatch.setattr("pipeline.evaluation.metrics.CaptionScorer", NoScorer)
     return path, spies
 
 
 def test_sweep_chooses_on_validation_and_a_rerun_trains_nothing(spied_run):
-    from pipeline.sweep.run import run_sweep
+    from pipeline.workflows.sweep import run_sweep
 
     path, spies = spied_run
     cfg = load_config(path)
@@ -208,7 +208,7 @@ def test_sweep_chooses_on_validation_and_a_rerun_trains_nothing(spied_run):
 
 def test_points_run_one_by_one_then_the_summary_trains_nothing(spied_run):
     """What the Slurm arrays do: each point alone (distil, then train), the summary job last."""
-    from pipeline.sweep.run import run_point, run_sweep
+    from pipeline.workflows.sweep import run_point, run_sweep
 
     path, spies = spied_run
     cfg = load_config(path)
@@ -223,7 +223,7 @@ def test_points_run_one_by_one_then_the_summary_trains_nothing(spied_run):
 
 
 def test_report_gets_the_sweep_section_once_it_is_finished(spied_run):
-    from pipeline.sweep.run import run_sweep
+    from pipeline.workflows.sweep import run_sweep
 
     path, _ = spied_run
     cfg = load_config(path)
@@ -238,31 +238,28 @@ def test_report_gets_the_sweep_section_once_it_is_finished(spied_run):
 
 
 def test_submit_plans_the_sweep_as_job_arrays_after_finetune(tmp_path):
-    from test_slurm import CHAIN, _config
+    from pipeline.orchestration.plan import plan_chain, waiting_for
+    from pipeline.orchestration.slurm import job_command, render_script
 
-    from pipeline.cluster.slurm import parents, plan_chain, render_script
-
-    path = _config(tmp_path, slurm={"sweep": True}, sweep=SWEEP)
+    path = slurm_config(tmp_path, slurm={"sweep": True}, sweep=SWEEP)
     cfg = load_config(path)
-    jobs = {j.name: j for j in plan_chain(cfg, path, [])}
-    waits = {name: parents(job, list(jobs.values())) for name, job in jobs.items()}
+    jobs = {j.name: j for j in plan_chain(cfg, path, [], shards=2, sweep=True)}
+    waits = {name: waiting_for(job, list(jobs.values())) for name, job in jobs.items()}
     assert waits == {**CHAIN, "sweep-distill": ["finetune"], "sweep-train": ["prepare", "sweep-distill"],
                      "sweep": ["sweep-distill", "sweep-train"], "report": [*CHAIN["report"], "sweep"]}
     assert list(jobs)[-4:] == ["sweep-distill", "sweep-train", "sweep", "report"]
     distill, train = jobs["sweep-distill"], jobs["sweep-train"]
-    assert (distill.array, train.array, jobs["sweep"].array) == (2, 3, None)
-    assert "points=(t0.2 t0.9)" in distill.command and "points=(gt t0.2 t0.9)" in train.command
-    assert '--point "${points[$SLURM_ARRAY_TASK_ID]}" --only distill' in distill.command
-    assert "--only train --wait" in train.command
-    assert "#SBATCH --array=0-2" in render_script(cfg, train, tmp_path, tmp_path)
-    assert jobs["sweep"].command.endswith(f"python -m stages.sweep --config {path}")
-    assert not any(name.startswith("sweep") for name in (j.name for j in plan_chain(
-        load_config(path, ["slurm.sweep=false"]), path, ["slurm.sweep=false"])))  # off by default
+    assert (points(distill), points(train), jobs["sweep"].tasks) == (["t0.2", "t0.9"], ["gt", "t0.2", "t0.9"], None)
+    assert "tasks=('--point t0.2' '--point t0.9')" in job_command(cfg, distill, path)
+    assert ["--only", "train", "--wait"] == train.args
+    assert "#SBATCH --array=0-2" in render_script(cfg, train, path, tmp_path, tmp_path)
+    assert job_command(cfg, jobs["sweep"], path) == f"python -m stages.sweep --config {path}"
+    assert not any(name.startswith("sweep") for name in (j.name for j in plan_chain(cfg, path, [])))
 
 
 def test_finished_sweep_points_are_not_resubmitted(spied_run):
-    from pipeline.cluster.sweep import plan_sweep
-    from pipeline.sweep.run import run_sweep
+    from pipeline.orchestration.plan import plan_sweep
+    from pipeline.workflows.sweep import run_sweep
 
     path, _ = spied_run
     run_sweep(load_config(path))
@@ -275,11 +272,16 @@ def test_finished_sweep_points_are_not_resubmitted(spied_run):
     assert all(job.done for job in plan().values())
     wider = plan("sweep.temperatures=[0.2,0.9,1.2]")
     assert [name for name, job in wider.items() if not job.done] == ["sweep-distill", "sweep-train", "sweep"]
-    assert "points=(t1.2)" in wider["sweep-distill"].command and "points=(t1.2)" in wider["sweep-train"].command
-    assert plan("students.epochs=3")["sweep-distill"].done and "points=(gt t0.2 t0.9)" in plan(
-        "students.epochs=3")["sweep-train"].command  # other student settings: train again, not distil
+    assert points(wider["sweep-distill"]) == ["t1.2"] == points(wider["sweep-train"])
+    assert plan("students.epochs=3")["sweep-distill"].done and points(plan(
+        "students.epochs=3")["sweep-train"]) == ["gt", "t0.2", "t0.9"]  # other student settings: train, not distil
     retaught = plan(finetuned=False)  # the teacher is being trained again: every point
-    assert not any(job.done for job in retaught.values()) and "points=(t0.2 t0.9)" in retaught["sweep-distill"].command
+    assert not any(job.done for job in retaught.values()) and points(retaught["sweep-distill"]) == ["t0.2", "t0.9"]
     forced = plan(force=True)
     assert not any(job.done for job in forced.values())
-    assert "--force" in forced["sweep-train"].command and "--force" not in forced["sweep"].command
+    assert "--force" in forced["sweep-train"].args and "--force" not in forced["sweep"].args
+
+
+def points(job) -> list[str]:
+    """The sweep points of an array job's tasks."""
+    return [task[-1] for task in job.tasks]

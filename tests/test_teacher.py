@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.rundir import read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.images import load_rgb
-from pipeline.rundir import read_manifest
 from pipeline.teacher.collator import IGNORE_INDEX, CaptionCollator, TooLongError, build_prompt
 from pipeline.teacher.generate import PerRowSampler, generate_captions
 from pipeline.teacher.loading import TeacherError, load_base_model, load_processor, load_teacher
 from stages import finetune
+from tests.helpers import ROOT
 
 
 def _rows(cfg, split="train"):
@@ -40,8 +40,8 @@ def test_collator_masks_everything_but_the_answer(teacher_world):
     batch = CaptionCollator(processor, max_length=512)(_batch(rows))
     tok = processor.tokenizer
     image_id = processor.image_token_id
-    prompt_len = int((processor(images=[Image.new("RGB", (8, 8))], text=[build_prompt(processor)],
-                                return_tensors="pt")["input_ids"].shape[1]))
+    prompt_len = int(processor(images=[Image.new("RGB", (8, 8))], text=[build_prompt(processor)],
+                                return_tensors="pt")["input_ids"].shape[1])
     for i, row in enumerate(rows):
         ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         answer = tok(" " + row["caption"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

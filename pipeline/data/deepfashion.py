@@ -18,8 +18,8 @@ from typing import Literal
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.text import normalise
-from pipeline.errors import PipelineError
 
 SINGLE_FILE = "captions.json"
 SPLIT_FILES = {"train": "train_captions.json", "test": "test_captions.json"}

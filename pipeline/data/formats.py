@@ -70,7 +70,7 @@ def llava_conversations(rows: Iterable[dict[str, Any]], image_root: Path) -> lis
 
 
 def karpathy_json(rows: Sequence[dict[str, Any]], dataset: str = "deepfashion") -> dict[str, Any]:
-    """The Karpathy/flickr8k layout the seed project trained from (one sentence per image)."""
+    """The Karpathy/flickr8k layout the course project trained from (one sentence per image)."""
     images = []
     for imgid, r in enumerate(rows):
         images.append({

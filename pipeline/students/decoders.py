@@ -2,7 +2,7 @@
 ``step`` (one token at a time, batch-first state tensors) so one batched beam search serves all of them.
 
 - ``GlobalGRU``: one image vector initialises the GRU state; with ``concat`` the vector is also concatenated to every
-  word embedding (the seed's ResNet-101 global + GRU, and VGG19 + GRU: initialised from the image only, the demo's
+  word embedding (the course project's ResNet-101 global + GRU, and VGG19 + GRU: initialised from the image only, the demo's
   VGG student wrote one caption whatever the photo, as its 128-unit state forgets the image within a few words).
 - ``AttentionGRU``: additive (Bahdanau) attention over image regions at every step with a sigmoid gate, a GRU cell,
   a causal self-attention layer over the GRU outputs, and the doubly-stochastic attention regulariser.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pipeline.core.archs import ARCHS
 
 State = dict[str, torch.Tensor]
 
@@ -208,13 +210,12 @@ DECODER_SETTINGS = ("embed_dim", "hidden_dim", "num_layers", "dropout", "transfo
 
 def build_decoder(arch: str, feat_dim: int, vocab_size: int, cfg) -> nn.Module:
     """The decoder of a student architecture (``cfg`` is the StudentsConfig)."""
-    if arch in ("vgg19_gru", "resnet101_gru"):
+    decoder = ARCHS[arch].decoder
+    if decoder == "gru":
         return GlobalGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout, cfg.num_layers,
                          concat=True)
-    if arch == "resnet101_attn_gru":
+    if decoder == "attention_gru":
         return AttentionGRU(feat_dim, vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.dropout,
                             attn_dim=cfg.hidden_dim // 2, heads=cfg.transformer_heads)
-    if arch == "vit_transformer":
-        return TransformerCaptioner(feat_dim, vocab_size, cfg.hidden_dim, cfg.transformer_heads,
+    return TransformerCaptioner(feat_dim, vocab_size, cfg.hidden_dim, cfg.transformer_heads,
                                     cfg.transformer_layers, min(cfg.dropout, 0.1), cfg.max_length)
-    raise ValueError(f"unknown student architecture {arch!r}")

@@ -2,7 +2,7 @@
 
 ``pretrained: true`` loads torchvision weights from a local file only (the torch hub cache or ``weights_dir``);
 nothing is downloaded. The demo builds the same families scaled down (``width`` < 1, fewer blocks) at low resolution,
-so it runs in minutes on a CPU, with stand-in weights (see ``pipeline.students.standin``) in the same file layout.
+so it runs in minutes on a CPU, with stand-in weights (see ``pipeline.demo.standins``) in the same file layout.
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.vgg import make_layers
 from torchvision.models.vision_transformer import VisionTransformer
 
-from pipeline.config import EncoderSettings
-from pipeline.errors import PipelineError
+from pipeline.core.config import EncoderSettings
+from pipeline.core.errors import PipelineError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# which encoder (and so which feature cache) each student architecture uses
-ENCODER_OF = {"vgg19_gru": "vgg19", "resnet101_gru": "resnet101", "resnet101_attn_gru": "resnet101",
-              "vit_transformer": "vit_b_16"}
 WEIGHTS = {"vgg19": models.VGG19_Weights.IMAGENET1K_V1, "resnet101": models.ResNet101_Weights.IMAGENET1K_V2,
            "vit_b_16": models.ViT_B_16_Weights.IMAGENET1K_V1}
 
@@ -55,7 +52,7 @@ def torchvision_model(name: str, settings: EncoderSettings) -> nn.Module:
 
 
 class VGGFc7(nn.Module):
-    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the seed's feature)."""
+    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the course project's feature)."""
 
     def __init__(self, vgg: models.VGG):
         super().__init__()

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
-from pipeline.rundir import atomic_write_json, publish_dir
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import atomic_write_json, publish_dir
+from pipeline.students.checkpoint import load_student
 from pipeline.students.decoders import State
 from pipeline.students.features import decoder_input
 from pipeline.students.onnx_runtime import GRAPHS, ONNX_FORMAT, OnnxStudent, student_fingerprint
-from pipeline.students.train import load_student
 
 log = logging.getLogger(__name__)
 CHECK_TOLERANCE = 1e-3  # largest |log p| difference between onnxruntime and PyTorch the check accepts

@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pipeline.config import EncoderSettings, StudentsConfig
+from pipeline.core.archs import ARCHS
+from pipeline.core.config import EncoderSettings, StudentsConfig
+from pipeline.core.rundir import atomic_write_bytes, output_lock
 from pipeline.data.images import load_rgb
-from pipeline.rundir import atomic_write_bytes, output_lock
-from pipeline.students.encoders import ENCODER_OF, build_encoder, image_transform, weights_file
+from pipeline.students.encoders import build_encoder, image_transform, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,9 @@ def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed:
 
 
 def decoder_input(arch: str, x: torch.Tensor) -> torch.Tensor:
-    """Encoder output as the architecture's decoder takes it: the seed's global ResNet feature (resnet101_gru) is the
-    mean of the 7x7 grid; every other architecture takes the encoder output as it is."""
-    return x.mean(1) if arch == "resnet101_gru" and x.dim() == 3 else x
+    """Encoder output as the architecture's decoder takes it: a ``global`` architecture on a grid encoder (the course
+    project's global ResNet feature, resnet101_gru) takes the mean of the grid; the others take it as it is."""
+    return x.mean(1) if ARCHS[arch].features == "global" and x.dim() == 3 else x
 
 
 class CachedFeatures:
@@ -146,18 +148,16 @@ class DecoderInputs:
     features. With ``students.encoder.finetune`` the encoder runs in the training loop instead."""
 
     def __init__(self, folder: Path, cfg: StudentsConfig, seed: int, all_paths: list[str],
-                 pretraining_root: Path | None = None):
+                 prepare_weights: Callable[[str], None] | None = None):
         self.folder, self.cfg, self.seed, self.all_paths = folder, cfg, seed, all_paths
-        self.pretraining_root = pretraining_root
+        self.prepare_weights = prepare_weights
         self.tables: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, dict[str, int]]] = {}
 
     def ensure_weights(self, encoder: str) -> None:
-        """The demo's stand-in weights file of ``encoder``, built first when configured (students.encoder.stand_in)."""
-        if self.cfg.encoder.stand_in is not None:
-            from pipeline.students.standin import ensure_stand_in
-
-            with output_lock(weights_file(encoder, self.cfg.encoder), wait=True):
-                ensure_stand_in(encoder, self.cfg.encoder, self.seed, self.pretraining_root)
+        """Make ``encoder``'s pretrained weights file first, where the caller gave a way to (``prepare_weights``: the
+        demo builds its stand-ins)."""
+        if self.prepare_weights is not None:
+            self.prepare_weights(encoder)
 
     def _cached(self, encoder: str, paths: list[str]) -> tuple[torch.Tensor, dict[str, int]]:
         return cached_features(self.folder, encoder, self.cfg.encoder, self.seed, paths,
@@ -178,7 +178,7 @@ class DecoderInputs:
         return self.tables[encoder, extra]
 
     def __call__(self, arch: str, paths: dict[str, list[str]]):
-        name, settings = ENCODER_OF[arch], self.cfg.encoder
+        name, settings = ARCHS[arch].encoder, self.cfg.encoder
         if settings.finetune:
             self.ensure_weights(name)
             encoder = build_encoder(name, settings, self.seed)
@@ -190,5 +190,5 @@ class DecoderInputs:
     def build_caches(self, archs: list[str]) -> None:
         """Compute the feature cache of every frozen encoder ``archs`` use (a fine-tuned encoder has none)."""
         if not self.cfg.encoder.finetune:
-            for name in dict.fromkeys(ENCODER_OF[a] for a in archs):
+            for name in dict.fromkeys(ARCHS[a].encoder for a in archs):
                 self.table(name)

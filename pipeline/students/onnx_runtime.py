@@ -18,8 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from pipeline.cpus import cpu_share
-from pipeline.errors import PipelineError
+from pipeline.core.cpus import cpu_share
+from pipeline.core.errors import PipelineError
 from pipeline.students.runtime import read_student_json, require_files, to_pixels, until_end
 from pipeline.students.vocab import Vocabulary
 
@@ -52,7 +52,7 @@ def read_onnx_json(folder: Path, onnx_dir: Path) -> dict:
 
 class OnnxStudent:
     """The student in ``folder`` (a ``best/``) exported to ``onnx_dir`` (default ``folder/onnx``), on
-    onnxruntime's CPU provider with this process's share of the CPUs (:func:`pipeline.cpus.cpu_share`) unless
+    onnxruntime's CPU provider with this process's share of the CPUs (:func:`pipeline.core.cpus.cpu_share`) unless
     ``threads`` is given."""
 
     def __init__(self, folder: Path, onnx_dir: Path | None = None, threads: int | None = None):

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 FORMAT_VERSION = 2  # 1: student.json without decoder/encoder/image settings (rebuilt from the run's config)
 REQUIRED_KEYS = ("format_version", "arch", "feat_dim", "vocab_size", "decoder", "encoder", "image", "max_length",

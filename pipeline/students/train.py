@@ -12,28 +12,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from pydantic import BaseModel, ValidationError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.attribute_metrics import attribute_accuracy
-from pipeline.config import EncoderSettings, StudentsConfig
-from pipeline.errors import PipelineError
-from pipeline.metrics import CaptionScorer
-from pipeline.rundir import atomic_write_json, publish_dir
-from pipeline.students.beam import beam_search, greedy_decode
-from pipeline.students.decoders import DECODER_SETTINGS, build_decoder
-from pipeline.students.encoders import ENCODER_OF, IMAGENET_MEAN, IMAGENET_STD, build_encoder
-from pipeline.students.features import compute_device, decoder_input
-from pipeline.students.runtime import FORMAT_VERSION, read_student_json, require_files, to_pixels
+from pipeline.core.config import StudentsConfig
+from pipeline.core.rundir import atomic_write_json, publish_dir
+from pipeline.evaluation.attributes import attribute_accuracy
+from pipeline.evaluation.metrics import CaptionScorer
+from pipeline.students.beam import beam_search
+from pipeline.students.checkpoint import describe_student, load_weights, save_student, save_weights
+from pipeline.students.decoders import build_decoder
+from pipeline.students.features import compute_device
 from pipeline.students.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -86,125 +80,6 @@ def _autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _save_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> None:
-    save_file(_weights(model), folder / "model.safetensors")
-    if encoder is not None:
-        save_file(_weights(encoder), folder / "encoder.safetensors")
-
-
-def _load_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> None:
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    if encoder is not None:
-        encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
-
-
-def describe_student(arch: str, cfg: StudentsConfig, *, feat_dim: int, vocab_size: int, seed: int,
-                     encoder_finetuned: bool) -> dict[str, Any]:
-    """``student.json``: everything :func:`load_student` needs to rebuild and run the student without a config."""
-    settings = cfg.encoder
-    return {"format_version": FORMAT_VERSION, "arch": arch, "feat_dim": feat_dim, "vocab_size": vocab_size,
-            "decoder": cfg.model_dump(mode="json", include=set(DECODER_SETTINGS)),
-            "encoder": {"name": ENCODER_OF[arch], "settings": settings.model_dump(mode="json"),
-                        "weights": "encoder.safetensors"},
-            "encoder_finetuned": encoder_finetuned,
-            "image": {"size": settings.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "vocabulary": "vocab.json", "max_length": cfg.max_length, "beam_size": cfg.beam_size, "seed": seed}
-
-
-def save_student(folder: Path, model: nn.Module, vocab: Vocabulary, meta: dict[str, Any],
-                 encoder: nn.Module | None = None) -> None:
-    """Decoder and encoder weights as safetensors, vocabulary and ``student.json``, published at once."""
-    with publish_dir(folder) as tmp:
-        _save_weights(tmp, model, encoder)
-        vocab.save(tmp / "vocab.json")
-        atomic_write_json(tmp / "student.json", meta)
-
-
-def encoder_skeleton(name: str, settings: EncoderSettings) -> nn.Module:
-    """The encoder's architecture for ``settings`` with untrained weights, without its pretrained weights file (a
-    checkpoint carries its own weights)."""
-    return build_encoder(name, settings.model_copy(update={"pretrained": False}))
-
-
-@dataclass
-class Student:
-    """A trained student in PyTorch: its encoder, decoder, vocabulary and description (``student.json``)."""
-
-    encoder: nn.Module
-    decoder: nn.Module
-    vocab: Vocabulary
-    meta: dict[str, Any]
-
-    @torch.no_grad()
-    def caption(self, images: Sequence[Image.Image], beam_size: int) -> list[str]:
-        """One caption per RGB image: greedy for ``beam_size`` 1, else beam search."""
-        device = next(self.decoder.parameters()).device
-        pixels = torch.from_numpy(to_pixels(images, **self.meta["image"])).to(device)
-        feats = decoder_input(self.meta["arch"], self.encoder(pixels))
-        vocab, max_length = self.vocab, self.meta["max_length"]
-        if beam_size == 1:
-            seqs = greedy_decode(self.decoder, feats, max_length, vocab.start_id, vocab.end_id)
-        else:
-            seqs = beam_search(self.decoder, feats, beam_size, max_length, vocab.start_id, vocab.end_id)
-        return [vocab.decode(s) for s in seqs]
-
-
-def _load_state(module: nn.Module, path: Path) -> None:
-    try:
-        module.load_state_dict(load_file(path))
-    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
-        raise PipelineError(f"{path}: does not fit student.json: {str(exc).splitlines()[0]}") from None
-
-
-def _settings(kind: type[BaseModel], meta: dict[str, Any], folder: Path, *keys: str) -> BaseModel:
-    """``meta[keys...]`` validated as ``kind``; one line naming the student.json key when it does not fit."""
-    value = meta
-    for key in keys:
-        value = value[key]
-    try:
-        return kind.model_validate(value)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join([*keys, *map(str, error["loc"])])
-        raise PipelineError(f"{folder / 'student.json'}: {key}: {error['msg']}") from None
-
-
-def load_decoder(folder: Path, device: torch.device | str | None = None
-                 ) -> tuple[nn.Module, Vocabulary, dict[str, Any]]:
-    """The decoder saved in ``folder`` (a ``best/``) rebuilt from its ``student.json`` alone (on ``device``, default
-    the compute device, in eval mode), its vocabulary and its description."""
-    meta = read_student_json(folder)
-    require_files(folder, ("model.safetensors", "vocab.json"))
-    vocab = Vocabulary.load(folder / "vocab.json")
-    if len(vocab) != meta["vocab_size"]:
-        raise PipelineError(f"{folder / 'vocab.json'}: {len(vocab)} words, student.json says {meta['vocab_size']}")
-    decoder = build_decoder(meta["arch"], meta["feat_dim"], meta["vocab_size"],
-                            _settings(StudentsConfig, meta, folder, "decoder"))
-    _load_state(decoder, folder / "model.safetensors")
-    return decoder.to(device or compute_device()).eval(), vocab, meta
-
-
-def load_student(folder: Path, device: torch.device | str | None = None) -> Student:
-    """The student saved in ``folder`` (a ``best/``): decoder and encoder rebuilt from ``student.json`` alone, on
-    ``device`` (default: the GPU when there is one)."""
-    decoder, vocab, meta = load_decoder(folder, device)
-    require_files(folder, ("encoder.safetensors",))
-    encoder = encoder_skeleton(meta["encoder"]["name"], _settings(EncoderSettings, meta, folder, "encoder", "settings"))
-    _load_state(encoder, folder / "encoder.safetensors")
-    return Student(encoder.to(device or compute_device()).eval(), decoder, vocab, meta)
-
-
-def record_test_results(folder: Path, *, test_metrics: dict[str, Any], caption_source: dict[str, Any]) -> dict:
-    """Add what scoring found out (test metrics, where the training captions came from) to ``student.json``."""
-    meta = {**read_student_json(folder), "caption_source": caption_source, "test_metrics": test_metrics}
-    atomic_write_json(folder / "student.json", meta)
-    return meta
-
-
 def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim: int,
                   captions: dict[str, list[str]], vocab: Vocabulary, out_dir: Path, seed: int,
                   scorer: CaptionScorer, encoder: nn.Module | None = None,
@@ -233,7 +108,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
              "curves": {"train_loss": [], "val_cider": [], "val_attributes": []}}
     last = out_dir / "last"
     if (last / "state.json").is_file():
-        _load_weights(last, model, encoder)
+        load_weights(last, model, encoder)
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
         log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
@@ -309,7 +184,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         if not validated and not stopped() and (epoch_due or state["epoch"] == cfg.epochs):
             validate(state["epoch"], loss.item())
         with publish_dir(last) as tmp:
-            _save_weights(tmp, model, encoder)
+            save_weights(tmp, model, encoder)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             atomic_write_json(tmp / "state.json", state)
     writer.close()

@@ -46,7 +46,7 @@ class Vocabulary:
         return text.replace(" .", ".").replace(" ,", ",")
 
     def save(self, path: str | Path) -> None:
-        from pipeline.rundir import atomic_write_json
+        from pipeline.core.rundir import atomic_write_json
 
         atomic_write_json(path, {"itos": self.itos})
 

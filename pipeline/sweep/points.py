@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, SweepConfig
-from pipeline.errors import PipelineError
-from pipeline.rundir import SWEEP_PREFIX, RunDir, atomic_write_json
+from pipeline.core.config import Config, SweepConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import SWEEP_PREFIX, RunDir, atomic_write_json
 
 GT, TEMPERATURE, SAMPLES, UNLABELED = "gt", "temperature", "samples", "unlabeled"  # kinds of point
 UNLABELED_ID = "unlabeled"  # the command line's name of the unlabelled point (its temperature is the best one)

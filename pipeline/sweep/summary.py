@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import SweepConfig
-from pipeline.errors import PipelineError
+from pipeline.core.config import SweepConfig
+from pipeline.core.errors import PipelineError
 from pipeline.sweep.points import GT, SAMPLES, TEMPERATURE, UNLABELED
 
 VAL_METRICS = ("attributes", "CIDEr-D", "BLEU-4")

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
 from pipeline.data.formats import ORIGIN_UNLABELED
 from pipeline.data.images import load_rgb
-from pipeline.errors import PipelineError
 from pipeline.teacher.generate import generate_captions
 from pipeline.teacher.loading import load_processor, load_teacher
 from pipeline.teacher.unlabeled import DatasetImages, screen

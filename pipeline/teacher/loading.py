@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.rundir import publish_dir
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import publish_dir
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.data.images import load_rgb
-from pipeline.metrics import CaptionScorer
+from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.teacher.generate import generate_captions
 from pipeline.teacher.loading import load_processor, load_teacher
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from pipeline.config import TeacherConfig
+from pipeline.core.config import TeacherConfig
 from pipeline.data.images import load_rgb
 from pipeline.teacher.collator import CaptionCollator, answer_ids, prompt_length
 from pipeline.teacher.loading import load_base_model

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import sha256_file
 from pipeline.data.deepfashion import check_image
 from pipeline.data.formats import ORIGIN_UNLABELED
-from pipeline.errors import PipelineError
-from pipeline.rundir import sha256_file
 
 ID_PREFIX = "unlabeled/"
 

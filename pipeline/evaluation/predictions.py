@@ -1,0 +1,95 @@
+"""Read a file of test-split captions from anywhere (another model, an earlier run, a spreadsheet) and match it to
+the run's ground-truth test split, so `evaluate` can score it like a student.
+
+Formats: JSONL (one object per line), JSON (an object ``{id: caption}`` or a list of objects), CSV (a header row).
+Objects and CSV rows name the image in one of ``ID_KEYS`` and the caption in one of ``CAPTION_KEYS``; an id may be the
+dataset's image id, the image's file name or its path as the prepared dataset names it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError
+
+ID_KEYS = ("image_id", "id", "image", "file_name", "filename", "image_path", "path")
+CAPTION_KEYS = ("caption", "prediction", "text", "hypothesis")
+
+
+class PredictionsError(PipelineError):
+    """A predictions file is unreadable, or a record in it does not fit the test split."""
+
+
+def _records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) pairs: ``where`` names the record for error messages."""
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PredictionsError(f"{path}: cannot read predictions ({exc})") from None
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        yield from ((f"row {i + 2}", r) for i, r in enumerate(rows))
+    elif suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"line {i}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PredictionsError(f"{path}: line {i} is not valid JSON ({exc.msg})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PredictionsError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if isinstance(data, dict):
+            yield from ((f"key {k!r}", {"image_id": k, "caption": v}) for k, v in data.items())
+        elif isinstance(data, list):
+            yield from ((f"item {i}", r) for i, r in enumerate(data))
+        else:
+            raise PredictionsError(f"{path}: expected a JSON object {{id: caption}} or a list of records")
+    else:
+        raise PredictionsError(f"{path}: unknown predictions format {suffix or '(no suffix)'!r}; use .jsonl, .json "
+                               "or .csv")
+
+
+def _field(record: dict, keys: Sequence[str]) -> object:
+    return next((record[k] for k in keys if k in record), None)
+
+
+def read_predictions(path: str | Path, test_rows: Sequence[dict], allow_missing: bool = False) -> dict[str, str]:
+    """Captions of ``path`` by test image id. Fails on the first record that is not a usable prediction of a test
+    image, and on test images without a prediction unless ``allow_missing``."""
+    path = Path(path)
+    lookup: dict[str, str] = {}
+    for r in test_rows:
+        for key in (r["image_id"], Path(r["image_path"]).name, r["image_path"]):
+            lookup.setdefault(key, r["image_id"])
+    out: dict[str, str] = {}
+    for where, record in _records(path):
+        if not isinstance(record, dict):
+            raise PredictionsError(f"{path}: {where}: expected an object with an image id and a caption")
+        image, caption = _field(record, ID_KEYS), _field(record, CAPTION_KEYS)
+        if image is None:
+            raise PredictionsError(f"{path}: {where}: no image id (one of {', '.join(ID_KEYS)})")
+        if caption is None:
+            raise PredictionsError(f"{path}: {where}: no caption (one of {', '.join(CAPTION_KEYS)})")
+        if not isinstance(caption, str) or not caption.strip():
+            raise PredictionsError(f"{path}: {where} ({image}): the caption is "
+                                   f"{'empty' if isinstance(caption, str) else type(caption).__name__}")
+        image_id = lookup.get(str(image))
+        if image_id is None:
+            raise PredictionsError(f"{path}: {where}: image {image!r} is not in the test split")
+        if image_id in out:
+            raise PredictionsError(f"{path}: {where}: a second prediction for test image {image_id!r}")
+        out[image_id] = caption
+    if not out:
+        raise PredictionsError(f"{path}: no predictions in the file")
+    missing = [r["image_id"] for r in test_rows if r["image_id"] not in out]
+    if missing and not allow_missing:
+        raise PredictionsError(f"{path}: {len(missing)} of {len(test_rows)} test images have no prediction (e.g. "
+                               f"{', '.join(missing[:3])}); pass --allow-missing to score the others")
+    return out

@@ -1,0 +1,333 @@
+"""The report's text: results tables (markdown + CSV), the teacher datasets' table, what distillation buys (the
+teacher and the students' size, CPU throughput and quality side by side, from `make bench`'s ``speed.json``) and
+the sample gallery (one self-contained HTML page whose captions carry their attribute marks)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.core.archs import display_name
+from pipeline.core.rundir import RunDir, read_manifest
+from pipeline.data.formats import load_captions, split_rows
+from pipeline.evaluation.attributes import ATTRIBUTES, caption_marks
+from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
+from pipeline.inference.speed import read_speed
+from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
+
+TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 length", "vocabulary", "distinct-1",
+                   "distinct-2", "BLEU-4 vs GT", "CIDEr-D vs GT", "attributes vs GT", "teacher test BLEU-4",
+                   "teacher test CIDEr-D", "teacher test attributes")
+MARK_COLOURS = {"right": "#d8f0d8", "wrong": "#f6d0d0", "missed": "#fbe7c2"}
+RUNTIME_NAMES = {"torch": "PyTorch", "onnx": "onnxruntime"}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    return buf.getvalue()
+
+
+def teacher_rows(rd: RunDir) -> list[list]:
+    """One row per distilled dataset (diagnostics.json), the ground truth's own figures first."""
+    rows = []
+    for name in rd.distilled_sources():
+        d = json.loads((rd.distill(name) / "diagnostics.json").read_text())
+        meta = json.loads((rd.distill(name) / "meta.json").read_text())
+        vs, test = d["vs_ground_truth"], d.get("teacher_on_test", {})
+        rows.append([name, meta["temperature"], d["captions"], d["length_mean"], d["length_p95"], d["vocabulary"],
+                     d["distinct_1"], d["distinct_2"], vs["BLEU-4"], vs["CIDEr-D"],
+                     vs.get("attributes", {}).get("macro"), test.get("BLEU-4"), test.get("CIDEr-D"),
+                     test.get("attributes", {}).get("macro")])
+        if not any(r[0] == "ground truth" for r in rows):
+            g = d["ground_truth"]
+            rows.insert(0, ["ground truth", None, g["captions"], g["length_mean"], g["length_p95"], g["vocabulary"],
+                            g["distinct_1"], g["distinct_2"], None, None, None, None, None, None])
+            if "majority_attributes" in d:
+                rows.insert(1, [MAJORITY, None, *[None] * 11, d["majority_attributes"]["macro"]])
+    return rows
+
+
+def _attribute_table(results: Sequence[dict], baselines: dict[str, dict]) -> str:
+    header = ["model", "trained on", *ATTRIBUTES]
+    rows = [[display_name(r["arch"]), r["source"], *(r["attributes"]["per_attribute"][a]
+                                                                  for a in ATTRIBUTES)]
+            for r in results if "attributes" in r]
+    rows += [[MAJORITY, s, *(b["majority"]["per_attribute"][a] for a in ATTRIBUTES)]
+             for s, b in baselines.items() if "majority" in b]
+    return markdown_table(header, rows)
+
+
+@dataclass
+class SpeedReport:
+    """What distillation buys: one record per timed model (:func:`speed_records`), the batch size the sentence and
+    the plot compare at (the largest timed) and the results.md section."""
+
+    records: list[dict]
+    batch_size: int
+    markdown: str
+
+
+def reference_teacher(rd: RunDir) -> dict | None:
+    """The teacher's test-split quality from its most precise captions (the distilled dataset of the lowest
+    temperature): ``dataset``, ``temperature``, ``attributes`` (macro accuracy), ``CIDEr-D``; None without one."""
+    found = []
+    for name in rd.distilled_sources():
+        meta = json.loads((rd.distill(name) / "meta.json").read_text())
+        test = json.loads((rd.distill(name) / "diagnostics.json").read_text())["teacher_on_test"]
+        found.append({"dataset": name, "temperature": meta["temperature"],
+                      "attributes": test["attributes"]["macro"], "CIDEr-D": test["CIDEr-D"]})
+    return min(found, key=lambda t: t["temperature"], default=None)
+
+
+def _timing(m: dict) -> dict:
+    return {"parameters": m["parameters"], "disk_bytes": m["disk_bytes"], "onnx_bytes": m.get("onnx_bytes"),
+            "images_per_s": m["images_per_s"]}
+
+
+def speed_records(speed: dict, results: Sequence[dict], teacher: dict | None) -> list[dict]:
+    """The timed models of ``speed`` (``speed.json``) with their quality, the teacher first, then the students in
+    ``results``' order: each student's test attribute accuracy and CIDEr-D from its ``results`` entry, the teacher's
+    from ``teacher`` (:func:`reference_teacher`). Each record: ``label``, ``teacher`` (bool), ``arch`` and ``source``
+    (students), ``dataset`` (the teacher's), ``parameters``, ``disk_bytes``, ``onnx_bytes``, ``images_per_s``,
+    ``attributes``, ``CIDEr-D`` (None where unknown)."""
+    timed = {m["name"]: m for m in speed["models"]}
+    records = []
+    if "teacher" in timed:
+        quality = teacher or {}
+        label = f"teacher ({quality['dataset']} captions, T={quality['temperature']})" if quality else "teacher"
+        records.append({"label": label, "teacher": True, "arch": None, "source": None,
+                        "dataset": quality.get("dataset"), "attributes": quality.get("attributes"),
+                        "CIDEr-D": quality.get("CIDEr-D"), **_timing(timed["teacher"])})
+    for r in results:
+        if r["folder"].name in timed:
+            records.append({"label": display_name(r["arch"]), "teacher": False, "arch": r["arch"],
+                            "source": r["source"], "dataset": None, "attributes": r.get("attributes", {}).get("macro"),
+                            "CIDEr-D": r["test"].get("CIDEr-D"), **_timing(timed[r["folder"].name])})
+    return records
+
+
+def fastest(record: dict, batch_size: int) -> tuple[float, str]:
+    """(images/s, runtime) of ``record``'s fastest runtime at ``batch_size``."""
+    return max((rates[str(batch_size)], runtime) for runtime, rates in record["images_per_s"].items())
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def speed_table(records: Sequence[dict], batch_sizes: Sequence[int]) -> str:
+    """Markdown: each model's parameters, size on disk, images/s per runtime and batch size, and quality."""
+    columns = [(runtime, b) for runtime in RUNTIME_NAMES for b in batch_sizes]
+    header = ["model", "trained on", "parameters", "disk MB (PyTorch)", "disk MB (ONNX)",
+              *(f"{RUNTIME_NAMES[runtime]} img/s, batch {b}" for runtime, b in columns), "attributes", "CIDEr-D"]
+    rows = [[r["label"], r["source"] or "—", _count(r["parameters"]), f"{r['disk_bytes'] / 1e6:.2f}",
+             "—" if r["onnx_bytes"] is None else f"{r['onnx_bytes'] / 1e6:.2f}",
+             *(_rate(r["images_per_s"].get(runtime, {}).get(str(b))) for runtime, b in columns),
+             r["attributes"], r["CIDEr-D"]] for r in records]
+    return markdown_table(header, rows)
+
+
+def speed_sentence(records: Sequence[dict], batch_size: int, threads: int) -> str | None:
+    """The best student by attribute accuracy against the teacher, in one sentence: its throughput as a multiple of
+    the teacher's and its attribute accuracy as a share of the teacher's; None without both figures."""
+    teacher = next((r for r in records if r["teacher"] and r["attributes"]), None)
+    students = [r for r in records if not r["teacher"] and r["attributes"] is not None]
+    if teacher is None or not students:
+        return None
+    best = max(students, key=lambda r: (r["attributes"], fastest(r, batch_size)[0]))
+    rate, runtime = fastest(best, batch_size)
+    teacher_rate, _ = fastest(teacher, batch_size)
+    ratio = rate / teacher_rate
+    source = "ground-truth" if best["source"] == "gt" else best["source"]
+    return (f"{best['label']} trained on {source} captions: {ratio:.{0 if ratio >= 10 else 1}f}× the teacher's "
+            f"throughput at {100 * best['attributes'] / teacher['attributes']:.0f}% of its attribute accuracy "
+            f"({_rate(rate)} vs {_rate(teacher_rate)} images/s on {threads} CPU thread{'s' * (threads > 1)}, batch "
+            f"{batch_size}, {RUNTIME_NAMES[runtime]}; attribute accuracy {best['attributes']:.3f} vs the teacher's "
+            f"{teacher['attributes']:.3f} on its {teacher['dataset']} captions).")
+
+
+def speed_report(rd: RunDir, results: Sequence[dict]) -> SpeedReport | None:
+    """What distillation buys, from the run's ``speed.json``; None when `make bench` has not timed the run."""
+    speed = read_speed(rd)
+    if speed is None:
+        return None
+    records = speed_records(speed, results, reference_teacher(rd))
+    batch_size = max(speed["batch_sizes"])
+    parts = ["\n## What distillation buys\n",
+             f"Size, CPU throughput and quality of the teacher and each student. Throughput: {speed['images']} test "
+             f"images captioned per runtime and batch size on {speed['threads']} CPU thread(s), the median of "
+             f"{speed['repeats']} timed passes (`make bench BENCH_ARGS=\"--only speed\"`, {speed['measured_at']}); "
+             "the teacher greedy, the students with their beam size. Quality on the ground-truth test split; the "
+             "teacher's from its most precise distilled captions. Plot: `speed_quality.png`.\n",
+             speed_table(records, speed["batch_sizes"])]
+    sentence = speed_sentence(records, batch_size, speed["threads"])
+    if sentence:
+        parts.append(f"\n**{sentence}**\n")
+    if speed["stale"]:
+        parts.append(f"\nNot shown, retrained since they were timed: {', '.join(speed['stale'])}.\n")
+    return SpeedReport(records, batch_size, "\n".join(parts))
+
+
+@dataclass
+class SweepReport:
+    """The finished temperature sweep: its point records, ``best.json`` and the results.md section."""
+
+    records: list[dict]
+    best: dict
+    markdown: str
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def sweep_report(rd: RunDir) -> SweepReport | None:
+    """The temperature sweep's section (table, chosen temperature, what k samples per image and the unlabelled
+    images did); None until `make sweep` has finished."""
+    if read_manifest(rd.sweep) is None:
+        return None
+    records = json.loads((rd.sweep / "points.json").read_text())
+    best = json.loads((rd.sweep / "best.json").read_text())
+    v, t = best["validation"], best["test"]
+    parts = ["\n## Temperature sweep\n",
+             f"`make sweep`: the teacher distilled the training images at each temperature and "
+             f"{display_name(best['student'])} trained on each. The temperature is chosen on the "
+             f"ground-truth **validation** split ({best['select_on']}; ties: {best['ties']}); the test split never "
+             "takes part and is shown beside. Plot: `sweep.png`.\n",
+             f"**Chosen: T={best['temperature']:g}** (validation: attributes {v['attributes']:.3f}, CIDEr-D "
+             f"{v['CIDEr-D']:.3f}; test: attributes {t['attributes']:.3f}, CIDEr-D {t['CIDEr-D']:.3f}).\n",
+             markdown_table(SWEEP_COLUMNS, sweep_rows(records, best))]
+    if "samples_per_image" in best:
+        k = best["samples_per_image"]
+        parts.append(f"\nCaptions per image at T={k['temperature']:g}, chosen the same way: k={k['k']}.\n")
+    if best["comparisons"]:
+        parts += ["\nWhat the points at the chosen temperature did to the student, as measured (gain = the point "
+                  "minus what it adds to; negative: a loss):\n",
+                  markdown_table(["comparison", "val attributes", "val CIDEr-D", "test attributes", "test CIDEr-D"],
+                                 [[c["what"], *(_signed(c["gain"][s][m]) for s in ("val", "test")
+                                                for m in ("attributes", "CIDEr-D"))]
+                                  for c in best["comparisons"]])]
+    return SweepReport(records, best, "\n".join(parts))
+
+
+def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list],
+                     speed: SpeedReport | None = None, sweep: SweepReport | None = None) -> str:
+    """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets and,
+    when the run was timed, what distillation buys; when it was swept, the temperature sweep."""
+    gt = [r for r in results if r["source"] == "gt"]
+    distilled = [r for r in results if r["source"] != "gt"]
+    parts = ["# Results\n",
+             "All students are scored on the ground-truth test split: pycocoevalcap's BLEU-4, CIDEr-D, METEOR 1.5 and "
+             "ROUGE-L, and **attributes**: the macro accuracy over the outfit attributes a caption states (gender, "
+             "sleeve, neckline, fabric and pattern per garment, accessories, ...; an attribute the reference does "
+             "not state counts as absent). *Image withheld*: each test image swapped for another one (fixed "
+             "permutation) before decoding; the drop is what the student gets from looking at the photo.\n",
+             "## Students trained on the ground truth\n",
+             markdown_table(RESULT_COLUMNS, result_rows(gt, {k: v for k, v in baselines.items() if k == "gt"}))]
+    if distilled:
+        parts += ["\n## Students trained on teacher captions\n",
+                  markdown_table(RESULT_COLUMNS,
+                                 result_rows(distilled, {k: v for k, v in baselines.items() if k != "gt"}))]
+    parts += ["\n## Attribute accuracy per attribute\n", _attribute_table(results, baselines)]
+    if teacher:
+        parts += ["\n## Teacher datasets\n", markdown_table(TEACHER_COLUMNS, teacher)]
+    if speed:
+        parts.append(speed.markdown)
+    if sweep:
+        parts.append(sweep.markdown)
+    parts += [f"\n`{CONSTANT}`: the most frequent training caption for every test image. `{MAJORITY}`: every "
+              "attribute answered with its most frequent value in the source's training captions.\n",
+              "Plots: `metrics.png`, `attributes.png`, `curves.png`, `caption_lengths.png`. Samples: "
+              "`gallery.html`.\n"]
+    return "\n".join(parts)
+
+
+def gallery_samples(rd: RunDir, results: Sequence[dict], size: int, seed: int) -> list[dict]:
+    """``size`` random test images with the ground truth, the teachers' and every student's caption."""
+    test = split_rows(load_captions(rd.data / "captions"), "test")
+    picked = random.Random(seed).sample(test, min(size, len(test)))
+    teacher = {name: json.loads((rd.distill(name) / "test_generations.json").read_text())
+               for name in rd.distilled_sources() if (rd.distill(name) / "test_generations.json").is_file()}
+    predictions = {}
+    for r in results:
+        lines = (r["folder"] / "predictions.jsonl").read_text().splitlines()
+        predictions[f"{display_name(r['arch'])} ← {r['source']}"] = {
+            x["image_id"]: x["caption"] for x in map(json.loads, lines)}
+    samples = []
+    for row in picked:
+        captions = {"ground truth": row["caption"]}
+        captions.update({f"teacher ({name})": gen.get(row["image_id"]) for name, gen in teacher.items()})
+        captions.update({label: preds.get(row["image_id"]) for label, preds in predictions.items()})
+        samples.append({"image_id": row["image_id"], "image_path": row["image_path"], "captions": captions})
+    return samples
+
+
+def _image_data_uri(path: str, size: int = 192) -> str:
+    from pipeline.data.images import load_rgb
+
+    im = load_rgb(path)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _marks_html(reference: str, caption: str) -> str:
+    chips = []
+    for m in caption_marks(reference, caption):
+        text = (f"{m['label']}: {m['stated']}" if m["status"] == "right" else
+                f"{m['label']}: {m['stated']} (GT {m['expected']})" if m["status"] == "wrong" else
+                f"{m['label']}: not stated (GT {m['expected']})")
+        chips.append(f'<span class="mark {m["status"]}" title="{m["status"]}">{html.escape(text)}</span>')
+    return f'<div class="marks">{"".join(chips)}</div>'
+
+
+def gallery_html(samples: Sequence[dict], title: str) -> str:
+    """A self-contained page: each sample has ``image_path``, ``image_id`` and ``captions`` (label -> text, the
+    ground truth first). Every other caption gets its attribute marks against the ground truth: green right,
+    red wrong, amber stated by the ground truth but missed."""
+    cards = []
+    for s in samples:
+        reference = s["captions"].get("ground truth")
+        items = []
+        for label, text in s["captions"].items():
+            marks = _marks_html(reference, text) if reference and text and label != "ground truth" else ""
+            items.append(f"<dt>{html.escape(label)}</dt><dd>{html.escape(text or '—')}{marks}</dd>")
+        image = f'<img src="{_image_data_uri(s["image_path"])}" alt="{html.escape(s["image_id"])}">'
+        cards.append(f'<section class="card">{image}'
+                     f'<div><h2>{html.escape(s["image_id"])}</h2><dl>{"".join(items)}</dl></div></section>')
+    legend = "".join(f'<span class="mark {k}">{k}</span>' for k in MARK_COLOURS)
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}"
+             ".card{display:flex;gap:1.5em;background:#fff;border:1px solid #ddd;border-radius:8px;padding:1em;"
+             "margin-bottom:1em}.card img{width:192px;height:192px;object-fit:contain;image-rendering:pixelated}"
+             "h2{font-size:1em;margin:0 0 .5em}dt{font-weight:600;font-size:.85em;color:#555}"
+             "dd{margin:0 0 .6em 0;font-size:.9em}.marks{margin-top:.25em}"
+             ".mark{display:inline-block;font-size:.75em;border-radius:4px;padding:0 .35em;margin:.1em .2em 0 0}"
+             + "".join(f".mark.{k}{{background:{v}}}" for k, v in MARK_COLOURS.items()))
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Attribute marks against the ground truth: {legend}</p>{''.join(cards)}</body></html>\n")

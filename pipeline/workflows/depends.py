@@ -1,0 +1,183 @@
+"""What each stage's output depends on: its config slice and its inputs' fingerprints.
+
+One function per stage, called by the stage itself (it skips its work when its manifest matches, see
+:func:`pipeline.core.rundir.is_up_to_date`) and by :func:`pipeline.orchestration.plan.plan_chain` (it leaves a job
+out for the same reason), so the two never disagree. Each returns ``(config slice, input fingerprints)``; a missing
+earlier output raises :class:`~pipeline.core.rundir.StageInputError` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.archs import ARCHS
+from pipeline.core.config import Config, config_slice
+from pipeline.core.rundir import (
+    RunDir,
+    StageInputError,
+    fingerprint_tree,
+    is_sweep_source,
+    read_manifest,
+    require_stage,
+    sha256_file,
+    stage_fingerprint,
+)
+from pipeline.data.deepfashion import IMAGE_DIR, detect_layout
+from pipeline.data.formats import INSTRUCTION
+from pipeline.inference.speed import SPEED_FILE
+from pipeline.sweep.points import extra_ids, extra_points, first_points, point_config
+
+Depends = tuple[dict[str, Any], dict[str, str]]
+STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
+SCORING = "ngram+attributes+reliance"  # what a student's metrics.json holds: a change rescores every student
+COMBINED_PREFIX = "gt+"  # a source gt+<dataset>: the ground truth + the dataset's captions of unlabelled images
+
+
+def raw_fingerprints(root: Path, layout: str) -> dict[str, str]:
+    """The raw dataset's caption files (content) and image folder (names, sizes, mtimes)."""
+    files = ["captions.json"] if layout == "single" else ["train_captions.json", "test_captions.json"]
+    out = {f: sha256_file(root / f) for f in files}
+    out[IMAGE_DIR] = fingerprint_tree(root / IMAGE_DIR) if (root / IMAGE_DIR).is_dir() else "missing"
+    return out
+
+
+def prepare(cfg: Config) -> Depends:
+    """`prepare`: the seed and the data section (but the unlabelled pool, which it does not read); the raw dataset at
+    ``data.root``."""
+    layout = detect_layout(cfg.data.root, cfg.data.layout)
+    data = config_slice(cfg, "data")["data"]
+    data.pop("unlabeled_pool")
+    return {"seed": cfg.seed, "data": data}, raw_fingerprints(cfg.data.root, layout)
+
+
+def finetune(cfg: Config, rd: RunDir) -> Depends:
+    """`finetune`: the seed and the teacher section; the prepared data and the base model's JSON files."""
+    inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
+              "base_model": fingerprint_tree(cfg.teacher.model, "*.json", content=True)}
+    return {"seed": cfg.seed, "teacher": config_slice(cfg, "teacher")["teacher"]}, inputs
+
+
+def distill(cfg: Config, rd: RunDir) -> Depends:
+    """`distill` of ``cfg.distill.dataset_name``: the sampling settings, samples per image, prompt and unlabelled
+    folder; the data, the teacher and the unlabelled images (names, sizes, mtimes)."""
+    d = cfg.distill
+    config = {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
+              "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend,
+              "precision": cfg.teacher.precision, "attn_implementation": cfg.teacher.attn_implementation,
+              "samples_per_image": d.samples_per_image, "unlabeled": d.unlabeled and str(d.unlabeled)}
+    inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
+              "teacher": require_stage(rd.teacher, "finetune")["fingerprint"]}
+    if d.unlabeled is not None:
+        inputs["unlabeled"] = fingerprint_tree(d.unlabeled) if d.unlabeled.is_dir() else "missing"
+    return config, inputs
+
+
+def source_dataset(source: str) -> str | None:
+    """The distilled dataset a caption source reads: ``None`` for ``gt``, ``<name>`` for ``<name>`` and
+    ``gt+<name>``."""
+    return None if source == "gt" else source.removeprefix(COMBINED_PREFIX)
+
+
+def source_dir(rd: RunDir, source: str) -> Path:
+    """The folder of a caption source: the prepared data for ``gt``, else the distilled dataset it reads."""
+    dataset = source_dataset(source)
+    return rd.data if dataset is None else rd.distill(dataset)
+
+
+def require_source(rd: RunDir, source: str) -> dict[str, Any]:
+    """The manifest of the stage output a caption source reads; one line naming what to run first when missing."""
+    return require_stage(source_dir(rd, source), "prepare" if source == "gt" else "distill")
+
+
+def _source_inputs(rd: RunDir, source: str) -> dict[str, str]:
+    """What every model of a caption source is computed from: its captions and the ground truth."""
+    return {"captions": require_source(rd, source)["fingerprint"],
+            "ground_truth": require_stage(rd.data, "prepare")["fingerprint"]}
+
+
+def source_baselines(rd: RunDir, source: str) -> dict[str, str]:
+    """A source's baselines (``students/baseline__<source>``): its captions, the ground truth and the scoring."""
+    return {**_source_inputs(rd, source), "scoring": SCORING}
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def encoder_weights(cfg: Config, arch: str) -> str | None:
+    """The content digest of the pretrained weights file a student's encoder loads (``"missing"`` before the demo
+    builds its stand-in; None without pretrained weights): new weights retrain the student."""
+    from pipeline.students.encoders import weights_file
+
+    if not cfg.students.encoder.pretrained:
+        return None
+    path = weights_file(ARCHS[arch].encoder, cfg.students.encoder)
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
+    """One `students` model: the seed, architecture, source and student settings; its captions and the ground truth.
+    Every source validates on the ground truth (``validation``: distilled sources validated on their teacher's val
+    captions before)."""
+    settings = config_slice(cfg, "students")["students"]
+    for key in STUDENT_KEYS_IGNORED:
+        settings.pop(key)
+    inputs = {**_source_inputs(rd, source), "encoder_weights": encoder_weights(cfg, arch)}
+    config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}
+    if source != "gt":
+        config["validation"] = "gt"
+    return config, inputs
+
+
+def _finished(folder: Path, stage: str, key: Depends) -> str:
+    """The fingerprint ``key`` gives, when ``folder`` is finished with exactly it; else one line naming it."""
+    wanted = stage_fingerprint(*key)
+    if require_stage(folder, stage)["fingerprint"] != wanted:
+        raise StageInputError(f"{folder}: made with other settings or inputs; run the '{stage}' stage")
+    return wanted
+
+
+def sweep(cfg: Config, rd: RunDir) -> Depends:
+    """`sweep`: the seed and sweep section; the fingerprint every point's distilled dataset and student must have
+    (each finished with exactly it), the points at the best temperature as ``sweep/best.json`` names it."""
+    points = first_points(cfg.sweep)
+    if extra_ids(cfg.sweep):
+        best_file = rd.sweep / "best.json"
+        if not best_file.is_file():
+            raise StageInputError(f"{best_file}: missing; the temperature is not chosen yet")
+        best = json.loads(best_file.read_text())
+        points += extra_points(cfg.sweep, best["temperature"], best["samples_temperature"])
+    inputs = {}
+    for point in points:
+        pcfg = point_config(cfg, point)
+        if point.dataset is not None:
+            inputs[f"distill/{point.dataset}"] = _finished(rd.distill(point.dataset), "distill", distill(pcfg, rd))
+        folder = rd.students / f"{cfg.sweep.student}__{point.source}"
+        inputs[f"students/{folder.name}"] = _finished(folder, "students",
+                                                      student(pcfg, rd, cfg.sweep.student, point.source))
+    return {"seed": cfg.seed, "sweep": config_slice(cfg, "sweep")["sweep"]}, inputs
+
+
+def report(cfg: Config, rd: RunDir) -> Depends:
+    """`report`: the seed and report section; every finished student (but the sweep's) and distilled dataset of the
+    run, its timings (``speed/speed.json``) when `make bench` wrote them and its finished sweep."""
+    inputs = {}
+    for folder in sorted(rd.students.glob("*__*")):
+        manifest = read_manifest(folder)
+        if (manifest is not None and not folder.name.startswith("baseline__")
+                and not is_sweep_source(folder.name.split("__", 1)[1])):
+            inputs[folder.name] = manifest["fingerprint"]
+    inputs.update({f"distill/{n}": require_stage(rd.distill(n), "distill")["fingerprint"]
+                   for n in rd.distilled_sources()})
+    if (rd.speed / SPEED_FILE).is_file():
+        inputs["speed"] = sha256_file(rd.speed / SPEED_FILE)
+    if (sweep_manifest := read_manifest(rd.sweep)) is not None:
+        inputs["sweep"] = sweep_manifest["fingerprint"]
+    return {"seed": cfg.seed, "report": config_slice(cfg, "report")["report"]}, inputs
