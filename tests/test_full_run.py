@@ -213,3 +213,21 @@ def test_make_alone_prints_help():
     assert "echo" in res.stdout and "Nothing to be done" not in res.stdout
     res = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "check" in res.stdout and "submit" in res.stdout and "docs/full-run.md" in res.stdout
+
+
+def test_export_skips_an_up_to_date_export(tmp_path, capsys):
+    from argparse import Namespace
+
+    from stages import export
+    from tests.helpers import make_student
+
+    best = make_student(tmp_path / "best", "resnet101_gru")
+    args = Namespace(student=str(best), force=False)
+    export.run(None, args)
+    graphs = {p: p.stat().st_mtime_ns for p in (best / "onnx").iterdir()}
+    capsys.readouterr()
+    export.run(None, args)
+    assert "up to date" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (best / "onnx").iterdir()} == graphs
+    export.run(None, Namespace(student=str(best), force=True))
+    assert all(p.stat().st_mtime_ns != t for p, t in graphs.items() if p.suffix == ".onnx")

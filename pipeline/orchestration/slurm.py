@@ -135,7 +135,9 @@ def render_submit_script(jobs: list[Job], scripts: dict[str, Path]) -> str:
              "set -euo pipefail", "declare -A id", "names=()", f"jobs={shlex.quote(str(folder / 'jobs.json'))}",
              "record() {",
              '  local out="{" sep="" name',
-             '  for name in "${names[@]}"; do out+=$(printf \'%s"%s": "%s"\' "$sep" "$name" "${id[$name]}"); sep=", "; done',
+             '  for name in "${names[@]}"; do',
+             '    out+=$(printf \'%s"%s": "%s"\' "$sep" "$name" "${id[$name]}"); sep=", "',
+             "  done",
              '  printf \'%s}\\n\' "$out" > "$jobs.tmp.$$" && mv "$jobs.tmp.$$" "$jobs"',
              "}"]
     for job in jobs:
