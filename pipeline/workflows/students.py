@@ -99,7 +99,8 @@ def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, deco
     feats, encoder = decoder_inputs(arch, {"split": [r["image_path"] for r in rows]})
     if encoder is not None:  # a fine-tuned encoder: the checkpoint's weights
         encoder.load_state_dict(best.encoder.state_dict())
-    hyps = decode_split(best.decoder, feats, "split", len(rows), best.vocab, beam_size, best.meta["max_length"])
+    hyps = decode_split(best.decoder, feats, "split", len(rows), best.vocab, beam_size, best.meta["max_length"],
+                        no_repeat_ngram=best.meta.get("no_repeat_ngram", 0))
     predictions = {r["image_id"]: h for r, h in zip(rows, hyps)}
     references = {r["image_id"]: r["caption"] for r in rows}
     return {"scores": scorer.score({k: [v] for k, v in references.items()}, predictions,
@@ -138,7 +139,8 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
     references = {r["image_id"]: r["caption"] for r in test_rows}
 
     def predict(features: FeatureFn) -> dict[str, str]:
-        hyps = decode_split(model, features, "test", len(test_rows), vocab, s.beam_size, s.max_length)
+        hyps = decode_split(model, features, "test", len(test_rows), vocab, s.beam_size, s.max_length,
+                            no_repeat_ngram=s.no_repeat_ngram)
         return {r["image_id"]: h for r, h in zip(test_rows, hyps)}
 
     predictions = predict(feats)
