@@ -105,8 +105,9 @@ def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, s
 @torch.no_grad()
 def sample_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, end_id: int,
                   generator: torch.Generator, no_repeat_ngram: int = 0) -> torch.Tensor:
-    """One caption per row of ``feats`` drawn token by token from the decoder's distribution (multinomial):
-    [rows, T] token ids, each row ending with ``end_id`` (unless cut at ``max_length`` words), 0-padded after it."""
+    """One caption per row of ``feats`` drawn token by token from the decoder's distribution (multinomial; never the
+    padding id 0 or ``start_id``): [rows, T] token ids, each row ending with ``end_id`` (unless cut at
+    ``max_length`` words), 0-padded after it. ``generator`` lives on ``feats``' device."""
     state = decoder.init_state(feats)
     tokens = torch.full((feats.shape[0],), start_id, dtype=torch.long, device=feats.device)
     done = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
@@ -115,7 +116,8 @@ def sample_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, 
         logp, state = decoder.step(state, tokens)
         if out:
             logp = block_repeats(logp, torch.stack(out, 1), no_repeat_ngram)
-        drawn = torch.multinomial(logp.float().exp(), 1, generator=generator)[:, 0]
+        probs = logp.float().exp().index_fill(1, torch.tensor([0, start_id], device=logp.device), 0.0)
+        drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
         out.append(drawn.masked_fill(done, 0))
         done |= drawn == end_id
         tokens = drawn

@@ -122,6 +122,18 @@ def encoder_weights(cfg: Config, arch: str) -> str | None:
     return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+def model_seeds(cfg: Config) -> list[int]:
+    """The seeds each (architecture, source) trains with: ``students.seeds``, or the run's seed."""
+    return list(cfg.students.seeds or [cfg.seed])
+
+
+def student_folder(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None) -> Path:
+    """``students/<arch>__<source>/`` for the first (or only) seed, ``<arch>__<source>__s<seed>/`` for the others."""
+    seeds = model_seeds(cfg)
+    suffix = "" if seed is None or seed == seeds[0] else f"__s{seed}"
+    return rd.students / f"{arch}__{source}{suffix}"
+
+
 def student(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None) -> Depends:
     """One `students` model: its seed (default the run's), architecture, source and student settings; its captions
     and the ground truth. Every source validates on the ground truth (``validation``: distilled sources validated on
