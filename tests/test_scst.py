@@ -118,3 +118,78 @@ def test_scst_raises_validation_cider_on_a_toy_task(tmp_path):
     best = json.loads((tmp_path / "best" / "student.json").read_text())
     assert best["scst"]["epoch"] == result["best_epoch"]
     assert json.loads((tmp_path / "cross_entropy" / "student.json").read_text())["val_cider"] == ce["best_val_cider"]
+
+
+class GuardedRow(dict):
+    """A test row that records reads of its caption while a model trains."""
+
+    training = False
+    reads: list[str] = []
+
+    def __getitem__(self, key):
+        if key == "caption" and GuardedRow.training:
+            GuardedRow.reads.append(dict.__getitem__(self, "image_id"))
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def test_students_stage_with_scst_and_seeds_never_reads_a_test_caption_while_training(make_config, monkeypatch):
+    """The students stage with SCST on and two seeds: one folder per seed (the first keeps the plain name), the
+    cross-entropy and SCST checkpoints' test figures side by side, per-image scores; no test caption is read from
+    the start of a model's experiment until its trained best/ is loaded for scoring (cross-entropy and SCST)."""
+    from argparse import Namespace
+
+    import stages.students as stage
+    from pipeline.core.config import load_config
+    from pipeline.workflows import students as workflow
+    from stages import prepare
+
+    path = make_config(students={"archs": ["vgg19_gru"], "epochs": 2, "batch_size": 16, "beam_size": 2,
+                                 "val_every_epochs": 2, "seeds": [0, 3],
+                                 "scst": {"epochs": 1, "samples": 3, "batch_size": 8},
+                                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 32}})
+    cfg = load_config(path)
+    prepare.run(cfg, Namespace(force=False))
+    load_splits = stage.load_splits
+
+    def guarded_splits(folder):
+        splits = load_splits(folder)
+        return {**splits, "test": [GuardedRow(r) for r in splits["test"]]}
+
+    def experiment(*args, **kwargs):  # a model's training starts here and ends when its best/ is loaded to score
+        GuardedRow.training = True
+        try:
+            return run_experiment(*args, **kwargs)
+        finally:
+            GuardedRow.training = False
+
+    def scoring(*args, **kwargs):
+        GuardedRow.training = False
+        return load_student(*args, **kwargs)
+
+    run_experiment, load_student = stage.run_experiment, workflow.load_student
+    GuardedRow.reads = []
+    monkeypatch.setattr(stage, "load_splits", guarded_splits)
+    monkeypatch.setattr(stage, "run_experiment", experiment)
+    monkeypatch.setattr(workflow, "load_student", scoring)
+    stage.run(cfg, Namespace(force=False, wait=False))
+    assert GuardedRow.reads == []
+    out = cfg.run_dir / "students"
+    assert sorted(p.name for p in out.glob("vgg19_gru__*")) == ["vgg19_gru__gt", "vgg19_gru__gt__s3"]
+    for folder, seed in (("vgg19_gru__gt", 0), ("vgg19_gru__gt__s3", 3)):
+        metrics = json.loads((out / folder / "metrics.json").read_text())
+        assert metrics["seed"] == seed and metrics["scst_training"]["epochs_run"] == 1
+        assert {"CIDEr-D", "BLEU-4"} <= set(metrics["cross_entropy"]["test"]) and "macro" in metrics["scst"][
+            "attributes"]
+        chosen = metrics[metrics["scst_training"]["selected"]]
+        assert chosen["test"] == metrics["test"]  # best/ is the checkpoint validation picked
+        per_image = json.loads((out / folder / "per_image.json").read_text())
+        assert set(per_image) == {"best", "cross_entropy", "scst"}
+        assert len(per_image["best"]) == metrics["test_images"]
+        assert sum(v["CIDEr-D"] for v in per_image["best"].values()) / metrics["test_images"] == pytest.approx(
+            metrics["test"]["CIDEr-D"])
+    seeds = [json.loads((out / f / "best" / "student.json").read_text())["seed"]
+             for f in ("vgg19_gru__gt", "vgg19_gru__gt__s3")]
+    assert seeds == [0, 3]
