@@ -64,3 +64,24 @@ def test_identical_prediction_files_are_not_significant(tmp_path):
     for metric, result in compare([a], [b]).items():
         assert (result["difference"], result["low"], result["high"], result["significant"]) == (0, 0, 0, False), metric
         assert "significant" not in describe(result)
+
+
+def test_report_section_compares_sources_and_scst_with_intervals(tmp_path):
+    from pipeline.reporting.tables import comparisons_markdown
+
+    results = []
+    for name, source, shift in (("a", "gt", 0.0), ("b", "gt", 0.0), ("c", "precise", 0.5)):
+        folder = tmp_path / name
+        folder.mkdir()
+        best = {str(i): {"attributes": 0.5 + shift + 0.01 * i, "CIDEr-D": 1.0 + 0.1 * i} for i in range(20)}
+        run = {"best": best}
+        if source == "precise":
+            run.update(cross_entropy=best, scst=best)
+        (folder / "per_image.json").write_text(json.dumps(run))
+        results.append({"arch": "vgg19_gru", "source": source, "folder": folder})
+    text = comparisons_markdown(results)
+    lines = [line for line in text.splitlines() if line.startswith("| VGG19")]
+    assert "precise vs ground truth" in lines[0] and "| 1 / 2 |" in lines[0]
+    assert "+0.500 [+0.500, +0.500] significant" in lines[0] and "+0.000 [+0.000, +0.000] |" in lines[0]
+    assert "SCST vs cross-entropy (precise)" in lines[1] and "significant" not in lines[1]
+    assert comparisons_markdown([{"arch": "vgg19_gru", "source": "gt", "folder": tmp_path / "none"}]) is None
