@@ -3,11 +3,13 @@
 Sources are ``gt`` plus every finished distilled dataset of the run (or ``students.sources``, which may also name
 ``gt+<dataset>``: the ground truth plus the dataset's captions of its unlabelled images). Every source trains on its
 own train rows and is validated and tested on the ground truth. Output per model in
-``<run_dir>/students/<arch>__<source>/``: ``best/`` (self-describing: decoder and encoder safetensors,
-student.json, vocab.json, README.md model card; what ``make caption`` and ``make export`` take), ``last/`` (resume),
-``metrics.json`` (n-gram metrics, attribute accuracy, image reliance), ``predictions.jsonl``, ``curves.json``,
-``tensorboard/``, ``manifest.json`` (last). Also ``baseline__<source>/metrics.json`` (constant caption and majority
-attributes), ``features/`` (the frozen encoders' feature cache) and ``summary.md`` / ``summary.csv``.
+``<run_dir>/students/<arch>__<source>/`` (``__s<seed>`` appended for each seed of ``students.seeds`` but the first):
+``best/`` (self-describing: decoder and encoder safetensors, student.json, vocab.json, README.md model card; what
+``make caption`` and ``make export`` take), ``last/`` (resume), ``metrics.json`` (n-gram metrics, attribute
+accuracy, image reliance), ``predictions.jsonl``, ``per_image.json``, ``curves.json``, ``tensorboard/``,
+``manifest.json`` (last); with ``students.scst``, also ``cross_entropy/``, ``scst/`` and ``scst_last/``. Also
+``baseline__<source>/metrics.json`` (constant caption and majority attributes), ``features/`` (the frozen encoders'
+feature cache) and ``summary.md`` / ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.evaluation.results import write_source_baselines
 from pipeline.workflows import depends
 from pipeline.workflows.preflight import require_inputs
-from pipeline.workflows.students import run_experiment, source_rows, student_dir, write_summary
+from pipeline.workflows.students import run_experiment, source_rows, write_summary
 from stages.cli import stage_main, waits
 
 
@@ -58,9 +60,10 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
             write_source_baselines(rd.students / f"baseline__{source}", depends.source_baselines(rd, source), scorer,
                                    [r["caption"] for r in rows["train"]], gt["test"])
             for arch in cfg.students.archs:  # one lock per model: array tasks train different ones in parallel
-                with claim_output(student_dir(rd, arch, source), wait=waits(args)):
-                    run_experiment(cfg, rd, arch=arch, source=source, rows=rows, test_rows=gt["test"], scorer=scorer,
-                                   decoder_inputs=decoder_inputs, force=args.force)
+                for seed in depends.model_seeds(cfg):
+                    with claim_output(depends.student_folder(cfg, rd, arch, source, seed), wait=waits(args)):
+                        run_experiment(cfg, rd, arch=arch, source=source, rows=rows, test_rows=gt["test"],
+                                       scorer=scorer, decoder_inputs=decoder_inputs, force=args.force, seed=seed)
     print(write_summary(rd))
     return rd.students
 

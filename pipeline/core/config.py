@@ -226,6 +226,16 @@ class EncoderSettings(Section):
 SourceName = Annotated[str, Field(pattern=r"^(gt\+)?[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
+class ScstConfig(Section):
+    """Self-critical sequence training after cross-entropy (``epochs`` 0: off); see :mod:`pipeline.students.scst`."""
+
+    epochs: StrictInt = Field(0, ge=0)
+    samples: StrictInt = Field(5, ge=2)  # sampled captions per image; the baseline is the mean of the others
+    attribute_weight: StrictFloat = Field(1.0, ge=0)  # lambda: reward = CIDEr-D + lambda x attribute agreement
+    lr: Rate = 5e-5
+    batch_size: Positive = 16  # images per step (x samples captions)
+
+
 class StudentsConfig(Section):
     archs: list[Arch] = Field(default_factory=lambda: list(ARCHS), min_length=1)
     sources: list[SourceName] | None = None  # caption sources; None = gt + every distilled dataset in the run
@@ -256,6 +266,12 @@ class StudentsConfig(Section):
     transformer_layers: Positive = 3
     transformer_heads: Positive = 8
     num_workers: StrictInt = Field(0, ge=0)  # image-decoding workers (feature cache; the encoder-in-the-loop batches)
+    # n-gram blocking in greedy and beam search (0: off): no n-gram appears twice in a caption
+    no_repeat_ngram: StrictInt = Field(0, ge=0)
+    scst: ScstConfig = ScstConfig()
+    # one model per seed for each (architecture, source); None: the run's seed. The first seed keeps the folder
+    # students/<arch>__<source>/, the others are <arch>__<source>__s<seed>/
+    seeds: list[StrictInt] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> StudentsConfig:
@@ -264,6 +280,8 @@ class StudentsConfig(Section):
                              f"{self.transformer_heads}")
         if len(set(self.archs)) != len(self.archs):
             raise ValueError(f"students.archs: {self.archs} lists an architecture twice")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"students.seeds: {self.seeds} lists a seed twice")
         if any(ARCHS[a].encoder == "vit_b_16" for a in self.archs) and self.encoder.image_size % 16:
             raise ValueError(f"students.encoder.image_size: {self.encoder.image_size} is not a multiple of 16 "
                              "(the ViT's patch size)")

@@ -100,6 +100,21 @@ def attribute_accuracy(references: Mapping[str, str], hypotheses: Mapping[str, s
     return _summary({a: _mean(ref[k][a] == hyp[k][a] for k in ref) for a in ATTRIBUTES}, len(ref))
 
 
+def attribute_agreement(reference: str, hypothesis: str) -> float:
+    """The share of the scored attributes on which ``hypothesis`` states what ``reference`` states (an attribute
+    neither states counts as agreement, as in :func:`attribute_accuracy`)."""
+    ref, hyp = _labels(reference), _labels(hypothesis)
+    return sum(r == h for r, h in zip(ref, hyp)) / len(ref)
+
+
+def per_image_attributes(references: Mapping[str, str], hypotheses: Mapping[str, str]) -> dict[str, float]:
+    """Each image's :func:`attribute_agreement`: their mean is :func:`attribute_accuracy`'s macro accuracy."""
+    if set(references) != set(hypotheses):
+        differ = sorted(set(references) ^ set(hypotheses))[:5]
+        raise ValueError(f"references and hypotheses differ in ids, e.g. {differ}")
+    return {k: attribute_agreement(v, hypotheses[k]) for k, v in references.items()}
+
+
 def majority_values(train_captions: Iterable[str]) -> dict[str, str]:
     """The most frequent value of every attribute over ``train_captions`` (ties: the alphabetically first)."""
     counts: dict[str, Counter] = {a: Counter() for a in ATTRIBUTES}

@@ -92,6 +92,19 @@ class CaptionScorer:
             out["METEOR"] = meteor.result()
         return {name: out[name] for name in METRICS if name in out}
 
+    def per_image_cider(self, references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]
+                        ) -> dict[str, float]:
+        """Each image's CIDEr-D (pycocoevalcap's per-image scores, document frequencies from all of ``references``):
+        their mean is :meth:`score`'s corpus CIDEr-D."""
+        if set(references) != set(hypotheses):
+            missing = sorted(set(references) ^ set(hypotheses))[:5]
+            raise ValueError(f"references and hypotheses differ in ids, e.g. {missing}")
+        if not references:
+            raise ValueError("nothing to score")
+        gts, res = self._tokenize_pairs(references, hypotheses)
+        _, scores = self._cider.compute_score(gts, res)
+        return {k: float(v) for k, v in zip(gts, scores)}
+
     def _tokenize_pairs(self, references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]
                         ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """PTB-tokenize references and hypotheses in one Java call."""

@@ -99,9 +99,10 @@ def plan_chain(cfg: Config, config: Path, overrides: Sequence[str], *, force: bo
     for source in sources(cfg):
         dataset = depends.source_dataset(source)  # gt+<name> waits for <name> too
         upstream_done = jobs["prepare"].done and (dataset not in datasets or datasets[dataset].done)
-        todo[source] = [a for a in archs if force or not upstream_done or not up_to_date(
-            rd.students / f"{a}__{source}", partial(depends.student, _pinned(config, overrides, a, source), rd, a,
-                                                    source))]
+        todo[source] = [a for a in archs if force or not upstream_done or not all(up_to_date(
+            depends.student_folder(cfg, rd, a, source, seed),
+            partial(depends.student, _pinned(config, overrides, a, source), rd, a, source, seed))
+            for seed in depends.model_seeds(cfg))]
     stale = [a for source in todo for a in todo[source]]
     if not cfg.students.encoder.finetune:  # frozen encoders: their feature caches are built once, before the arrays
         feature_archs = list(dict.fromkeys(stale or archs))

@@ -18,6 +18,7 @@ from pipeline.core.archs import display_name
 from pipeline.core.rundir import RunDir, read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.evaluation.attributes import ATTRIBUTES, caption_marks
+from pipeline.evaluation.bootstrap import RESAMPLES, compare, describe
 from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
 from pipeline.inference.speed import read_speed
 from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
@@ -27,6 +28,8 @@ TEACHER_COLUMNS = ("dataset", "temperature", "captions", "mean length", "p95 len
                    "teacher test CIDEr-D", "teacher test attributes")
 MARK_COLOURS = {"right": "#d8f0d8", "wrong": "#f6d0d0", "missed": "#fbe7c2"}
 RUNTIME_NAMES = {"torch": "PyTorch", "onnx": "onnxruntime"}
+COMPARISON_COLUMNS = ("model", "comparison", "seeds", "attributes: difference [95% interval]",
+                      "CIDEr-D: difference [95% interval]")
 
 
 def _fmt(value: Any) -> str:
@@ -234,6 +237,56 @@ def sweep_report(rd: RunDir) -> SweepReport | None:
     return SweepReport(records, best, "\n".join(parts))
 
 
+def _comparison_pairs(sources: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(question, source a, source b) of every source comparison the report makes, b measured against a."""
+    pairs = []
+    for source in sources:
+        if source == "gt":
+            continue
+        if source.startswith("gt+"):
+            pairs.append(("unlabelled pool vs ground truth", "gt", source))
+        elif source == "creative" and "precise" in sources:
+            pairs.append(("creative vs precise", "precise", source))
+        else:
+            pairs.append((f"{source} vs ground truth", "gt", source))
+    return [p for p in pairs if p[1] in sources]
+
+
+def comparisons_markdown(results: Sequence[dict]) -> str | None:
+    """The "With their uncertainty" section: for each architecture, every source comparison (and SCST vs
+    cross-entropy where a student was SCST-trained) as the mean per-test-image difference in attribute agreement
+    and CIDEr-D with its 95% paired-bootstrap interval, seeds pooled per image (``per_image.json``); None when no
+    student has per-image scores."""
+    per_image: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        file = r["folder"] / "per_image.json"
+        if file.is_file():
+            per_image.setdefault((r["arch"], r["source"]), []).append(json.loads(file.read_text()))
+    if not per_image:
+        return None
+    rows = []
+    for arch in dict.fromkeys(a for a, _ in per_image):
+        sources = [s for a, s in per_image if a == arch]
+        for question, a, b in _comparison_pairs(sources):
+            runs_a, runs_b = per_image[arch, a], per_image[arch, b]
+            found = compare([run["best"] for run in runs_a], [run["best"] for run in runs_b])
+            rows.append([display_name(arch), question, f"{len(runs_b)} / {len(runs_a)}",
+                         describe(found["attributes"]), describe(found["CIDEr-D"])])
+        for source in sources:
+            runs = [run for run in per_image[arch, source] if "scst" in run]
+            if runs:
+                found = compare([run["cross_entropy"] for run in runs], [run["scst"] for run in runs])
+                rows.append([display_name(arch), f"SCST vs cross-entropy ({source})", f"{len(runs)} / {len(runs)}",
+                             describe(found["attributes"]), describe(found["CIDEr-D"])])
+    if not rows:
+        return None
+    return "\n".join(["\n## Comparisons with their uncertainty\n",
+                      "Mean difference per test image (second named minus first) with its 95% paired-bootstrap "
+                      f"interval ({RESAMPLES:,} resamples of the test images; each side's per-image score averaged "
+                      "over its seeds first); **significant** only when the interval excludes 0.\n",
+                      markdown_table(COMPARISON_COLUMNS, rows)])
+
+
 def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list],
                      speed: SpeedReport | None = None, sweep: SweepReport | None = None) -> str:
     """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets and,
@@ -253,6 +306,8 @@ def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teache
                   markdown_table(RESULT_COLUMNS,
                                  result_rows(distilled, {k: v for k, v in baselines.items() if k != "gt"}))]
     parts += ["\n## Attribute accuracy per attribute\n", _attribute_table(results, baselines)]
+    if comparisons := comparisons_markdown(results):
+        parts.append(comparisons)
     if teacher:
         parts += ["\n## Teacher datasets\n", markdown_table(TEACHER_COLUMNS, teacher)]
     if speed:

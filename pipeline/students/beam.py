@@ -1,11 +1,13 @@
-"""Batched greedy and beam search over any decoder with ``init_state`` / ``step`` (see decoders.py)."""
+"""Batched greedy decoding, beam search and sampling over any decoder with ``init_state`` / ``step`` (see
+decoders.py). ``no_repeat_ngram`` n > 0 blocks every token that would repeat an n-gram the caption already holds
+(:func:`pipeline.students.runtime.repeated_ngram_bans`)."""
 
 from __future__ import annotations
 
 import torch
 
 from pipeline.students.decoders import State
-from pipeline.students.runtime import until_end
+from pipeline.students.runtime import repeated_ngram_bans, until_end
 
 
 def _repeat(state: State, k: int) -> State:
@@ -16,14 +18,30 @@ def _select(state: State, index: torch.Tensor) -> State:
     return {name: t.index_select(0, index) for name, t in state.items()}
 
 
+def block_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """``logp`` [rows, vocab] with -inf at every token that would repeat an ``n``-gram of its row of ``history``."""
+    if n < 1 or history.shape[1] < n:
+        return logp
+    bans = repeated_ngram_bans(history.tolist(), n)
+    rows = [r for r, banned in enumerate(bans) for _ in banned]
+    if not rows:
+        return logp
+    return logp.index_put((torch.tensor(rows, device=logp.device),
+                           torch.tensor([t for banned in bans for t in banned], device=logp.device)),
+                          torch.tensor(float("-inf"), device=logp.device, dtype=logp.dtype))
+
+
 @torch.no_grad()
-def greedy_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, end_id: int) -> list[list[int]]:
+def greedy_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, end_id: int,
+                  no_repeat_ngram: int = 0) -> list[list[int]]:
     state = decoder.init_state(feats)
     tokens = torch.full((feats.shape[0],), start_id, dtype=torch.long, device=feats.device)
     done = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
     out = []
     for _ in range(max_length + 1):
         logp, state = decoder.step(state, tokens)
+        if out:
+            logp = block_repeats(logp, torch.stack(out, 1), no_repeat_ngram)
         tokens = logp.argmax(-1).masked_fill(done, end_id)
         out.append(tokens)
         done |= tokens == end_id
@@ -34,7 +52,7 @@ def greedy_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, 
 
 @torch.no_grad()
 def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, start_id: int,
-                end_id: int) -> list[list[int]]:
+                end_id: int, no_repeat_ngram: int = 0) -> list[list[int]]:
     """Best sequence per image (sum of log-probabilities over length) among ``beam_size`` beams. An image whose beams
     have all ended leaves the batch (its result cannot change any more), so a few long captions do not keep every
     image's beams stepping to ``max_length``."""
@@ -57,7 +75,7 @@ def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, s
 
     for _ in range(max_length + 1):
         logp, state = decoder.step(state, tokens)
-        logp = logp.view(len(scores), k, -1)
+        logp = block_repeats(logp, history, no_repeat_ngram).view(len(scores), k, -1)
         finished = torch.full_like(logp, float("-inf"))
         finished[..., end_id] = 0.0  # a finished beam only extends with <end>, at no cost
         logp = torch.where(done[..., None], finished, logp)
@@ -82,3 +100,27 @@ def beam_search(decoder, feats: torch.Tensor, beam_size: int, max_length: int, s
             scores, lengths, done, images = scores[keep], lengths[keep], done[keep], images[keep]
     finish(torch.arange(len(scores), device=device))
     return results
+
+
+@torch.no_grad()
+def sample_decode(decoder, feats: torch.Tensor, max_length: int, start_id: int, end_id: int,
+                  generator: torch.Generator, no_repeat_ngram: int = 0) -> torch.Tensor:
+    """One caption per row of ``feats`` drawn token by token from the decoder's distribution (multinomial; never the
+    padding id 0 or ``start_id``): [rows, T] token ids, each row ending with ``end_id`` (unless cut at
+    ``max_length`` words), 0-padded after it. ``generator`` lives on ``feats``' device."""
+    state = decoder.init_state(feats)
+    tokens = torch.full((feats.shape[0],), start_id, dtype=torch.long, device=feats.device)
+    done = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
+    out: list[torch.Tensor] = []
+    for _ in range(max_length + 1):
+        logp, state = decoder.step(state, tokens)
+        if out:
+            logp = block_repeats(logp, torch.stack(out, 1), no_repeat_ngram)
+        probs = logp.float().exp().index_fill(1, torch.tensor([0, start_id], device=logp.device), 0.0)
+        drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        out.append(drawn.masked_fill(done, 0))
+        done |= drawn == end_id
+        tokens = drawn
+        if done.all():
+            break
+    return torch.stack(out, 1)

@@ -58,7 +58,8 @@ def describe_student(arch: str, cfg: StudentsConfig, *, feat_dim: int, vocab_siz
                         "weights": "encoder.safetensors"},
             "encoder_finetuned": encoder_finetuned,
             "image": {"size": settings.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "vocabulary": "vocab.json", "max_length": cfg.max_length, "beam_size": cfg.beam_size, "seed": seed}
+            "vocabulary": "vocab.json", "max_length": cfg.max_length, "beam_size": cfg.beam_size,
+            "no_repeat_ngram": cfg.no_repeat_ngram, "seed": seed}
 
 
 def save_student(folder: Path, model: nn.Module, vocab: Vocabulary, meta: dict[str, Any],
@@ -87,15 +88,16 @@ class Student:
 
     @torch.no_grad()
     def caption(self, images: Sequence[Image.Image], beam_size: int) -> list[str]:
-        """One caption per RGB image: greedy for ``beam_size`` 1, else beam search."""
+        """One caption per RGB image: greedy for ``beam_size`` 1, else beam search (with the student's n-gram
+        blocking, ``student.json`` ``no_repeat_ngram``)."""
         device = next(self.decoder.parameters()).device
         pixels = torch.from_numpy(to_pixels(images, **self.meta["image"])).to(device)
         feats = decoder_input(self.meta["arch"], self.encoder(pixels))
-        vocab, max_length = self.vocab, self.meta["max_length"]
+        vocab, max_length, n = self.vocab, self.meta["max_length"], self.meta.get("no_repeat_ngram", 0)
         if beam_size == 1:
-            seqs = greedy_decode(self.decoder, feats, max_length, vocab.start_id, vocab.end_id)
+            seqs = greedy_decode(self.decoder, feats, max_length, vocab.start_id, vocab.end_id, n)
         else:
-            seqs = beam_search(self.decoder, feats, beam_size, max_length, vocab.start_id, vocab.end_id)
+            seqs = beam_search(self.decoder, feats, beam_size, max_length, vocab.start_id, vocab.end_id, n)
         return [vocab.decode(s) for s in seqs]
 
 

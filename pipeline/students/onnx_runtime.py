@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.core.cpus import cpu_share
 from pipeline.core.errors import PipelineError
-from pipeline.students.runtime import read_student_json, require_files, to_pixels, until_end
+from pipeline.students.runtime import read_student_json, repeated_ngram_bans, require_files, to_pixels, until_end
 from pipeline.students.vocab import Vocabulary
 
 ONNX_FORMAT = 1
@@ -81,17 +81,29 @@ class OnnxStudent:
         return logp, {**state, **dict(zip(self.onnx["updated"], updated))}
 
     def caption(self, images: Sequence[Image.Image], beam_size: int) -> list[str]:
-        """One caption per RGB image: greedy for ``beam_size`` 1, else beam search."""
+        """One caption per RGB image: greedy for ``beam_size`` 1, else beam search (with the student's n-gram
+        blocking, ``student.json`` ``no_repeat_ngram``)."""
         feats = self.features(to_pixels(images, **self.meta["image"]))
-        vocab, max_length = self.vocab, self.meta["max_length"]
+        vocab, max_length, n = self.vocab, self.meta["max_length"], self.meta.get("no_repeat_ngram", 0)
         if beam_size == 1:
-            seqs = greedy_decode(self, feats, max_length, vocab.start_id, vocab.end_id)
+            seqs = greedy_decode(self, feats, max_length, vocab.start_id, vocab.end_id, n)
         else:
-            seqs = beam_search(self, feats, beam_size, max_length, vocab.start_id, vocab.end_id)
+            seqs = beam_search(self, feats, beam_size, max_length, vocab.start_id, vocab.end_id, n)
         return [vocab.decode(s) for s in seqs]
 
 
-def greedy_decode(decoder, feats: np.ndarray, max_length: int, start_id: int, end_id: int) -> list[list[int]]:
+def block_repeats(logp: np.ndarray, history: np.ndarray, n: int) -> np.ndarray:
+    """:func:`pipeline.students.beam.block_repeats` in numpy."""
+    if n < 1 or history.shape[1] < n:
+        return logp
+    logp = logp.copy()
+    for row, banned in enumerate(repeated_ngram_bans(history.tolist(), n)):
+        logp[row, banned] = -np.inf
+    return logp
+
+
+def greedy_decode(decoder, feats: np.ndarray, max_length: int, start_id: int, end_id: int,
+                  no_repeat_ngram: int = 0) -> list[list[int]]:
     """:func:`pipeline.students.beam.greedy_decode` in numpy."""
     state = decoder.init_state(feats)
     tokens = np.full(feats.shape[0], start_id, dtype=np.int64)
@@ -99,6 +111,8 @@ def greedy_decode(decoder, feats: np.ndarray, max_length: int, start_id: int, en
     out = []
     for _ in range(max_length + 1):
         logp, state = decoder.step(state, tokens)
+        if out:
+            logp = block_repeats(logp, np.stack(out, 1), no_repeat_ngram)
         tokens = np.where(done, end_id, logp.argmax(-1))
         out.append(tokens)
         done |= tokens == end_id
@@ -108,7 +122,7 @@ def greedy_decode(decoder, feats: np.ndarray, max_length: int, start_id: int, en
 
 
 def beam_search(decoder, feats: np.ndarray, beam_size: int, max_length: int, start_id: int,
-                end_id: int) -> list[list[int]]:
+                end_id: int, no_repeat_ngram: int = 0) -> list[list[int]]:
     """:func:`pipeline.students.beam.beam_search` in numpy: the best of ``beam_size`` beams by the sum of
     log-probabilities over length."""
     batch, k = feats.shape[0], beam_size
@@ -122,7 +136,7 @@ def beam_search(decoder, feats: np.ndarray, beam_size: int, max_length: int, sta
     for _ in range(max_length + 1):
         logp, state = decoder.step(state, tokens)
         vocab_size = logp.shape[-1]
-        logp = logp.reshape(batch, k, vocab_size)
+        logp = block_repeats(logp, history, no_repeat_ngram).reshape(batch, k, vocab_size)
         finished = np.full_like(logp, -np.inf)
         finished[..., end_id] = 0.0  # a finished beam only extends with <end>, at no cost
         logp = np.where(done[..., None], finished, logp)

@@ -78,6 +78,23 @@ def until_end(row: list[int], end_id: int) -> list[int]:
     return row[: row.index(end_id)] if end_id in row else row
 
 
+def repeated_ngram_bans(rows: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    """Per token row, the tokens that would repeat one of its ``n``-grams if written next (n-gram blocking, as in
+    fairseq's and transformers' ``no_repeat_ngram_size``); nothing for ``n`` < 1. Shared by the PyTorch and the
+    onnxruntime decoders so that both block the same tokens."""
+    if n < 1:
+        return [[] for _ in rows]
+    out = []
+    for row in rows:
+        row = list(row)
+        prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+        if len(row) < n:
+            out.append([])
+            continue
+        out.append(sorted({row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i: i + n - 1]) == prefix}))
+    return out
+
+
 def caption_images(captioner: Captioner, images: Sequence[Image.Image], *, batch_size: int, beam_size: int
                    ) -> list[str]:
     """Captions of ``images`` (RGB), ``batch_size`` at a time: the unit to time a runtime with."""

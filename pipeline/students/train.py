@@ -62,14 +62,14 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -
 
 
 def decode_split(model: nn.Module, features: FeatureFn, split: str, n: int, vocab: Vocabulary, beam: int,
-                 max_length: int, batch_size: int = 512) -> list[str]:
+                 max_length: int, batch_size: int = 512, no_repeat_ngram: int = 0) -> list[str]:
     model.eval()
     out: list[str] = []
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(n, start + batch_size))
         with torch.no_grad(), _autocast():
             seqs = beam_search(model, features(split, idx).to(compute_device()), beam, max_length, vocab.start_id,
-                               vocab.end_id)
+                               vocab.end_id, no_repeat_ngram)
         out += [vocab.decode(s) for s in seqs]
     return out
 
@@ -124,7 +124,8 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     def validate(epoch: float, train_loss: float) -> None:
         """Val CIDEr-D and attribute accuracy now; keep best/ (``cfg.select_on``, ties: the other), count rounds
         without improvement (early stopping)."""
-        hyps = decode_split(model, features, "val", len(captions["val"]), vocab, cfg.val_beam_size, cfg.max_length)
+        hyps = decode_split(model, features, "val", len(captions["val"]), vocab, cfg.val_beam_size, cfg.max_length,
+                            no_repeat_ngram=cfg.no_repeat_ngram)
         model.train()
         refs = {str(i): c for i, c in enumerate(captions["val"])}
         preds = {str(i): h for i, h in enumerate(hyps)}

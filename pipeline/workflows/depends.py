@@ -31,7 +31,7 @@ from pipeline.inference.speed import SPEED_FILE
 from pipeline.sweep.points import extra_ids, extra_points, first_points, point_config
 
 Depends = tuple[dict[str, Any], dict[str, str]]
-STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers")  # which models run, and how fast: not what one model is
+STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers", "seeds")  # which models run, how fast: not what one is
 SCORING = "ngram+attributes+reliance"  # what a student's metrics.json holds: a change rescores every student
 COMBINED_PREFIX = "gt+"  # a source gt+<dataset>: the ground truth + the dataset's captions of unlabelled images
 
@@ -122,15 +122,33 @@ def encoder_weights(cfg: Config, arch: str) -> str | None:
     return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def student(cfg: Config, rd: RunDir, arch: str, source: str) -> Depends:
-    """One `students` model: the seed, architecture, source and student settings; its captions and the ground truth.
-    Every source validates on the ground truth (``validation``: distilled sources validated on their teacher's val
-    captions before)."""
+def model_seeds(cfg: Config) -> list[int]:
+    """The seeds each (architecture, source) trains with: ``students.seeds``, or the run's seed."""
+    return list(cfg.students.seeds or [cfg.seed])
+
+
+def student_folder(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None) -> Path:
+    """``students/<arch>__<source>/`` for the first (or only) seed, ``<arch>__<source>__s<seed>/`` for the others."""
+    seeds = model_seeds(cfg)
+    suffix = "" if seed is None or seed == seeds[0] else f"__s{seed}"
+    return rd.students / f"{arch}__{source}{suffix}"
+
+
+def student(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None) -> Depends:
+    """One `students` model: its seed (default the run's), architecture, source and student settings; its captions
+    and the ground truth. Every source validates on the ground truth (``validation``: distilled sources validated on
+    their teacher's val captions before). Settings left at their off value (``no_repeat_ngram`` 0, ``scst.epochs``
+    0) are left out, so that models trained before they existed stay up to date."""
     settings = config_slice(cfg, "students")["students"]
     for key in STUDENT_KEYS_IGNORED:
         settings.pop(key)
+    if not settings["no_repeat_ngram"]:
+        settings.pop("no_repeat_ngram")
+    if not settings["scst"]["epochs"]:
+        settings.pop("scst")
     inputs = {**_source_inputs(rd, source), "encoder_weights": encoder_weights(cfg, arch)}
-    config = {"seed": cfg.seed, "arch": arch, "source": source, "scoring": SCORING, "students": settings}
+    config = {"seed": cfg.seed if seed is None else seed, "arch": arch, "source": source, "scoring": SCORING,
+              "students": settings}
     if source != "gt":
         config["validation"] = "gt"
     return config, inputs

@@ -29,6 +29,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.data.formats import ORIGIN_UNLABELED, load_captions, split_rows
 from pipeline.evaluation.attributes import attribute_accuracy
+from pipeline.evaluation.bootstrap import per_image_scores
 from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.evaluation.results import RESULT_COLUMNS, finished_results, result_rows
 from pipeline.reporting.cards import caption_source, student_card
@@ -36,6 +37,7 @@ from pipeline.reporting.tables import csv_text, markdown_table
 from pipeline.students.checkpoint import load_student, record_test_results
 from pipeline.students.encoders import build_encoder
 from pipeline.students.features import DecoderInputs
+from pipeline.students.scst import run_scst
 from pipeline.students.train import FeatureFn, decode_split, train_student
 from pipeline.students.vocab import Vocabulary
 from pipeline.workflows import depends
@@ -47,6 +49,7 @@ RELIANCE_SEED = 1234  # the test-image permutation of the image-reliance control
 
 
 def student_dir(rd: RunDir, arch: str, source: str) -> Path:
+    """The folder of the first (or only) seed's model; :func:`pipeline.workflows.depends.student_folder` for any."""
     return rd.students / f"{arch}__{source}"
 
 
@@ -99,7 +102,8 @@ def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, deco
     feats, encoder = decoder_inputs(arch, {"split": [r["image_path"] for r in rows]})
     if encoder is not None:  # a fine-tuned encoder: the checkpoint's weights
         encoder.load_state_dict(best.encoder.state_dict())
-    hyps = decode_split(best.decoder, feats, "split", len(rows), best.vocab, beam_size, best.meta["max_length"])
+    hyps = decode_split(best.decoder, feats, "split", len(rows), best.vocab, beam_size, best.meta["max_length"],
+                        no_repeat_ngram=best.meta.get("no_repeat_ngram", 0))
     predictions = {r["image_id"]: h for r, h in zip(rows, hyps)}
     references = {r["image_id"]: r["caption"] for r in rows}
     return {"scores": scorer.score({k: [v] for k, v in references.items()}, predictions,
@@ -108,14 +112,19 @@ def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, deco
 
 
 def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
-                   test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: DecoderInputs, force: bool) -> dict:
+                   test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: DecoderInputs, force: bool,
+                   seed: int | None = None) -> dict:
     """Train ``arch`` on ``rows`` (:func:`source_rows`: every (image, caption) row of train is an example, so k
-    captions of an image are k examples; val picks the checkpoint), score it on the ground-truth ``test_rows``;
-    returns its metrics (also in ``metrics.json``). An up-to-date output is read back instead;
-    ``decoder_inputs(arch, paths)`` gives (features, encoder being fine-tuned or None)."""
-    out = student_dir(rd, arch, source)
+    captions of an image are k examples; val picks the checkpoint) with ``seed`` (default the run's), then SCST when
+    ``students.scst.epochs`` > 0 (:mod:`pipeline.students.scst`: train rows and val captions only), score it on the
+    ground-truth ``test_rows``; returns its metrics (also in ``metrics.json``; with SCST, the cross-entropy and the
+    SCST checkpoints' test figures side by side, ``best/`` the one validation picks; ``per_image.json``: each
+    test image's attribute agreement and CIDEr-D, for the paired bootstrap). An up-to-date output is read back
+    instead; ``decoder_inputs(arch, paths)`` gives (features, encoder being fine-tuned or None)."""
+    seed = cfg.seed if seed is None else seed
+    out = depends.student_folder(cfg, rd, arch, source, seed)
     decoder_inputs.ensure_weights(ARCHS[arch].encoder)  # a demo stand-in is built first: the student depends on it
-    config, inputs = depends.student(cfg, rd, arch, source)
+    config, inputs = depends.student(cfg, rd, arch, source, seed)
     if not force and is_up_to_date(out, config, inputs):
         log.info("%s is up to date", out.name)
         return json.loads((out / "metrics.json").read_text())
@@ -129,27 +138,44 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
                                                                    ("test", test_rows))}
     feats, encoder = decoder_inputs(arch, paths)
     s = cfg.students
-    frozen = build_encoder(ARCHS[arch].encoder, s.encoder, cfg.seed) if encoder is None else None  # the cache's
-    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, cfg.seed, scorer, encoder, frozen)
+    # the cache's encoder (the feature cache is the run seed's: the seeds differ in their decoders)
+    frozen = build_encoder(ARCHS[arch].encoder, s.encoder, cfg.seed) if encoder is None else None
+    result = train_student(arch, s, feats, feats.dim, captions, vocab, out, seed, scorer, encoder, frozen)
+    curves = result.pop("curves")
+    if s.scst.epochs:
+        scst = run_scst(arch, s, feats, feats.dim, [{"image_id": r["image_id"], "caption": r["caption"]}
+                                                    for r in rows["train"]],
+                        captions["val"], vocab, out, seed, scorer)
+        curves = {**curves, "scst": scst.pop("curves")}
+        result["scst_training"] = scst
     best = load_student(out / "best")
     if encoder is not None:  # the features' fine-tuned encoder: the best checkpoint's weights, not the last epoch's
         encoder.load_state_dict(best.encoder.state_dict())
     model, vocab = best.decoder, best.vocab
     references = {r["image_id"]: r["caption"] for r in test_rows}
 
-    def predict(features: FeatureFn) -> dict[str, str]:
-        hyps = decode_split(model, features, "test", len(test_rows), vocab, s.beam_size, s.max_length)
+    def predict(features: FeatureFn, decoder=model) -> dict[str, str]:
+        hyps = decode_split(decoder, features, "test", len(test_rows), vocab, s.beam_size, s.max_length,
+                            no_repeat_ngram=s.no_repeat_ngram)
         return {r["image_id"]: h for r, h in zip(test_rows, hyps)}
 
     predictions = predict(feats)
     scores = score_test_split(scorer, references, predictions)
     permuted = score_test_split(scorer, references, predict(permuted_images(feats, "test", len(test_rows))),
                            only=("CIDEr-D",))
-    curves = result.pop("curves")
-    metrics = {"arch": arch, "source": source, "test_images": len(test_rows), "vocabulary": len(vocab), **scores,
-               "image_reliance": image_reliance(scores, permuted), **result}
+    per_image = {"best": per_image_scores(scorer, references, predictions)}
+    metrics = {"arch": arch, "source": source, "seed": seed, "test_images": len(test_rows), "vocabulary": len(vocab),
+               **scores, "image_reliance": image_reliance(scores, permuted), **result}
+    if s.scst.epochs:  # both checkpoints' test figures, side by side
+        selected = result["scst_training"]["selected"]
+        for name in ("cross_entropy", "scst"):
+            other = predictions if name == selected else predict(feats, load_student(out / name).decoder)
+            figures = score_test_split(scorer, references, other)
+            metrics[name] = {"test": figures["test"], "attributes": figures["attributes"]}
+            per_image[name] = per_image_scores(scorer, references, other)
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps({"image_id": k, "caption": v}) + "\n"
                                                          for k, v in predictions.items()))
+    atomic_write_json(out / "per_image.json", per_image)
     atomic_write_json(out / "curves.json", curves)
     atomic_write_json(out / "metrics.json", metrics)
     shipped = record_test_results(out / "best", caption_source=caption_source(source_dir(rd, source), source),
@@ -159,7 +185,7 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
     figures = {k: round(v, 4) for k, v in scores["test"].items()}
     figures.update(attribute_macro=round(scores["attributes"]["macro"], 4),
                    attribute_reliance_drop=round(metrics["image_reliance"]["attribute_macro_drop"], 4))
-    write_manifest(out, stage="students", config=config, inputs=inputs, started=started, seed=cfg.seed,
+    write_manifest(out, stage="students", config=config, inputs=inputs, started=started, seed=seed,
                    figures=figures)
     log.info("%s: %s; attributes %.3f (image withheld: %.3f)", out.name,
              ", ".join(f"{k} {scores['test'][k]:.3f}" for k in TABLE_METRICS if k in scores["test"]),
