@@ -7,11 +7,13 @@ import to caption in Python; the training loop (:mod:`pipeline.students.train`) 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ValidationError
@@ -46,6 +48,29 @@ def load_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> N
     model.load_state_dict(load_file(folder / "model.safetensors"))
     if encoder is not None:
         encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from (torch's CPU and CUDA generators: dropout, sampling;
+    numpy's and Python's), as JSON for ``last/rng.json``: a resumed run draws what an uninterrupted one would. The
+    data order needs none: each epoch's is drawn from its own generator seeded with (seed, epoch)."""
+    state = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": [state[0], list(state[1]), state[2]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def describe_student(arch: str, cfg: StudentsConfig, *, feat_dim: int, vocab_size: int, seed: int,
