@@ -214,7 +214,7 @@ def test_prepare_students_report_and_export_killed_anywhere(make_config, tmp_pat
     prepare.run(cfg, Namespace(force=False, wait=False))  # the raw data is rendered once, outside the run folder
     _kills("prepare", [*args, "--force"], run / "data", run, tmp_path, capsys, _prepared, resume_args=args)
     student = run / "students" / "vgg19_gru__gt"
-    _kills("students", args, student, run, tmp_path, capsys, _student)
+    _kills("students", [*args, "--force"], student, run, tmp_path, capsys, _student, resume_args=args)
     _kills("report", [*args, "--force"], run / "report", run, tmp_path, capsys,
            lambda out: (out / "results.csv").read_text(), resume_args=args)
     best = student / "best"

@@ -29,6 +29,7 @@ from pipeline.students.checkpoint import (
     describe_student,
     load_weights,
     rng_state,
+    save_optimizer,
     save_student,
     save_weights,
     set_rng_state,
@@ -195,7 +196,7 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
             validate(state["epoch"], loss.item())
         with publish_dir(last) as tmp:
             save_weights(tmp, model, encoder)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_optimizer(tmp, optimizer)
             atomic_write_json(tmp / "state.json", state)
             atomic_write_json(tmp / "rng.json", rng_state())
     writer.close()
