@@ -209,8 +209,8 @@ def test_prepare_refuses_a_users_data_in_its_output_folder(tmp_path, make_config
     res = run_stage("prepare", "--config", str(make_config()))
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
-        f"prepare: error: {cfg.run_dir / 'data'} exists and was not written by fashion-distill (no .fashion-distill.json); "
-        "refusing to replace it: move it away or choose another run_dir"]
+        f"prepare: error: {cfg.run_dir / 'data'} exists and was not written by fashion-distill "
+        "(no .fashion-distill.json); refusing to replace it: move it away or choose another run_dir"]
     assert (raw / "captions.json").read_text() == '{"a.jpg": "A caption."}' and (raw / "images" / "a.jpg").is_file()
     assert not cfg.data.root.exists()  # refused before anything was generated
 
