@@ -19,6 +19,7 @@ from pipeline.core.rundir import (
     RunDir,
     atomic_write_json,
     is_up_to_date,
+    record_entries,
     require_stage,
     reset_work_dir,
     wait_for_work_dir,
@@ -54,6 +55,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     out = rd.teacher
     if rank() == 0:  # a fresh start wipes stale checkpoints, which would be resumed otherwise
         reset_work_dir(out, config, inputs, force=args.force)
+        record_entries(out, ["checkpoints", "tensorboard", "adapter"])  # what the Trainer writes, listed first
     else:
         wait_for_work_dir(out, config, inputs)
 

@@ -2,6 +2,7 @@
 and its torch-free runtime (parity with PyTorch, greedy and beam)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,8 @@ def test_every_image_mode_is_captioned_and_bad_files_are_skipped_with_their_reas
     (folder / "bomb.png").write_bytes(_png_header(40_000, 40_000))
     (folder / "notes.txt").write_text("not an image")
     (folder / "empty.jpg").write_bytes(b"")
+    os.mkfifo(folder / "fifo.jpg")  # opening it would block forever
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
     rgb.resize((160, 96)).save(tmp_path / "whole.jpg")
     whole = (tmp_path / "whole.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
@@ -198,7 +201,10 @@ def test_every_image_mode_is_captioned_and_bad_files_are_skipped_with_their_reas
     assert [Path(r["path"]).name for r in rows] == good and result.captioned == len(good)
     assert all(set(r) == {"path", "caption", "attributes"} and r["caption"] for r in rows)
     reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
-    assert sorted(reasons) == ["bomb.png", "empty.jpg", "huge.png", "notes.txt", "truncated.jpg"]
+    assert sorted(reasons) == ["bomb.png", "empty.jpg", "fifo.jpg", "huge.png", "loop.jpg", "notes.txt",
+                               "truncated.jpg"]
+    assert reasons["fifo.jpg"] == "not a regular file (a FIFO)"
+    assert reasons["loop.jpg"] == "cannot be read (Too many levels of symbolic links)"
     assert "more than caption.max_pixels=40000" in reasons["huge.png"] and "300x300" in reasons["huge.png"]
     assert reasons["bomb.png"].startswith("too large")
     assert reasons["notes.txt"] == reasons["empty.jpg"] == "not an image (no image format PIL reads)"

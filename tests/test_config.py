@@ -87,14 +87,14 @@ def test_bad_values_name_the_key(make_config, override, key):
 def test_inputs_inside_an_output_folder_are_refused(make_config, key, where):
     path = make_config()
     run_dir = load_config(path).run_dir
-    with pytest.raises(ConfigError, match=rf"^{path}: {key}: {run_dir / where} is inside {run_dir}/"):
+    with pytest.raises(ConfigError, match=rf"^override: {key}: {run_dir / where} is inside {run_dir}/"):
         load_config(path, [f"{key}={run_dir / where}"])
     assert load_config(path, [f"{key}={run_dir / 'inputs'}"])  # beside the outputs is fine
 
 
 def test_several_greedy_samples_per_image_are_refused(make_config):
     path = make_config()
-    with pytest.raises(ConfigError, match=rf"^{path}: distill.samples_per_image: 3 samples at distill.temperature=0 "
+    with pytest.raises(ConfigError, match=r"^override: distill.samples_per_image: 3 samples at distill.temperature=0 "
                                           r"would be identical \(greedy\)"):
         load_config(path, ["distill.samples_per_image=3", "distill.temperature=0"])
     assert load_config(path, ["distill.samples_per_image=3", "distill.temperature=0.7"]).distill.samples_per_image == 3
@@ -180,3 +180,34 @@ def test_stand_in_settings_per_encoder_family():
     for bad in ({"vgg": {"epochs": 2}}, {"vgg19": {"epoch": 2}}, {"vgg19": {"epochs": 0}}):
         with pytest.raises(ValidationError):
             EncoderStandIn(by_encoder=bad)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path, make_config):
+    """A "billion laughs" alias bomb (9^9 strings from 10 lines) is refused in one line, in a file or an override."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{bomb}: not valid YAML: line 2, column \d+: aliases \(\*a0\) are "
+                                          r"not allowed in a config; write the value out$"):
+        load_config(bomb)
+    with pytest.raises(ConfigError, match=r"^override students.archs: .*aliases \(\*x\) are not allowed"):
+        load_config(make_config(), ["students.archs=[&x vgg19_gru, *x]"])
+    assert load_config(make_config(), ["students.archs=[vgg19_gru]"]).students.archs == ["vgg19_gru"]
+
+
+def test_no_students_to_train_is_refused(make_config):
+    with pytest.raises(ConfigError, match=r"^override: students.archs: List should have at least 1 item"):
+        load_config(make_config(), ["students.archs=[]"])
+    with pytest.raises(ConfigError, match=r"config.yaml: students.archs: List should have at least 1 item"):
+        load_config(make_config(students={"archs": []}))
+
+
+def test_a_cross_field_error_blames_where_its_keys_were_set(make_config):
+    """distill.samples_per_image > 1 at distill.temperature 0: the overrides are blamed when both came from there."""
+    path = make_config()
+    with pytest.raises(ConfigError, match=r"^override: distill.samples_per_image: 3 samples at distill.temperature"):
+        load_config(path, ["distill.temperature=0", "distill.samples_per_image=3"])
+    path = make_config(distill={"samples_per_image": 3})
+    with pytest.raises(ConfigError, match=rf"^{path}: distill.samples_per_image: 3 samples"):
+        load_config(path, ["distill.temperature=0"])

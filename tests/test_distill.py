@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import load_config
-from pipeline.core.rundir import OutputInUseError, StageInputError, read_manifest
+from pipeline.core.rundir import ForeignDataError, OutputInUseError, StageInputError, read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.reporting.cards import front_matter
@@ -143,6 +143,14 @@ def test_kill_9_then_rerun_gives_identical_dataset(trained):
     assert read_manifest(jsonl.parent) is None
     with open(jsonl, "a") as fh:
         fh.write('{"image_id": "torn')  # a write cut short by the kill
+    mine = jsonl.parent / "notes.txt"  # a user's file in the half-written folder: no rerun may delete it
+    mine.write_text("mine")
+    for overrides, force in ((["distill.temperature=0.5"], False), ([], True)):
+        with pytest.raises(ForeignDataError, match=f"^{mine} was not written by fashion-distill"):
+            _distill(trained, "distill.temperature=0.9", "distill.name=killed", "distill.batch_size=2", *overrides,
+                     force=force)
+        assert mine.read_text() == "mine" and len(read_generations(jsonl)) == partial
+    mine.unlink()
     _distill(trained, "distill.temperature=0.9", "distill.name=killed", "distill.batch_size=2", force=False)
     assert _dataset(cfg, "killed") == reference
     lines = jsonl.read_text().splitlines()

@@ -209,8 +209,8 @@ def test_prepare_refuses_a_users_data_in_its_output_folder(tmp_path, make_config
     res = run_stage("prepare", "--config", str(make_config()))
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
-        f"prepare: error: {cfg.run_dir / 'data'} exists and was not written by fashion-distill (no manifest.json); "
-        "refusing to replace it: move it away or choose another run_dir"]
+        f"prepare: error: {cfg.run_dir / 'data'} exists and was not written by fashion-distill "
+        "(no .fashion-distill.json); refusing to replace it: move it away or choose another run_dir"]
     assert (raw / "captions.json").read_text() == '{"a.jpg": "A caption."}' and (raw / "images" / "a.jpg").is_file()
     assert not cfg.data.root.exists()  # refused before anything was generated
 
@@ -419,3 +419,26 @@ def test_students_stage_names_a_truncated_image(tmp_path, make_config):
     assert res.stderr.strip().splitlines()[-1].startswith(
         f"students: error: {tmp_path / 'raw-cut' / 'images' / cut}: unreadable image")
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_fifos_and_link_loops_under_images_are_skipped_not_opened(tmp_path, make_config):
+    """Opening a FIFO blocks forever: only regular files are opened, the rest skipped with a reason (the stage runs
+    in a process with a time limit, so a hang fails the test)."""
+    import os
+
+    raw = tmp_path / "raw-fifo"
+    good = {f"WOMEN-Tees-id_{i:08d}-01_1_front.jpg": f"The lady wears a ring number {i}." for i in range(6)}
+    for name in good:
+        _placeholder(raw / "images" / name)
+    os.mkfifo(raw / "images" / "fifo.jpg")
+    (raw / "images" / "loop.jpg").symlink_to(raw / "images" / "loop.jpg")
+    (raw / "images" / "folder.jpg").mkdir()
+    bad = {"fifo.jpg": "not a regular file (a FIFO)", "loop.jpg": "cannot be read (Too many levels of symbolic links)",
+           "folder.jpg": "not a regular file (a folder)"}
+    (raw / "captions.json").write_text(json.dumps({**good, **{k: "A caption." for k in bad}}))
+    path = make_config(data={"root": str(raw), "synthetic": None})
+    res = run_stage("prepare", "--config", str(path), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    skipped = json.loads((load_config(path).run_dir / "data" / "skipped.json").read_text())
+    reasons = {s["record"]: s["reason"] for s in skipped}
+    assert set(reasons) == set(bad) and all(reasons[k].startswith(bad[k] + ": ") for k in bad), reasons

@@ -10,12 +10,14 @@ import time
 import pytest
 
 from pipeline.core.rundir import (
+    MARKER_LOCK,
     OWNER_FILE,
     WORK_STAMP,
     ForeignDataError,
     OutputInUseError,
     StageInputError,
     atomic_write_json,
+    atomic_write_text,
     is_up_to_date,
     lock_file,
     output_lock,
@@ -108,7 +110,7 @@ def test_reset_work_dir_wipes_only_its_own_work(tmp_path):
     assert (work / "thesis.tex").read_text() == "years of work" and not (work / WORK_STAMP).exists()
     (work / "thesis.tex").unlink()
     reset_work_dir(work, cfg, inputs, force=False)
-    (work / "checkpoint").write_text("partial")
+    atomic_write_text(work / "checkpoint", "partial")
     reset_work_dir(work, cfg, inputs, force=False)  # same settings: resumed
     assert (work / "checkpoint").read_text() == "partial"
     write_manifest(work, stage="s", config=cfg, inputs=inputs, started=time.time())
@@ -118,7 +120,7 @@ def test_reset_work_dir_wipes_only_its_own_work(tmp_path):
     assert read_manifest(work) is not None and (work / "checkpoint").is_file()
     (work / "notes.txt").unlink()
     reset_work_dir(work, {"a": 2}, inputs, force=False)  # other settings: its own finished output is replaced
-    assert sorted(p.name for p in work.iterdir()) == [WORK_STAMP]
+    assert sorted(p.name for p in work.iterdir()) == [OWNER_FILE, MARKER_LOCK, WORK_STAMP]
 
 
 def test_publish_dir_keeps_a_live_process_temp_folder(tmp_path):

@@ -284,6 +284,50 @@ def test_fine_tuned_encoder_is_trained_checkpointed_and_resumed_exactly(tmp_path
     assert json.loads((tmp_path / "straight" / "best" / "student.json").read_text())["encoder_finetuned"] is True
 
 
+def test_resumed_training_with_dropout_equals_an_uninterrupted_run(tmp_path):
+    """Dropout draws from torch's generator: a run stopped after any epoch and resumed from last/ (which saves
+    every generator's state) ends with the same weights, bit for bit, as one that was never stopped."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    table = {"train": torch.randn(32, 16), "val": torch.randn(4, 16)}
+    cfg = SMALL.model_copy(update={"epochs": 4, "batch_size": 8, "val_every_epochs": 1, "early_stop_patience": 9,
+                                   "dropout": 0.5})
+
+    class Scorer:
+        def __init__(self, crash_at=None, calls=0):
+            self.calls, self.crash_at = calls, crash_at
+
+        def score(self, refs, hyps, only=None):
+            self.calls += 1
+            if self.calls == self.crash_at:
+                raise _Crash
+            return {"CIDEr-D": [0.1, 0.5, 0.3, 0.6][self.calls - 1]}
+
+    def run(out, scorer):
+        return train_student("vgg19_gru", cfg, lambda s, idx: table[s][idx], 16, caps, vocab, out, 0, scorer)
+
+    def weights(folder):
+        return load_file(folder / "model.safetensors")
+
+    straight = run(tmp_path / "straight", Scorer())
+    for crash in (2, 3, 4):  # in the validation of epochs 2, 3, 4: resumed after epochs 1, 2, 3
+        out = tmp_path / f"crash-{crash}"
+        with pytest.raises(_Crash):
+            run(out, Scorer(crash_at=crash))
+        torch.manual_seed(123), np.random.seed(123), random.seed(123)  # the process that resumes is another one
+        resumed = run(out, Scorer(calls=crash - 1))
+        assert resumed["resumed_after_epoch"] == crash - 1 and resumed["curves"] == straight["curves"]
+        for folder in ("last", "best"):
+            a, b = weights(tmp_path / "straight" / folder), weights(out / folder)
+            assert all(torch.equal(a[k], b[k]) for k in a), (crash, folder)
+
+
 @pytest.mark.slow
 def test_students_stage_fine_tunes_the_encoder(make_config):
     from pipeline.students.encoders import build_encoder

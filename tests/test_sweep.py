@@ -12,7 +12,14 @@ import pytest
 
 from pipeline.core.archs import ARCHS
 from pipeline.core.config import ConfigError, load_config
-from pipeline.core.rundir import RunDir, atomic_write_json, is_up_to_date, read_manifest, write_manifest
+from pipeline.core.rundir import (
+    RunDir,
+    atomic_write_json,
+    is_up_to_date,
+    read_manifest,
+    reset_work_dir,
+    write_manifest,
+)
 from pipeline.data.formats import to_hf_dataset
 from pipeline.reporting.tables import results_markdown, sweep_report
 from pipeline.sweep.points import GT, SAMPLES, TEMPERATURE, UNLABELED, Point, extra_points, first_points
@@ -105,6 +112,7 @@ class Spies:
         if not force and is_up_to_date(out, *key):
             return out
         self.generated.append(out.name)
+        reset_work_dir(out, *key, force=force)  # as the real stage does: its folder, marked as its own
         t = cfg.distill.temperature
         rows = [{**r, "caption": CAPTION + " " * int(10 * t), "source": out.name} for r in _gt_rows()]
         to_hf_dataset(rows).save_to_disk(str(out / "captions"))
@@ -119,6 +127,7 @@ class Spies:
         if not force and is_up_to_date(out, *key):
             return json.loads((out / "metrics.json").read_text())
         self.trained.append(source)
+        reset_work_dir(out, *key, force=force)
         attributes, cider = TEST[source]
         metrics = {"arch": arch, "source": source, "attributes": {"macro": attributes},
                    "test": {"BLEU-4": 0.3, "METEOR": 0.3, "ROUGE-L": 0.5, "CIDEr-D": cider},

@@ -8,6 +8,7 @@ dotted key that caused it and the file (or override) it came from.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -389,6 +390,31 @@ class Config(Section):
 Origins = dict[tuple[str, ...], str]  # key path -> the file (or "override") that set it
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """The safe loader without aliases (``*name``): a few lines of them expand to billions of nodes (a "billion
+    laughs" bomb) before anything is validated; a config never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a config; "
+                                              "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, then what."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {context + ': ' if context else ''}{problem}"
+
+
 def _source(origins: Origins, loc: tuple, default: str) -> str:
     """Where the value at ``loc`` (or its nearest set parent) came from; ``default`` for what no file set."""
     key = tuple(str(p) for p in loc)
@@ -401,8 +427,11 @@ def _source(origins: Origins, loc: tuple, default: str) -> str:
 def _format_error(err: ValidationError, origins: Origins, default: str) -> str:
     lines = []
     for e in err.errors():
-        if e["type"] == "value_error":  # a cross-field check: its message starts with the key
-            lines.append(f"{_source(origins, e['loc'], default)}: {e['ctx']['error']}")
+        if e["type"] == "value_error":  # a cross-field check: its message starts with the key, blamed where set
+            message = str(e["ctx"]["error"])
+            key = re.match(r"([a-z_0-9]+(?:\.[a-z_0-9]+)+): ", message)
+            loc = tuple(key.group(1).split(".")) if key else e["loc"]
+            lines.append(f"{_source(origins, loc, default)}: {message}")
             continue
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
@@ -419,9 +448,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {_yaml_error(exc)}") from None
     return parts, value
 
 
@@ -471,11 +500,11 @@ def merge_trees(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
     """The YAML mapping in ``path`` over its chain of ``base:`` files, and the file each key came from."""
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error(exc)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     base = tree.pop("base", None)

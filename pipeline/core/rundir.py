@@ -4,9 +4,12 @@ A stage's output folder counts as finished only when its ``manifest.json`` exist
 :func:`require_stage`, so a half-written folder is never read. Stages that produce one folder in one go publish it
 with :func:`publish_dir` (build in a sibling temp folder, then rename into place).
 
-A stage replaces only what it wrote itself: every folder it writes carries a marker (:data:`OWNER_FILE`, listing the
-entries it wrote, or the work stamp of a resumable run), and :func:`require_replaceable` refuses anything else in the
-way. While it runs, a stage holds :func:`output_lock` on its output, so two runs never write the same folder.
+A stage replaces only what it wrote itself: every folder it writes carries a marker (:data:`OWNER_FILE`) listing the
+entries it wrote there, and an entry is listed *before* it is created (:func:`record_entries`; the atomic writers and
+:func:`publish_dir` do it for any folder that has a marker), so whatever state a kill leaves a folder in, everything
+in it is either listed or not this pipeline's. :func:`require_replaceable` refuses anything unlisted, at any depth,
+before anything is touched. While it runs, a stage holds :func:`output_lock` on its output, so two runs never write
+the same folder.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pipeline.core.errors import PipelineError
 MANIFEST = "manifest.json"
 SWEEP_PREFIX = "sweep-"  # the temperature sweep's distilled datasets: kept out of the main chain's sources
 OWNER_FILE = ".fashion-distill.json"  # in every folder this pipeline writes: the entries it wrote there
+MARKER_LOCK = OWNER_FILE + ".lock"  # beside it: serialises its updates
 TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "peft", "accelerate", "deepspeed", "datasets",
                     "bitsandbytes", "pycocoevalcap", "fashion-distill")
 
@@ -119,7 +123,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name != OWNER_FILE:
+            record_entries(path.parent, [path.name])
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; outputs are as readable as other files
@@ -144,29 +149,111 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def _write_owner_file(folder: Path) -> None:
-    """Record the entries of ``folder`` as written by this pipeline."""
-    entries = sorted({p.name for p in folder.iterdir()} | {OWNER_FILE})
-    atomic_write_json(folder / OWNER_FILE, {"written_by": "fashion-distill", "entries": entries})
+def _listed(folder: Path) -> set[str] | None:
+    """The entries the marker of ``folder`` lists; None when it has no readable marker."""
+    try:
+        entries = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(entries) | {OWNER_FILE, MARKER_LOCK} if isinstance(entries, list) else None
+
+
+def _write_marker(folder: Path, entries: Iterable[str]) -> None:
+    atomic_write_json(folder / OWNER_FILE, {"written_by": "fashion-distill", "entries": sorted(set(entries))})
+
+
+def make_dirs(folder: str | Path) -> None:
+    """Create ``folder`` and its missing parents; a folder created inside one this pipeline marks is recorded in
+    its parent's marker first and gets a marker of its own (so what goes into it is checked too)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    make_dirs(folder.parent)
+    if _listed(folder.parent) is not None:
+        record_entries(folder.parent, [folder.name])
+        folder.mkdir(exist_ok=True)
+        if _listed(folder) is None:
+            _write_marker(folder, [])
+    else:
+        folder.mkdir(exist_ok=True)
+
+
+@contextlib.contextmanager
+def _marker_lock(folder: Path) -> Iterator[None]:
+    """Serialise updates of ``folder``'s marker (parallel distill shards record their files in one folder)."""
+    fd = os.open(folder / MARKER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def record_entries(folder: str | Path, names: Iterable[str], *, start: bool = False) -> None:
+    """Record ``names`` as entries this pipeline writes in ``folder`` before they are written: the marker is
+    rewritten atomically first. Without ``start`` nothing is recorded in a folder with no marker (not one of this
+    pipeline's output folders); ``start`` makes ``folder`` (created when missing) one."""
+    folder, names = Path(folder), set(names)
+    make_dirs(folder)
+    listed = _listed(folder)
+    if listed is not None and names <= listed or listed is None and not start:
+        return
+    with _marker_lock(folder):
+        listed = _listed(folder)
+        if listed is None and start:
+            listed = set()
+        if listed is not None and not (names <= listed and (folder / OWNER_FILE).is_file()):
+            _write_marker(folder, listed | names)
+
+
+def _seal(folder: Path, *, everything: bool) -> None:
+    """Give every listed subfolder of ``folder`` without a marker (one a library filled, e.g. ``tensorboard/``) a
+    marker listing what is in it now, at every depth; ``everything``: ``folder`` is a fresh temp folder of
+    :func:`publish_dir`, whose entries are all this pipeline's."""
+    names = {p.name for p in folder.iterdir()}
+    listed = _listed(folder)
+    if everything or listed is None:
+        listed = names | (listed or set())
+        _write_marker(folder, listed)
+    for name in sorted(names & listed):
+        sub = folder / name
+        if sub.is_dir() and not sub.is_symlink():
+            _seal(sub, everything=everything or _listed(sub) is None)
+
+
+def _is_own_temp(name: str, listed: set[str]) -> bool:
+    """A temp name of a listed entry: ``.<entry>.<random>.tmp`` (an atomic write), ``.<entry>.tmp-<owner>`` (a
+    :func:`publish_dir` temp folder), ``.<entry>.old-<pid>`` (a folder being removed), ``.<entry>[.<part>].lock``."""
+    return name.startswith(".") and any(
+        name.startswith(f".{entry}.") and (name.endswith((".tmp", ".lock")) or name.startswith(f".{entry}.tmp-")
+                                           or name.startswith(f".{entry}.old-"))
+        for entry in listed)
 
 
 def foreign_entry(folder: str | Path) -> Path | None:
-    """What stands in the way of replacing ``folder``: the folder itself when nothing proves this pipeline wrote it
-    (no marker, manifest or work stamp), an entry its marker does not list; None when it may be replaced."""
+    """What stands in the way of replacing ``folder``: the folder itself when it is not empty and has no marker, or
+    the first entry (at any depth) that a marker does not list; None when it may be replaced. A listed subfolder
+    without a marker of its own is one a library was filling when the run stopped (e.g. ``tensorboard/``)."""
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
         return None
     if folder.is_symlink() or not folder.is_dir():
         return folder
-    names = {p.name for p in folder.iterdir()}
+    names = sorted(p.name for p in folder.iterdir() if p.name != MARKER_LOCK)  # a lock taken before the marker
     if not names:
         return None
-    try:
-        allowed = set(json.loads((folder / OWNER_FILE).read_text())["entries"]) | {MANIFEST, WORK_STAMP, OWNER_FILE}
-    except (OSError, ValueError, KeyError, TypeError):  # no marker: a manifest or a work stamp proves it
-        return None if names & {MANIFEST, WORK_STAMP} else folder
-    unknown = sorted(n for n in names - allowed if not (n.startswith(".") and n.endswith(".tmp")))
-    return folder / unknown[0] if unknown else None
+    listed = _listed(folder)
+    if listed is None:
+        return folder
+    for name in names:
+        entry = folder / name
+        if name in listed:
+            if entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).exists():
+                if (inner := foreign_entry(entry)) is not None:
+                    return inner
+        elif not _is_own_temp(name, listed):
+            return entry
+    return None
 
 
 def require_replaceable(folder: str | Path) -> None:
@@ -175,10 +262,28 @@ def require_replaceable(folder: str | Path) -> None:
     if entry is None:
         return
     if entry == Path(folder):
-        raise ForeignDataError(f"{entry} exists and was not written by fashion-distill (no {MANIFEST}); refusing "
+        raise ForeignDataError(f"{entry} exists and was not written by fashion-distill (no {OWNER_FILE}); refusing "
                                "to replace it: move it away or choose another run_dir")
     raise ForeignDataError(f"{entry} was not written by fashion-distill; refusing to replace {folder} with it "
                            "inside: move it away")
+
+
+def remove_dir(folder: Path) -> None:
+    """Remove ``folder`` (checked with :func:`require_replaceable` by the caller): renamed out of the way first, so a
+    kill midway leaves no half-deleted folder where an output goes, only a hidden ``.<name>.old-<pid>`` that a
+    later run removes."""
+    if not folder.exists():
+        return
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    os.replace(folder, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Temp and old folders of ``final`` that a dead process on this host left behind."""
+    for stale in final.parent.glob(f".{final.name}.*"):
+        if stale.is_dir() and not stale.is_symlink() and _is_leftover(stale, final):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _temp_prefix(final: Path) -> str:
@@ -186,9 +291,14 @@ def _temp_prefix(final: Path) -> str:
 
 
 def _is_leftover(temp: Path, final: Path) -> bool:
-    """A temp folder of ``final`` left by a dead process on this host (a live one's is still being filled)."""
-    owner, _, _ = temp.name[len(_temp_prefix(final)):].rpartition("-")
-    pid, _, host = owner.partition("@")
+    """A temp (or old) folder of ``final`` left by a dead process on this host (a live one's is still in use)."""
+    if temp.name.startswith(f".{final.name}.old-"):
+        pid, host = temp.name[len(f".{final.name}.old-"):], socket.gethostname()
+    elif temp.name.startswith(_temp_prefix(final)):
+        owner, _, _ = temp.name[len(_temp_prefix(final)):].rpartition("-")
+        pid, _, host = owner.partition("@")
+    else:
+        return False
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -210,16 +320,14 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     require_replaceable(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f"{_temp_prefix(final)}*"):
-        if _is_leftover(stale, final):
-            shutil.rmtree(stale, ignore_errors=True)
+    record_entries(final.parent, [final.name])
+    _remove_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}@{socket.gethostname()}-",
                                 dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        _write_owner_file(tmp)
+        _seal(tmp, everything=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -399,9 +507,10 @@ def reset_work_dir(stage_dir: str | Path, config: dict[str, Any], inputs: dict[s
     write is refused (:func:`require_replaceable`) before anything is touched."""
     stage_dir = Path(stage_dir)
     require_replaceable(stage_dir)
+    _remove_leftovers(stage_dir)
     if force or is_stale_work(stage_dir, config, inputs):
-        shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+        remove_dir(stage_dir)
+    record_entries(stage_dir, [WORK_STAMP], start=True)  # the marker first: every entry is listed before it is written
     if not (stage_dir / WORK_STAMP).is_file():
         atomic_write_text(stage_dir / WORK_STAMP, stage_fingerprint(config, inputs))
 
@@ -424,8 +533,8 @@ def require_stage(stage_dir: str | Path, stage: str) -> dict[str, Any]:
 
 def write_manifest(stage_dir: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str],
                    started: float, figures: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Write ``manifest.json`` last: config slice, input fingerprints, versions, wall time and key figures; the
-    folder's marker then lists everything in it as written by this stage."""
+    """Write ``manifest.json`` last: config slice, input fingerprints, versions, wall time and key figures. Before it,
+    each listed subfolder a library filled gets a marker listing what is in it (:func:`_seal`)."""
     manifest = {
         "stage": stage,
         "fingerprint": stage_fingerprint(config, inputs),
@@ -437,6 +546,7 @@ def write_manifest(stage_dir: str | Path, *, stage: str, config: dict[str, Any],
         "wall_time_s": round(time.time() - started, 3),
         "figures": figures or {},
     }
+    record_entries(stage_dir, [MANIFEST], start=True)
+    _seal(Path(stage_dir), everything=False)
     atomic_write_json(Path(stage_dir) / MANIFEST, manifest)
-    _write_owner_file(Path(stage_dir))
     return manifest

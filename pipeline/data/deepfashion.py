@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
+from pipeline.data.images import not_a_file
 from pipeline.data.text import normalise
 
 SINGLE_FILE = "captions.json"
@@ -91,6 +92,8 @@ def unit_hash(*parts: object) -> float:
 def check_image(path: Path, mode: str) -> str | None:
     """Why ``path`` is not a usable image (``mode`` ``decode``: decoded in full; ``header``: header verified), or
     ``None``."""
+    if (reason := not_a_file(path)) is not None:
+        return reason
     try:
         with Image.open(path) as im:
             if mode == "decode":

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.rundir import atomic_write_text
-from pipeline.data.images import ImageError, load_rgb
+from pipeline.data.images import ImageError, load_rgb, not_a_file
 from pipeline.evaluation.attributes import ABSENT, caption_labels
 from pipeline.students.runtime import Captioner, read_student_json
 
@@ -53,7 +53,7 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file())
+            found += sorted(p for p in path.rglob("*") if not p.is_dir())  # FIFOs, links: skipped with a reason
         elif path.is_file():
             found.append(path)
         else:
@@ -67,6 +67,8 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
 def read_image(path: Path, *, max_pixels: int) -> Image.Image:
     """The image at ``path`` as upright 8-bit RGB; :class:`UnusableImage` when it is not a readable image or has more
     than ``max_pixels`` pixels (checked from the header, before decoding)."""
+    if (reason := not_a_file(path)) is not None:
+        raise UnusableImage(reason)
     try:
         with Image.open(path) as im:
             width, height = im.size

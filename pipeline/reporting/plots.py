@@ -3,10 +3,12 @@ students x attributes heat map and quality against CPU throughput."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core.archs import short_name
+from pipeline.core.rundir import atomic_write_bytes
 from pipeline.evaluation.attributes import ATTRIBUTES
 from pipeline.evaluation.results import COURSE_METRICS
 
@@ -18,6 +20,13 @@ def _figure():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """``fig`` as the image file ``path`` (format from its suffix), written atomically like every other output."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:], dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_metric_bars(results: Sequence[dict], path: Path) -> None:
@@ -37,7 +46,7 @@ def plot_metric_bars(results: Sequence[dict], path: Path) -> None:
         ax.set_title(metric)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, title="trained on", loc="outside right center")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -59,7 +68,7 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
     cider_ax.set(title="validation CIDEr-D", xlabel="step")
     attr_ax.set(title="validation attribute accuracy (macro)", xlabel="step")
     attr_ax.legend(fontsize=6, ncol=2)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -72,7 +81,7 @@ def plot_length_histograms(lengths: dict[str, list[int]], path: Path) -> None:
         ax.hist(values, bins=bins, alpha=0.5, label=f"{source} (mean {sum(values) / max(1, len(values)):.1f})")
     ax.set(title="caption length per source (training captions)", xlabel="words", ylabel="captions")
     ax.legend()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -89,7 +98,7 @@ def plot_attribute_heatmap(labels: Sequence[str], values: Sequence[Sequence[floa
             ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
     ax.set_title("attribute accuracy on the ground-truth test split (%)")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -126,7 +135,7 @@ def plot_speed_quality(records: Sequence[dict], batch_size: int, path: Path) -> 
         ax.xaxis.set_major_formatter(LogFormatter())  # plain numbers: 20, 30, 50 rather than 2x10^1
         ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     fig.legend(handles=handles, fontsize=8, loc="outside right center")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -178,5 +187,5 @@ def plot_sweep(records: Sequence[dict], best: dict, path: Path) -> None:
     for ax in axes.values():
         ax.axvline(best["temperature"], color="black", ls=":", lw=1)
     fig.suptitle(f"temperature sweep: chosen T={best['temperature']:g} ({best['select_on']})")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)

@@ -7,21 +7,25 @@ import to caption in Python; the training loop (:mod:`pipeline.students.train`) 
 
 from __future__ import annotations
 
+import io
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from pipeline.core.archs import ARCHS
 from pipeline.core.config import EncoderSettings, StudentsConfig
 from pipeline.core.errors import PipelineError
-from pipeline.core.rundir import atomic_write_json, publish_dir
+from pipeline.core.rundir import atomic_write_bytes, atomic_write_json, publish_dir
 from pipeline.students.beam import beam_search, greedy_decode
 from pipeline.students.decoders import DECODER_SETTINGS, build_decoder
 from pipeline.students.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
@@ -35,17 +39,56 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> None:
-    """``model.safetensors`` (the decoder) and, when given, ``encoder.safetensors`` in ``folder``."""
-    save_file(_state(model), folder / "model.safetensors")
+    """``model.safetensors`` (the decoder) and, when given, ``encoder.safetensors`` in ``folder`` (atomic writes,
+    readable like every other output)."""
+    atomic_write_bytes(folder / "model.safetensors", save(_state(model)))
     if encoder is not None:
-        save_file(_state(encoder), folder / "encoder.safetensors")
+        atomic_write_bytes(folder / "encoder.safetensors", save(_state(encoder)))
+
+
+def save_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.pt`` in ``folder``; a failed write (a full disk) names the file."""
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    atomic_write_bytes(folder / "optimizer.pt", buffer.getvalue())
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; one line naming it when it is cut short or not safetensors."""
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise PipelineError(f"{path}: not a readable safetensors file ({exc}); retrain or restore it") from None
 
 
 def load_weights(folder: Path, model: nn.Module, encoder: nn.Module | None) -> None:
     """The weights :func:`save_weights` wrote, into ``model`` (and ``encoder``)."""
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    _load_state(model, folder / "model.safetensors")
     if encoder is not None:
-        encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
+        _load_state(encoder, folder / "encoder.safetensors")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from (torch's CPU and CUDA generators: dropout, sampling;
+    numpy's and Python's), as JSON for ``last/rng.json``: a resumed run draws what an uninterrupted one would. The
+    data order needs none: each epoch's is drawn from its own generator seeded with (seed, epoch)."""
+    state = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "python": [state[0], list(state[1]), state[2]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def describe_student(arch: str, cfg: StudentsConfig, *, feat_dim: int, vocab_size: int, seed: int,
@@ -103,7 +146,7 @@ class Student:
 
 def _load_state(module: nn.Module, path: Path) -> None:
     try:
-        module.load_state_dict(load_file(path))
+        module.load_state_dict(read_tensors(path))
     except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
         raise PipelineError(f"{path}: does not fit student.json: {str(exc).splitlines()[0]}") from None
 

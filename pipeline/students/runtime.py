@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from pipeline.core.archs import ARCHS
 from pipeline.core.errors import PipelineError
 
 FORMAT_VERSION = 2  # 1: student.json without decoder/encoder/image settings (rebuilt from the run's config)
@@ -38,10 +39,45 @@ def read_student_json(folder: Path) -> dict:
     if missing:
         raise PipelineError(f"{path}: written by an older version (no {', '.join(missing)}), so it cannot rebuild "
                             "itself without its config; retrain it with `make students ARGS=--force`")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise PipelineError(f"{path}: format_version {meta['format_version']} is newer than this code reads "
+    version = meta["format_version"]
+    if not _is_int(version) or version < FORMAT_VERSION:
+        raise PipelineError(f"{path}: format_version {version!r}: this code reads format {FORMAT_VERSION}; retrain "
+                            "the student with `make students ARGS=--force`")
+    if version > FORMAT_VERSION:
+        raise PipelineError(f"{path}: format_version {version} is newer than this code reads "
                             f"({FORMAT_VERSION}); update fashion-distill")
+    _check_values(path, meta)
     return meta
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_values(path: Path, meta: dict) -> None:
+    """One line naming the first key of ``student.json`` whose value no student has (e.g. edited by hand)."""
+    image = meta["image"] if isinstance(meta["image"], dict) else {}
+    encoder = meta["encoder"] if isinstance(meta["encoder"], dict) else {}
+    channels = [image.get("mean"), image.get("std")]
+    arch = ARCHS.get(meta["arch"]) if isinstance(meta["arch"], str) else None
+    checks = {
+        "arch": arch is not None,
+        "encoder.name": arch is not None and encoder.get("name") == arch.encoder,
+        **{key: _is_int(meta[key]) and meta[key] > 0 for key in ("feat_dim", "vocab_size", "max_length",
+                                                                 "beam_size")},
+        "image.size": _is_int(image.get("size")) and image["size"] > 0,
+        "image.mean": isinstance(channels[0], list) and len(channels[0]) == 3
+        and all(isinstance(v, (int, float)) for v in channels[0]),
+        "image.std": isinstance(channels[1], list) and len(channels[1]) == 3
+        and all(isinstance(v, (int, float)) and v > 0 for v in channels[1]),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            value = meta
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            raise PipelineError(f"{path}: {key}: {value!r} is not a valid value (a student written by this pipeline "
+                                "has none such; was it edited?)")
 
 
 def require_files(folder: Path, names: Sequence[str]) -> None:

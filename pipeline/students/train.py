@@ -21,11 +21,19 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.config import StudentsConfig
-from pipeline.core.rundir import atomic_write_json, publish_dir
+from pipeline.core.rundir import atomic_write_json, publish_dir, record_entries
 from pipeline.evaluation.attributes import attribute_accuracy
 from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.students.beam import beam_search
-from pipeline.students.checkpoint import describe_student, load_weights, save_student, save_weights
+from pipeline.students.checkpoint import (
+    describe_student,
+    load_weights,
+    rng_state,
+    save_optimizer,
+    save_student,
+    save_weights,
+    set_rng_state,
+)
 from pipeline.students.decoders import build_decoder
 from pipeline.students.features import compute_device
 from pipeline.students.vocab import Vocabulary
@@ -111,8 +119,11 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
         load_weights(last, model, encoder)
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
+        if (last / "rng.json").is_file():  # (a last/ saved before it was there resumes without it)
+            set_rng_state(json.loads((last / "rng.json").read_text()))
         log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
     resumed_after = state["epoch"]
+    record_entries(out_dir, ["tensorboard"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     meta = describe_student(arch, cfg, feat_dim=feat_dim, vocab_size=len(vocab), seed=seed,
                             encoder_finetuned=encoder is not None)
@@ -186,8 +197,9 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
             validate(state["epoch"], loss.item())
         with publish_dir(last) as tmp:
             save_weights(tmp, model, encoder)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_optimizer(tmp, optimizer)
             atomic_write_json(tmp / "state.json", state)
+            atomic_write_json(tmp / "rng.json", rng_state())
     writer.close()
     seconds = time.perf_counter() - started
     return {"epochs_run": state["epoch"], "resumed_after_epoch": resumed_after, "best_epoch": state["best_epoch"],

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.errors import PipelineError
+from pipeline.core.rundir import record_entries
 from pipeline.data.formats import ORIGIN_UNLABELED
 from pipeline.data.images import load_rgb
 from pipeline.teacher.generate import generate_captions
@@ -128,7 +129,7 @@ def screen_unlabeled(rows: list[dict[str, Any]], path: Path, dataset: DatasetIma
     for image_id, reason in list(skipped.items())[:10]:
         log.warning("unlabelled image %s skipped: %s", image_id, reason)
     _truncate_torn_tail(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    record_entries(path.parent, [path.name])
     with open(path, "a", encoding="utf-8") as fh:
         _append(fh, [{"image_id": i, "sample": 0, "skipped": reason} for i, reason in skipped.items()])
     log.info("%d unlabelled images screened: %d to caption, %d skipped", len(todo), len(todo) - len(skipped),
@@ -146,7 +147,7 @@ def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, 
     if done:
         log.info("%s: %d of %d captions already generated; resuming", path.name, len(tasks) - len(todo), len(tasks))
     _truncate_torn_tail(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    record_entries(path.parent, [path.name])  # listed in the folder's marker before it exists
     started, n = time.perf_counter(), 0
     with open(path, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc=desc, unit="caption") as bar:
         for batch in _batches(todo, batch_size):

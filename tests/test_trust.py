@@ -1,0 +1,107 @@
+"""A student folder a user can trust and share: weights as readable as the other outputs, a full disk or a damaged
+or edited file reported in one line naming the file."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.core.errors import PipelineError
+from pipeline.students.checkpoint import load_student
+from pipeline.students.train import train_student
+from pipeline.students.vocab import Vocabulary
+from stages.cli import os_error_line
+from tests.helpers import SMALL, make_student
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return make_student(tmp_path_factory.mktemp("trust") / "best", "vgg19_gru")
+
+
+@pytest.fixture
+def student(saved, tmp_path) -> Path:
+    """A copy of a student folder as the students stage saves it, to damage."""
+    return Path(shutil.copytree(saved, tmp_path / "best"))
+
+
+def test_weights_are_as_readable_as_the_other_outputs(saved):
+    best = saved
+    modes = {p.name: p.stat().st_mode & 0o777 for p in best.iterdir() if not p.name.startswith(".")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["model.safetensors"] == modes["encoder.safetensors"] == modes["student.json"] == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "encoder.safetensors"])
+def test_a_truncated_weights_file_is_one_line_naming_it(student, name):
+    best = student
+    data = (best / name).read_bytes()
+    (best / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=rf"^{best / name}: not a readable safetensors file \(.*\); retrain"):
+        load_student(best)
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("arch", "lstm_9000", "arch: 'lstm_9000'"),
+    ("format_version", 1, "format_version 1: this code reads format 2"),
+    ("format_version", "2", "format_version '2': this code reads format 2"),
+    ("format_version", 3, "format_version 3 is newer than this code reads"),
+    ("image.size", -32, "image.size: -32 is not a valid value"),
+    ("image.std", [0.2, 0, 0.2], "image.std: [0.2, 0, 0.2] is not a valid value"),
+    ("encoder.name", "vit_b_16", "encoder.name: 'vit_b_16' is not a valid value"),
+    ("max_length", 0, "max_length: 0 is not a valid value"),
+])
+def test_an_edited_student_json_is_one_line_naming_the_key(student, key, value, shown):
+    best = student
+    meta = json.loads((best / "student.json").read_text())
+    node, *path = key.split(".")
+    if path:
+        meta[node][path[0]] = value
+    else:
+        meta[node] = value
+    (best / "student.json").write_text(json.dumps(meta))
+    with pytest.raises(PipelineError, match="^" + str(best / "student.json").replace(".", r"\.") + ": "
+                       + shown.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_student(best)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only): a real full disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+                      ).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_while_training_a_student_names_the_file(small_disk):
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    table = {"train": torch.randn(32, 16), "val": torch.randn(4, 16)}
+    cfg = SMALL.model_copy(update={"epochs": 2, "batch_size": 8, "hidden_dim": 256, "embed_dim": 256})
+
+    class Scorer:
+        def score(self, refs, hyps, only=None):
+            return {"CIDEr-D": 0.5}
+
+    out = small_disk / "student"
+    with pytest.raises(OSError) as err:
+        train_student("vgg19_gru", cfg, lambda s, idx: table[s][idx], 16, caps, vocab, out, 0, Scorer())
+    assert err.value.errno == errno.ENOSPC
+    line = os_error_line(err.value)
+    assert line.startswith(str(small_disk)) and line.endswith(": No space left on device"), line
+    assert Path(err.value.filename).name == "model.safetensors" and "\n" not in line
