@@ -86,7 +86,7 @@ class TinyPretraining(Section):
     vision_learning_rate: Rate = 3e-3
     language_epochs: StrictInt = Field(6, ge=0)
     language_learning_rate: Rate = 2e-3
-    batch_size: Positive = 16  # the language step's (32 read worse, see docs/results.md); the vision step's is twice this
+    batch_size: Positive = 16  # the language step's (32 read worse: docs/results.md); the vision step's is twice it
 
 
 class TinyTeacher(Section):
