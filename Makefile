@@ -11,13 +11,13 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 # demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
-.PHONY: help setup demo prepare finetune distill students report sweep evaluate caption export check submit status test \
+.PHONY: help setup demo prepare finetune distill students speed report sweep evaluate caption export check submit status test \
 	lint bench clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "fashion-distill: distil a LLaVA teacher into small fashion captioners. make <target> [CONFIG=<yaml>] [ARGS=\"key=value ...\"]"
-	@echo "  the chain    demo (all stages, locally)  prepare  finetune  distill  students  report  sweep"
+	@echo "  the chain    demo (all stages, locally)  prepare  finetune  distill  students  speed  report  sweep"
 	@echo "  a cluster    check (preflight: data, checkpoint, weights, Java, disk)  submit [DRY_RUN=1]  status"
 	@echo "  use results  evaluate PRED=<file>  caption STUDENT=<best/> IMAGES=<files>  export STUDENT=<best/>"
 	@echo "  develop      setup  test  lint  bench  clean"
@@ -63,6 +63,10 @@ distill: $(STAMP)
 
 students: $(STAMP)
 	$(call STAGE,students)
+
+# quick CPU timings of the teacher and every student for the report (make bench BENCH_ARGS="--only speed": thorough)
+speed: $(STAMP)
+	$(call STAGE,speed)
 
 report: $(STAMP)
 	$(call STAGE,report)

@@ -12,6 +12,7 @@ STAGES = {
     "finetune": "LoRA fine-tune the teacher on the training captions",
     "distill": "caption the training images with the teacher at distill.temperature",
     "students": "train the small captioners on each caption source",
+    "speed": "time the teacher and every student on the CPU (quick; make bench: thorough)",
     "report": "tables, plots and the answer: results.md in <run_dir>/report",
     "sweep": "distil at several temperatures, pick one on validation",
     "check": "preflight: dataset, teacher checkpoint, encoder weights, Java, disk",

@@ -1,5 +1,8 @@
 """What distillation buys, in speed: the run's fine-tuned teacher and each of its students timed side by side on the
-CPU (``make bench BENCH_ARGS="--only speed"``), written to ``<run_dir>/speed/speed.json`` for the report.
+CPU, written to ``<run_dir>/speed/speed.json`` for the report: quickly by the chain's `speed` step (:data:`QUICK`:
+a few images, PyTorch, onnxruntime only for students already exported) or thoroughly by
+``make bench BENCH_ARGS="--only speed"``. Either is up to date while it times the current teacher and every current
+student (``manifest.json``: the timed models' fingerprints), so the chain keeps a bench measurement.
 
 Every model captions the same fixed list of test images through its captioner (the ``caption`` method `make caption`
 calls): the teacher greedily in PyTorch, each student with its own beam size (the one its test metrics were scored
@@ -28,7 +31,15 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.rundir import RunDir, atomic_write_json, publish_dir, read_manifest, require_stage
+from pipeline.core.rundir import (
+    RunDir,
+    atomic_write_json,
+    is_sweep_source,
+    publish_dir,
+    read_manifest,
+    require_stage,
+    write_manifest,
+)
 from pipeline.students.runtime import Captioner
 
 log = logging.getLogger(__name__)
@@ -39,12 +50,17 @@ RUNTIMES = ("torch", "onnx")
 @dataclass(frozen=True)
 class SpeedSettings:
     """How the models are timed: ``images`` test images, ``repeats`` timed passes per runtime and batch size,
-    ``threads`` CPU threads for every runtime."""
+    ``threads`` CPU threads for every runtime; ``export``: export a student that has no current ONNX export (else
+    onnxruntime times only the students already exported)."""
 
     images: int = 64
     repeats: int = 3
     batch_sizes: tuple[int, ...] = (1, 32)
     threads: int = 1
+    export: bool = True
+
+
+QUICK = SpeedSettings(images=8, repeats=1, batch_sizes=(1, 8), export=False)  # the chain's `speed` step
 
 
 def images_per_second(captioner: Captioner, images: Sequence[Image.Image], *, batch_size: int, beam_size: int,
@@ -79,9 +95,17 @@ def file_bytes(paths: Iterable[Path]) -> int:
 
 
 def finished_students(rd: RunDir) -> list[Path]:
-    """The run's finished student folders (``<arch>__<source>``, baselines excluded), sorted."""
-    return sorted(f for f in rd.students.glob("*__*")
-                  if not f.name.startswith("baseline__") and read_manifest(f) is not None)
+    """The run's finished student folders (``<arch>__<source>``; baselines and the temperature sweep's students,
+    which the report does not compare, excluded), sorted."""
+    return sorted(f for f in rd.students.glob("*__*") if not f.name.startswith("baseline__")
+                  and not is_sweep_source(f.name.split("__", 1)[1]) and read_manifest(f) is not None)
+
+
+def timed_models(rd: RunDir) -> dict[str, str]:
+    """What a current ``speed.json`` times: model name (``teacher``, ``<arch>__<source>``) -> its stage output's
+    fingerprint; fails naming the stage when the teacher is not fine-tuned."""
+    return {"teacher": require_stage(rd.teacher, "finetune")["fingerprint"],
+            **{f.name: read_manifest(f)["fingerprint"] for f in finished_students(rd)}}
 
 
 def require_run(rd: RunDir) -> None:
@@ -115,18 +139,21 @@ def measure_teacher(rd: RunDir, images: Sequence[Image.Image], settings: SpeedSe
 
 def measure_student(folder: Path, images: Sequence[Image.Image], settings: SpeedSettings) -> dict:
     """The student in ``folder`` (``<arch>__<source>``) on the CPU, in PyTorch and in onnxruntime (its ``best/``
-    exported first when it has no current export)."""
+    exported first when it has no current export; with ``settings.export`` off, PyTorch only then)."""
     from pipeline.students.checkpoint import load_student
     from pipeline.students.onnx_runtime import OnnxStudent, read_onnx_json
 
     best = folder / "best"
+    exported = True
     try:
         read_onnx_json(best, best / "onnx")
     except PipelineError as exc:
-        from pipeline.students.export import export_onnx
+        exported = settings.export
+        if exported:
+            from pipeline.students.export import export_onnx
 
-        log.info("exporting %s to ONNX first (%s)", folder.name, exc)
-        export_onnx(best)
+            log.info("exporting %s to ONNX first (%s)", folder.name, exc)
+            export_onnx(best)
     student = load_student(best, device="cpu")
     beam_size = student.meta["beam_size"]
     log.info("timing %s (beam %d)", folder.name, beam_size)
@@ -134,10 +161,10 @@ def measure_student(folder: Path, images: Sequence[Image.Image], settings: Speed
     return {"name": folder.name, "arch": arch, "source": source, "fingerprint": read_manifest(folder)["fingerprint"],
             "parameters": sum(p.numel() for m in (student.encoder, student.decoder) for p in m.parameters()),
             "disk_bytes": file_bytes([best / "model.safetensors", best / "encoder.safetensors"]),
-            "onnx_bytes": file_bytes((best / "onnx").glob("*.onnx")), "beam_size": beam_size,
+            "onnx_bytes": file_bytes((best / "onnx").glob("*.onnx")) if exported else None, "beam_size": beam_size,
             "images_per_s": {"torch": _rates(student, images, beam_size, settings),
-                             "onnx": _rates(OnnxStudent(best, threads=settings.threads), images, beam_size,
-                                            settings)}}
+                             **({"onnx": _rates(OnnxStudent(best, threads=settings.threads), images, beam_size,
+                                                settings)} if exported else {})}}
 
 
 def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: str, attn_implementation: str,
@@ -156,10 +183,15 @@ def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: s
             "threads": settings.threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models}
 
 
-def write_speed(rd: RunDir, speed: dict) -> Path:
-    """Publish ``speed`` as ``<run_dir>/speed/speed.json``; its path."""
+def write_speed(rd: RunDir, speed: dict, started: float | None = None) -> Path:
+    """Publish ``speed`` as ``<run_dir>/speed/speed.json`` with its ``manifest.json`` (inputs: the fingerprints of
+    the models it timed, as :func:`timed_models` gives them); its path."""
     with publish_dir(rd.speed) as tmp:
         atomic_write_json(tmp / SPEED_FILE, speed)
+        write_manifest(tmp, stage="speed", config={}, inputs={m["name"]: m["fingerprint"] for m in speed["models"]},
+                       started=time.time() if started is None else started,
+                       figures={"images": speed["images"], "batch_sizes": speed["batch_sizes"],
+                                "threads": speed["threads"]})
     return rd.speed / SPEED_FILE
 
 
