@@ -1,10 +1,12 @@
-"""`speed`: the teacher and every student captioning the same test images on the CPU, quickly, for the report.
+"""`speed`: the teacher and the best student of each caption source captioning the same test images on the CPU,
+quickly, for the report's answer.
 
 Writes ``<run_dir>/speed/speed.json`` and ``manifest.json`` (:mod:`pipeline.inference.speed`): images/s per model,
 runtime and batch size, parameters and size on disk. The chain runs it before `report` with quick settings (a few
 test images at batch 1 and one larger batch, one timed pass, PyTorch; onnxruntime for students already exported),
 so the report always has its speed answer and ``speed_quality.png``. It is skipped while the timings cover the
-current teacher and students, whoever measured them: ``make bench BENCH_ARGS="--only speed"`` measures thoroughly.
+current teacher and best students, whoever measured them: ``make bench BENCH_ARGS="--only speed"`` measures every
+student thoroughly.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
                                    threads=cpu_share())
     speed = measure_run(rd, settings, base=cfg.teacher.model, precision=cfg.teacher.precision,
                         attn_implementation=cfg.teacher.attn_implementation,
-                        max_new_tokens=cfg.distill.max_new_tokens)
+                        max_new_tokens=cfg.distill.max_new_tokens,
+                        students=[rd.students / name for name in inputs if name != "teacher"])
     path = write_speed(rd, {**speed, "measured_by": "the chain's quick speed step"}, started)
     log.info("%d models timed in %.1f s -> %s", len(speed["models"]), time.time() - started, path)
     return path

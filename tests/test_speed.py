@@ -235,3 +235,43 @@ def test_gallery_opens_with_a_summary_and_filters_by_model(tmp_path):
     assert '<option value="VGG19 + GRU ← gt">' in page and "<script>" in page
     assert page.count('data-model="teacher (precise)"') == 2 and page.count('data-model="ground truth"') == 2
     assert "src=\"http" not in page and "<script src" not in page  # self-contained
+
+
+@pytest.mark.slow  # fine-tunes a tiny teacher
+def test_the_chains_speed_step_times_every_model_quickly_then_stays_current(teacher_world, caplog):
+    """The `speed` stage on a run with a fine-tuned teacher and students: the teacher and the best student of each
+    source in PyTorch (no ONNX export of its own), a manifest the plan's up-to-date rule accepts, and a rerun only
+    when what it must time changed."""
+    from argparse import Namespace
+
+    from pipeline.core.config import load_config
+    from pipeline.core.rundir import is_up_to_date, read_manifest
+    from pipeline.workflows import depends
+    from stages import finetune, speed
+    from tests.helpers import make_student
+
+    cfg = load_config(teacher_world("speed", teacher={"train": {"epochs": 1, "eval_generation_samples": 0}},
+                                    distill={"max_new_tokens": 24}))
+    finetune.run(cfg, Namespace(force=False))
+    rd = RunDir(cfg.run_dir)
+    for name, attributes in (("vgg19_gru__gt", 0.7), ("vit_transformer__gt", 0.6), ("vit_transformer__precise", 0.5),
+                             ("vgg19_gru__sweep-t0.5", 0.9)):
+        arch, source = name.split("__")
+        make_student(rd.students / name / "best", arch)
+        _student(rd, arch, source, attributes=attributes, cider=0.1)
+    args = Namespace(force=False, images=3, batch_sizes="1,3", repeats=1)
+    speed.run(cfg, args)
+    timed = json.loads((rd.speed / "speed.json").read_text())
+    # the teacher and the best student of each source (the sweep's students are not the report's)
+    assert [m["name"] for m in timed["models"]] == ["teacher", "vgg19_gru__gt", "vit_transformer__precise"]
+    assert timed["batch_sizes"] == [1, 3] and timed["images"] == 3 and "quick" in timed["measured_by"]
+    for model in timed["models"]:
+        assert set(model["images_per_s"]) == {"torch"} and set(model["images_per_s"]["torch"]) == {"1", "3"}
+    assert not (rd.students / "vgg19_gru__gt" / "best" / "onnx").exists()  # no export of its own
+    assert is_up_to_date(rd.speed, *depends.speed(cfg, rd))
+    before = read_manifest(rd.speed)
+    with caplog.at_level("INFO"):
+        speed.run(cfg, args)
+    assert read_manifest(rd.speed) == before and "is up to date" in caplog.text
+    _student(rd, "vit_transformer", "gt", attributes=0.8, cider=0.1)  # now the best of its source: not timed yet
+    assert not is_up_to_date(rd.speed, *depends.speed(cfg, rd))

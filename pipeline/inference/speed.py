@@ -1,8 +1,9 @@
 """What distillation buys, in speed: the run's fine-tuned teacher and each of its students timed side by side on the
 CPU, written to ``<run_dir>/speed/speed.json`` for the report: quickly by the chain's `speed` step (:data:`QUICK`:
-a few images, PyTorch, onnxruntime only for students already exported) or thoroughly by
-``make bench BENCH_ARGS="--only speed"``. Either is up to date while it times the current teacher and every current
-student (``manifest.json``: the timed models' fingerprints), so the chain keeps a bench measurement.
+the teacher and the best student of each caption source on a few images, PyTorch, onnxruntime only for students
+already exported) or thoroughly by ``make bench BENCH_ARGS="--only speed"`` (every student). Either is up to date
+while it times the current teacher and best students (``manifest.json``: their fingerprints), so the chain keeps a
+bench measurement.
 
 Every model captions the same fixed list of test images through its captioner (the ``caption`` method `make caption`
 calls): the teacher greedily in PyTorch, each student with its own beam size (the one its test metrics were scored
@@ -60,7 +61,7 @@ class SpeedSettings:
     export: bool = True
 
 
-QUICK = SpeedSettings(images=8, repeats=1, batch_sizes=(1, 8), export=False)  # the chain's `speed` step
+QUICK = SpeedSettings(images=4, repeats=1, batch_sizes=(1, 4), export=False)  # the chain's `speed` step
 
 
 def images_per_second(captioner: Captioner, images: Sequence[Image.Image], *, batch_size: int, beam_size: int,
@@ -102,10 +103,14 @@ def finished_students(rd: RunDir) -> list[Path]:
 
 
 def timed_models(rd: RunDir) -> dict[str, str]:
-    """What a current ``speed.json`` times: model name (``teacher``, ``<arch>__<source>``) -> its stage output's
-    fingerprint; fails naming the stage when the teacher is not fine-tuned."""
-    return {"teacher": require_stage(rd.teacher, "finetune")["fingerprint"],
-            **{f.name: read_manifest(f)["fingerprint"] for f in finished_students(rd)}}
+    """The models a current ``speed.json`` must time: the teacher and the best student of each caption source (the
+    report's answer: :func:`pipeline.evaluation.results.best_per_source`), name (``teacher``, ``<arch>__<source>``)
+    -> its stage output's fingerprint; fails naming the stage when the teacher is not fine-tuned."""
+    from pipeline.evaluation.results import best_per_source, finished_results
+
+    teacher = require_stage(rd.teacher, "finetune")["fingerprint"]
+    best = best_per_source(finished_results(rd)[0])
+    return {"teacher": teacher, **{r["folder"].name: read_manifest(r["folder"])["fingerprint"] for r in best}}
 
 
 def require_run(rd: RunDir) -> None:
@@ -168,9 +173,10 @@ def measure_student(folder: Path, images: Sequence[Image.Image], settings: Speed
 
 
 def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: str, attn_implementation: str,
-                max_new_tokens: int) -> dict:
-    """Time the teacher (over the ``base`` checkpoint; see :func:`measure_teacher`) and every finished student of the
-    run on the same test images; the content of ``speed.json``."""
+                max_new_tokens: int, students: Sequence[Path] | None = None) -> dict:
+    """Time the teacher (over the ``base`` checkpoint; see :func:`measure_teacher`) and the student folders
+    ``students`` (default: every finished student of the run) on the same test images; the content of
+    ``speed.json``."""
     import torch
 
     require_run(rd)
@@ -178,17 +184,21 @@ def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: s
     images = timing_images(rd, settings.images)
     models = [measure_teacher(rd, images, settings, base=base, precision=precision,
                               attn_implementation=attn_implementation, max_new_tokens=max_new_tokens)]
-    models += [measure_student(folder, images, settings) for folder in finished_students(rd)]
+    models += [measure_student(folder, images, settings)
+               for folder in (finished_students(rd) if students is None else students)]
     return {"images": settings.images, "repeats": settings.repeats, "batch_sizes": list(settings.batch_sizes),
             "threads": settings.threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models}
 
 
 def write_speed(rd: RunDir, speed: dict, started: float | None = None) -> Path:
-    """Publish ``speed`` as ``<run_dir>/speed/speed.json`` with its ``manifest.json`` (inputs: the fingerprints of
-    the models it timed, as :func:`timed_models` gives them); its path."""
+    """Publish ``speed`` as ``<run_dir>/speed/speed.json`` with its ``manifest.json``: inputs, the fingerprints of
+    the models :func:`timed_models` names that it timed (all of them: current; a model retrained since: stale; more
+    models timed, as `make bench` does, change nothing); its path."""
+    wanted = timed_models(rd)
     with publish_dir(rd.speed) as tmp:
         atomic_write_json(tmp / SPEED_FILE, speed)
-        write_manifest(tmp, stage="speed", config={}, inputs={m["name"]: m["fingerprint"] for m in speed["models"]},
+        write_manifest(tmp, stage="speed", config={},
+                       inputs={m["name"]: m["fingerprint"] for m in speed["models"] if m["name"] in wanted},
                        started=time.time() if started is None else started,
                        figures={"images": speed["images"], "batch_sizes": speed["batch_sizes"],
                                 "threads": speed["threads"]})

@@ -19,7 +19,7 @@ from pipeline.core.archs import display_name
 from pipeline.core.rundir import RunDir, read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.evaluation.attributes import ATTRIBUTES, caption_marks
-from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
+from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, best_per_source, result_rows
 from pipeline.inference.speed import read_speed
 from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
 
@@ -247,17 +247,6 @@ def sweep_report(rd: RunDir) -> SweepReport | None:
 
 def _share(value: float | None, of: float | None) -> str:
     return "—" if value is None or not of else f"{100 * value / of:.0f}%"
-
-
-def best_per_source(results: Sequence[dict]) -> list[dict]:
-    """The best student of each caption source by test attribute accuracy (ties: CIDEr-D), in ``results``' order."""
-    best: dict[str, dict] = {}
-    for r in results:
-        key = (r.get("attributes", {}).get("macro", -1.0), r["test"].get("CIDEr-D", -1.0))
-        have = best.get(r["source"])
-        if have is None or key > (have.get("attributes", {}).get("macro", -1.0), have["test"].get("CIDEr-D", -1.0)):
-            best[r["source"]] = r
-    return list(best.values())
 
 
 def answer_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: dict | None,

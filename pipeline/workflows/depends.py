@@ -166,8 +166,9 @@ def sweep(cfg: Config, rd: RunDir) -> Depends:
 
 
 def speed(cfg: Config, rd: RunDir) -> Depends:
-    """`speed` (or `make bench`'s speed section): the fingerprints of the teacher and every finished student of the
-    report; how thoroughly they were timed is not part of it (a bench measurement stays current)."""
+    """`speed` (or `make bench`'s speed section): the fingerprints of the teacher and the best student of each
+    source (:func:`~pipeline.inference.speed.timed_models`); how thoroughly, or how many more models, were timed is
+    not part of it (a bench measurement stays current)."""
     return {}, timed_models(rd)
 
 
