@@ -21,6 +21,7 @@ STAGES = {
     "evaluate": "score a predictions file against the test split",
     "caption": "caption your own images with a student or the teacher",
     "export": "ONNX graphs of a student for onnxruntime",
+    "publish": "a caption dataset as a Hub-ready folder (images embedded, card inside)",
 }
 USAGE = "usage: fashion-distill <stage> [--config <yaml>] [--force] [--wait] [--print-config] [key=value ...]"
 

@@ -56,7 +56,7 @@ def front_matter(text: str) -> dict[str, Any]:
     return yaml.safe_load(text[4: text.index("\n---\n", 3)]) or {}
 
 
-def _card(metadata: Mapping[str, Any], body: str) -> str:
+def render_card(metadata: Mapping[str, Any], body: str) -> str:
     return f"---\n{yaml.safe_dump(dict(metadata), sort_keys=False, allow_unicode=True)}---\n\n{body}"
 
 
@@ -181,7 +181,7 @@ student.caption([load_rgb("photo.jpg")], beam_size={meta['beam_size']})
 source, training data, test metrics), `model.safetensors` (decoder), `encoder.safetensors` (image encoder),
 `vocab.json`, `onnx/` after `make export`.
 """
-    return _card(metadata, body)
+    return render_card(metadata, body)
 
 
 def dataset_card(*, name: str, meta: Mapping[str, Any], diagnostics: Mapping[str, Any], counts: Mapping[str, int],
@@ -236,4 +236,4 @@ Files: `captions/` (Hugging Face `datasets`, splits train/val/test, columns `ima
 source, sample, origin`: `sample` is j, `origin` is `dataset` or `unlabeled`), `generations.jsonl`, `meta.json`,
 `diagnostics.json`, `rejected.json`, `test_generations.json`.
 """
-    return _card(metadata, body)
+    return render_card(metadata, body)
