@@ -11,15 +11,16 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 # demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
-.PHONY: help setup demo prepare finetune distill students report sweep evaluate caption export check submit status test \
+.PHONY: help setup demo prepare finetune distill students speed report sweep evaluate caption export publish check submit status test \
 	lint bench clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "fashion-distill: distil a LLaVA teacher into small fashion captioners. make <target> [CONFIG=<yaml>] [ARGS=\"key=value ...\"]"
-	@echo "  the chain    demo (all stages, locally)  prepare  finetune  distill  students  report  sweep"
+	@echo "  the chain    demo (all stages, locally)  prepare  finetune  distill  students  speed  report  sweep"
 	@echo "  a cluster    check (preflight: data, checkpoint, weights, Java, disk)  submit [DRY_RUN=1]  status"
 	@echo "  use results  evaluate PRED=<file>  caption STUDENT=<best/> IMAGES=<files>  export STUDENT=<best/>"
+	@echo "               publish DATASET=<data or distill/<name>> OUT=<folder> (Hub-ready copy)"
 	@echo "  develop      setup  test  lint  bench  clean"
 	@echo "CONFIG defaults to configs/demo.yaml (CPU, minutes); configs/deepfashion-13b.yaml is the full run"
 	@echo "(docs/full-run.md). Every stage: .venv/bin/fashion-distill <stage> --help; print the effective config:"
@@ -64,6 +65,10 @@ distill: $(STAMP)
 students: $(STAMP)
 	$(call STAGE,students)
 
+# quick CPU timings of the teacher and every student for the report (make bench BENCH_ARGS="--only speed": thorough)
+speed: $(STAMP)
+	$(call STAGE,speed)
+
 report: $(STAMP)
 	$(call STAGE,report)
 
@@ -94,6 +99,12 @@ caption: $(STAMP)
 export: $(STAMP)
 	@test -n "$(STUDENT)" || { echo "usage: make export STUDENT=<a student's best/ folder>" >&2; exit 2; }
 	$(call STAGE,export) --student "$(STUDENT)"
+
+# make publish DATASET=<data or distill/<name>> OUT=<folder>: a Hub-ready copy (images embedded, card inside)
+DATASET ?=
+publish: $(STAMP)
+	@test -n "$(DATASET)" -a -n "$(OUT)" -a "$(OUT)" != captions.jsonl || { echo "usage: make publish DATASET=<data or distill/<name>> OUT=<folder>" >&2; exit 2; }
+	$(call STAGE,publish) --dataset "$(DATASET)" --out "$(OUT)"
 
 # make check: the preflight (`make submit` runs it first and submits nothing while a problem remains)
 check: $(STAMP)

@@ -353,6 +353,7 @@ def bench_speed(work: Path, *, cfg: Config, settings: SpeedSettings) -> dict:
     speed = measure_run(rd, settings, base=cfg.teacher.model, precision=cfg.teacher.precision,
                         attn_implementation=cfg.teacher.attn_implementation,
                         max_new_tokens=cfg.distill.max_new_tokens)
+    speed["measured_by"] = 'make bench BENCH_ARGS="--only speed"'
     out = {"speed_json": str(write_speed(rd, speed)), "threads": settings.threads, "images": settings.images}
     for model in speed["models"]:
         out[f"{model['name']} parameters"] = model["parameters"]

@@ -12,6 +12,7 @@ STAGES = {
     "finetune": "LoRA fine-tune the teacher on the training captions",
     "distill": "caption the training images with the teacher at distill.temperature",
     "students": "train the small captioners on each caption source",
+    "speed": "time the teacher and every student on the CPU (quick; make bench: thorough)",
     "report": "tables, plots and the answer: results.md in <run_dir>/report",
     "sweep": "distil at several temperatures, pick one on validation",
     "check": "preflight: dataset, teacher checkpoint, encoder weights, Java, disk",
@@ -20,6 +21,7 @@ STAGES = {
     "evaluate": "score a predictions file against the test split",
     "caption": "caption your own images with a student or the teacher",
     "export": "ONNX graphs of a student for onnxruntime",
+    "publish": "a caption dataset as a Hub-ready folder (images embedded, card inside)",
 }
 USAGE = "usage: fashion-distill <stage> [--config <yaml>] [--force] [--wait] [--print-config] [key=value ...]"
 

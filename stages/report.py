@@ -2,10 +2,12 @@
 
 Writes ``<run_dir>/report/``: ``results.md`` / ``results.csv`` (one row per student x caption source with n-gram
 metrics, attribute accuracy and image reliance, plus the baselines), ``attributes.csv`` (per attribute),
-``teacher.csv`` (diagnostics per distilled dataset), ``metrics.png``, ``attributes.png`` (students x attributes heat
-map), ``curves.png``, ``caption_lengths.png``, ``speed_quality.png`` (after `make bench BENCH_ARGS="--only speed"`),
-``sweep.png`` (after `make sweep`), ``gallery.html`` (self-contained, captions marked attribute by attribute) and
-``manifest.json`` (last).
+``teacher.csv`` (diagnostics per distilled dataset), ``metrics.png`` (the teacher and the majority baseline drawn
+across), ``attributes.png`` (teacher, students and baseline x attributes heat map), ``curves.png`` (per source, by
+epoch), ``caption_lengths.png``, ``speed_quality.png`` (from the `speed` step's or `make bench`'s timings),
+``sweep.png`` (after `make sweep`), ``gallery.html`` (self-contained: a summary, a model filter, captions marked
+attribute by attribute) and ``manifest.json`` (last). results.md opens with the answer: the teacher against the best
+student of each source, the recommended student and what it buys in speed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.data.text import tokenize
 from pipeline.evaluation.attributes import ATTRIBUTES
 from pipeline.evaluation.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
 from pipeline.reporting.plots import (
+    colour_floor,
     plot_attribute_heatmap,
     plot_curves,
     plot_length_histograms,
@@ -34,9 +37,11 @@ from pipeline.reporting.plots import (
 )
 from pipeline.reporting.tables import (
     TEACHER_COLUMNS,
+    answer_markdown,
     csv_text,
     gallery_html,
     gallery_samples,
+    reference_teacher,
     results_markdown,
     speed_report,
     sweep_report,
@@ -48,6 +53,15 @@ from pipeline.workflows.students import write_summary
 from stages.cli import claims, stage_main
 
 log = logging.getLogger("report")
+
+
+def with_teacher(labels: list[str], matrix: list[list[float]], teacher: dict | None
+                 ) -> tuple[list[str], list[list[float]]]:
+    """The heat map's rows with the teacher's (its most precise captions) first."""
+    if teacher is None:
+        return labels, matrix
+    per_attribute = teacher["test"]["attributes"]["per_attribute"]
+    return ([f"teacher ({teacher['dataset']})", *labels], [[per_attribute[a] for a in ATTRIBUTES], *matrix])
 
 
 @claims(lambda cfg, args: RunDir(cfg.run_dir).report)
@@ -67,19 +81,24 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     lengths = {source: [len(tokenize(r["caption"], keep_punct=False))
                         for r in split_rows(load_captions(source_dir(rd, source) / "captions"), "train")]
                for source in ["gt", *rd.distilled_sources()]}
-    curves = {f"{r['arch']}←{r['source']}": json.loads((r["folder"] / "curves.json").read_text()) for r in results}
+    curves = {(r["arch"], r["source"]): {**json.loads((r["folder"] / "curves.json").read_text()),
+                                         "steps_per_epoch": r["steps"] / max(1, r["epochs_run"])} for r in results}
     labels, matrix = attribute_matrix(results, baselines)
-    speed = speed_report(rd, results)  # None until `make bench` times the run
+    reference = reference_teacher(rd)  # None without a distilled dataset
+    majority = baselines.get("gt", {}).get("majority", {}).get("macro")
+    speed = speed_report(rd, results)  # None until the `speed` step or `make bench` times the run
     sweep = sweep_report(rd)  # None until `make sweep` has finished
+    answer = answer_markdown(results, baselines, reference, speed)
     with publish_dir(rd.report) as tmp:
-        atomic_write_text(tmp / "results.md", results_markdown(results, baselines, teacher, speed, sweep))
+        atomic_write_text(tmp / "results.md", results_markdown(results, baselines, teacher, speed, sweep, answer))
         atomic_write_text(tmp / "results.csv", csv_text(RESULT_COLUMNS, result_rows(results, baselines)))
         atomic_write_text(tmp / "attributes.csv", csv_text(["model", *ATTRIBUTES],
                                                            [[label, *row] for label, row in zip(labels, matrix)]))
         atomic_write_text(tmp / "teacher.csv", csv_text(TEACHER_COLUMNS, teacher))
-        plot_metric_bars(results, tmp / "metrics.png")
+        plot_metric_bars(results, tmp / "metrics.png", reference, majority)
         if matrix:
-            plot_attribute_heatmap(labels, matrix, tmp / "attributes.png")
+            plot_attribute_heatmap(*with_teacher(labels, matrix, reference), tmp / "attributes.png",
+                                   floor=colour_floor(majority))
         plot_curves(curves, tmp / "curves.png")
         if speed:
             plot_speed_quality(speed.records, speed.batch_size, tmp / "speed_quality.png")

@@ -111,7 +111,10 @@ CHAIN = {"prepare": [], "finetune": ["prepare"], "reset-precise": ["finetune"], 
          "merge-creative": ["distill-creative"], "features": ["prepare"], "students-gt": ["prepare", "features"],
          "students-precise": ["prepare", "features", "merge-precise"],
          "students-creative": ["prepare", "features", "merge-creative"],
-         "report": ["students-gt", "students-precise", "students-creative", "merge-precise", "merge-creative"]}
+         "speed": ["finetune", "students-gt", "students-precise", "students-creative", "merge-precise",
+                   "merge-creative"],
+         "report": ["students-gt", "students-precise", "students-creative", "merge-precise", "merge-creative",
+                    "speed"]}
 
 
 def slurm_config(tmp_path, **extra):

@@ -4,6 +4,7 @@
 import csv
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,20 @@ def test_predictions_read_from_every_format(prepared, tmp_path):
         writer.writerows([names[k], v] for k, v in expected.items())
     for name in ("p.jsonl", "p.json", "list.json", "p.csv"):
         assert read_predictions(tmp_path / name, test) == expected, name
+
+
+def test_predictions_of_copied_test_images_match_by_file_name(prepared, tmp_path):
+    """`make caption` on copies of the test images writes their copies' paths: matched by file name."""
+    _, test = prepared
+    copies = tmp_path / "copies"
+    rows = [{"path": str(copies / Path(r["image_path"]).name), "caption": f"caption {i}", "attributes": {}}
+            for i, r in enumerate(test)]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_predictions(tmp_path / "captions.jsonl", test) == {r["image_id"]: f"caption {i}"
+                                                                   for i, r in enumerate(test)}
+    twin = {**test[1], "image_id": "twin", "image_path": "/other/folder/" + Path(test[0]["image_path"]).name}
+    with pytest.raises(PredictionsError, match="line 1: file name of .* names 2 test images .*use the image id"):
+        read_predictions(tmp_path / "captions.jsonl", [*test, twin])
 
 
 @pytest.mark.parametrize("content, suffix, message", [

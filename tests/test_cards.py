@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from pipeline.core.config import StudentsConfig
+from pipeline.core.config import EncoderSettings, EncoderStandIn, StudentsConfig
 from pipeline.core.errors import PipelineError
+from pipeline.data.deepfashion import describe_dataset
 from pipeline.evaluation.attributes import ATTRIBUTES
 from pipeline.reporting.cards import caption_source, dataset_card, front_matter, student_card
 from pipeline.students.checkpoint import describe_student
@@ -58,8 +59,68 @@ def test_dataset_card_front_matter_has_the_dataset_card_keys():
     assert card["seed"] == 0 and card["counts"] == {"train": 900, "val": 100, "test": 250, "rejected": 3}
     assert card["diagnostics"]["distinct_2"] == 0.2
     assert card["diagnostics"]["vs_ground_truth"] == {"BLEU-4": 0.3, "CIDEr-D": 0.8, "attribute_accuracy": 0.7}
+    assert card["license"] == "other" and card["source_datasets"] == ["DeepFashion-MultiModal"]
+    lite = {"name": "DeepFashion-lite (synthetic renders of real captions)", "synthetic": True}
+    text = dataset_card(name="creative", meta=meta, diagnostics=diagnostics, rejected=3, data=lite,
+                        counts={"train": 900, "val": 100, "test": 250})
+    assert "synthetic-images" in front_matter(text)["tags"] and "not photographs" in text
 
 
 def test_text_without_front_matter_is_refused():
     with pytest.raises(PipelineError, match="no YAML front matter"):
         front_matter("# just a heading\n")
+
+
+def _scored(tmp_path, arch: str, encoder: EncoderSettings, training_data: dict | None) -> dict:
+    meta = {**describe_student(arch, StudentsConfig(encoder=encoder), feat_dim=24, vocab_size=50, seed=0,
+                               encoder_finetuned=False),
+            "caption_source": caption_source(tmp_path, "gt"),
+            "test_metrics": {"test": TEST, "attribute_accuracy": ATTRS, "test_images": 40}}
+    return {**meta, "training_data": training_data} if training_data else meta
+
+
+def test_cards_say_what_ran_their_licence_and_data(tmp_path):
+    lite = tmp_path / "lite"
+    lite.mkdir()
+    (lite / "README.json").write_text(json.dumps({"dataset": "DeepFashion-lite", "seed": 0}))
+    data = describe_dataset(lite)
+    assert data["synthetic"] and data["name"] == "DeepFashion-lite (synthetic renders of real captions)"
+    assert not describe_dataset(tmp_path)["synthetic"]  # no README.json: the real dataset
+    stand_in = EncoderSettings(width=0.25, image_size=96, pretrained=True, weights_dir=tmp_path,
+                               stand_in=EncoderStandIn())
+    text = student_card(_scored(tmp_path, "resnet101_gru", stand_in, data), folder=tmp_path / "best")
+    card = front_matter(text)
+    assert card["license"] == "other" and card["license_link"] == "https://github.com/yumingj/DeepFashion-MultiModal"
+    assert card["license_name"] and "non-commercial research use only" in text
+    assert card["datasets"] == ["DeepFashion-lite (synthetic renders of real captions)"] and "base_model" not in card
+    assert card["display_name"] == "ResNet-family stand-in (width 0.25, 96 px) global + GRU"
+    assert card["encoder_stand_in"] is True and "synthetic-data" in card["tags"]
+    assert card["model-index"][0]["results"][0]["dataset"]["type"] == "deepfashion-lite"
+    assert "# ResNet-family stand-in (width 0.25, 96 px) global + GRU trained on `gt` captions" in text
+    assert "**Trained on DeepFashion-lite" in text and "ResNet-101" not in text.split("## Test results")[0]
+    # the ONNX graphs' inputs and outputs, with this student's image size
+    onnx = text.split("## ONNX: inputs and outputs")[1]
+    assert "`pixels`, float32 [rows, 3, 96, 96]" in onnx and "`logp`, float32 [rows, vocabulary]" in onnx
+    assert "`tokens`, int64 [rows]" in onnx and "init_state.onnx" in onnx
+    real = EncoderSettings(width=1.0, image_size=224, pretrained=True)
+    card = front_matter(student_card(_scored(tmp_path, "resnet101_gru", real, None), folder=tmp_path / "best"))
+    assert card["base_model"] == "timm/resnet101.tv2_in1k" and card["datasets"] == ["DeepFashion-MultiModal"]
+    assert card["display_name"] == "ResNet-101 global + GRU" and "synthetic-data" not in card["tags"]
+
+
+def test_a_caption_of_a_student_trained_on_renders_warns_once(tmp_path, caplog):
+    from pipeline.core.rundir import atomic_write_json
+    from pipeline.inference.caption import student_captioner
+    from tests.helpers import make_student
+
+    best = make_student(tmp_path / "best", "vgg19_gru")
+    with caplog.at_level("WARNING"):
+        student_captioner(best, runtime="torch")
+    assert "renders" not in caplog.text
+    meta = json.loads((best / "student.json").read_text())
+    atomic_write_json(best / "student.json", {**meta, "training_data": {"name": "DeepFashion-lite (synthetic "
+                                                                                 "renders of real captions)",
+                                                                         "synthetic": True}})
+    with caplog.at_level("WARNING"):
+        student_captioner(best, runtime="torch")
+    assert caplog.text.count("has only seen such renders") == 1

@@ -24,10 +24,14 @@ def demo_run(tmp_path_factory):
     return load_config(path)
 
 
+VGG = "VGG-family stand-in (width 0.125, 48 px, random weights) + GRU"  # what TINY's students are
+VIT = "ViT-family stand-in (width 0.125, 48 px, random weights) + Transformer"
+
+
 @pytest.mark.slow
 def test_every_stage_finished(demo_run):
     run = demo_run.run_dir
-    for stage_dir in ("data", "teacher", "distill/precise", "distill/creative", "report"):
+    for stage_dir in ("data", "teacher", "distill/precise", "distill/creative", "speed", "report"):
         assert read_manifest(run / stage_dir), stage_dir
     for arch in ("vgg19_gru", "vit_transformer"):
         for source in ("gt", "precise", "creative"):
@@ -38,8 +42,15 @@ def test_every_stage_finished(demo_run):
 def test_report_tables_plots_and_gallery(demo_run):
     report = demo_run.run_dir / "report"
     md = (report / "results.md").read_text()
+    # the answer first: the teacher, the recommended student and what it buys in speed (the chain's speed step)
+    lines = md.splitlines()
+    assert lines[:3] == ["# Results", "", "## The answer"]
+    assert re.match(r"\*\*Recommended: .*stand-in.* trained on .* captions: [\d.]+× the teacher's throughput at "
+                    r"\d+% of its attribute accuracy", lines[4]), lines[4]
+    assert "| teacher: tiny-llava, fine-tuned (its precise captions, T=0.2) |" in md.split("All students")[0]
+    assert "## What distillation buys" in md and "the chain's quick speed step" in md
     for needle in ("Students trained on the ground truth", "Students trained on teacher captions", "Teacher datasets",
-                   "VGG19 + GRU", "ViT-B/16 + Transformer", "constant caption", "precise", "creative", "BLEU-4",
+                   VGG, VIT, "constant caption", "precise", "creative", "BLEU-4",
                    "CIDEr-D", "METEOR", "ROUGE-L"):
         assert needle in md, needle
     rows = (report / "results.csv").read_text().splitlines()
@@ -51,17 +62,17 @@ def test_report_tables_plots_and_gallery(demo_run):
     assert len(attributes) == 1 + 2 * 3 + 1 and attributes[0].startswith("model,gender,sleeve,")
     teacher = (report / "teacher.csv").read_text().splitlines()
     assert teacher[1].startswith("ground truth") and any(r.startswith("creative,0.9") for r in teacher)
-    for png in ("metrics.png", "attributes.png", "curves.png", "caption_lengths.png"):
+    for png in ("metrics.png", "attributes.png", "curves.png", "caption_lengths.png", "speed_quality.png"):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
             assert len(set(im.convert("L").getdata())) > 10, f"{png} looks blank"
     page = (report / "gallery.html").read_text()
     assert page.count('class="card"') == 4
-    for label in ("ground truth", "teacher (precise)", "teacher (creative)", "VGG19 + GRU ← gt",
-                  "ViT-B/16 + Transformer ← creative"):
+    for label in ("ground truth", "teacher (precise)", "teacher (creative)", f"{VGG} ← gt", f"{VIT} ← creative"):
         assert label in page, label
     # every caption but the ground truth carries its attribute marks: 4 cards x (2 teachers + 6 students)
     assert page.count('<div class="marks">') == 4 * 8 and 'class="mark right"' in page
+    assert page.index('class="summary"') < page.index('class="card"') and '<select id="model">' in page
     for ref in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert ref.startswith("data:image/") or (report / ref).is_file(), ref
 

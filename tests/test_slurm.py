@@ -121,6 +121,9 @@ def finished_run(tmp_path):
         _finish(rd.distill(name), "distill", depends.distill(pinned, rd))
     for source in ["gt", *cfg.distill.temperatures]:
         _finish(rd.students / f"vgg19_gru__{source}", "students", depends.student(cfg, rd, "vgg19_gru", source))
+        (rd.students / f"vgg19_gru__{source}" / "metrics.json").write_text(json.dumps(
+            {"arch": "vgg19_gru", "source": source, "test": {}, "attributes": {"macro": 0.5}}))
+    _finish(rd.speed, "speed", depends.speed(cfg, rd))
     _finish(rd.report, "report", depends.report(cfg, rd))
     return cfg_path
 
@@ -138,11 +141,11 @@ def test_resubmission_reruns_exactly_the_jobs_whose_inputs_changed(finished_run)
     assert _submitted(_plan(finished_run)) == set()
     assert _submitted(_plan(finished_run, "report.gallery_size=3")) == {"report"}
     plan = _plan(finished_run, "students.epochs=2")
-    assert _submitted(plan) == {"features", *STUDENTS, "report"}
+    assert _submitted(plan) == {"features", *STUDENTS, "speed", "report"}
     assert all(plan[name].tasks == [["students.archs=[vgg19_gru]"]] for name in STUDENTS)
     plan = _plan(finished_run, "distill.temperatures.creative=0.8")
     assert _submitted(plan) == {"reset-creative", "distill-creative", "merge-creative", "features",
-                                "students-creative", "report"}
+                                "students-creative", "speed", "report"}
     assert plan["students-creative"].after == ["prepare", "features", "merge-creative"]
     # a new teacher: its datasets and their students; the ground truth's students stay
     assert _submitted(_plan(finished_run, "teacher.train.epochs=2")) == set(CHAIN) - {"prepare", "students-gt"}
@@ -156,9 +159,9 @@ def test_output_made_with_other_settings_is_not_skipped(finished_run):
     other = load_config(finished_run, ["students.epochs=7"])
     _finish(rd.students / "vgg19_gru__precise", "students", depends.student(other, rd, "vgg19_gru", "precise"))
     plan = _plan(finished_run)
-    assert _submitted(plan) == {"features", "students-precise", "report"}
+    assert _submitted(plan) == {"features", "students-precise", "speed", "report"}
     plan = _plan(finished_run, "students.epochs=7")  # now the two others are the models made with other settings
-    assert _submitted(plan) == {"features", "students-gt", "students-creative", "report"}
+    assert _submitted(plan) == {"features", "students-gt", "students-creative", "speed", "report"}
 
 
 def test_force_reaches_every_job(finished_run):
@@ -230,7 +233,8 @@ def test_chain_runs_to_completion_then_resubmit_skips(tmp_path, slurm):
     kept = {p: read_manifest(p) for p in (cfg.run_dir / "teacher", cfg.run_dir / "distill" / "precise",
                                           cfg.run_dir / "students" / "vgg19_gru__precise")}
     changed = _make("submit", cfg_path, slurm, "ARGS=distill.temperatures.creative=0.8")
-    rerun = {"reset-creative", "distill-creative", "merge-creative", "features", "students-creative", "report"}
+    rerun = {"reset-creative", "distill-creative", "merge-creative", "features", "students-creative", "speed",
+             "report"}
     assert changed.returncode == 0, changed.stdout[-2000:] + changed.stderr[-2000:]
     assert {n for n in CHAIN if re.search(rf"^{n} +job \d+$", changed.stdout, re.M)} == rerun, changed.stdout
     states = _wait(cfg, slurm)
@@ -255,7 +259,7 @@ def test_failed_job_stops_its_dependents(tmp_path, slurm):
     assert states["prepare"][0][1] == "COMPLETED"
     assert states["finetune"][0][1] == "FAILED"
     for name in ("distill-precise", "merge-precise", "distill-creative", "merge-creative", "students-precise",
-                 "report"):
+                 "speed", "report"):
         assert all(s == "CANCELLED" for _, s in states[name]), (name, states[name])
     assert read_manifest(cfg.run_dir / "teacher") is None and not (cfg.run_dir / "distill").exists()
     status = _make("status", cfg_path, slurm)

@@ -7,12 +7,28 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.core.archs import display_name
 from pipeline.core.rundir import RunDir
 from pipeline.evaluation.attributes import ATTRIBUTES
 from pipeline.evaluation.results import finished_results
 from pipeline.inference.speed import SpeedSettings, images_per_second, measure_student, read_speed, write_speed
-from pipeline.reporting.plots import plot_speed_quality
-from pipeline.reporting.tables import results_markdown, speed_report
+from pipeline.reporting.plots import (
+    colour_floor,
+    epoch_means,
+    plot_attribute_heatmap,
+    plot_curves,
+    plot_metric_bars,
+    plot_speed_quality,
+)
+from pipeline.reporting.tables import (
+    answer_markdown,
+    gallery_html,
+    gallery_summary,
+    reference_teacher,
+    results_markdown,
+    speed_report,
+    student_label,
+)
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -142,3 +158,120 @@ def test_a_student_is_exported_then_timed_in_both_runtimes(tmp_path):
     assert set(timed["images_per_s"]) == {"torch", "onnx"}
     for rates in timed["images_per_s"].values():
         assert set(rates) == {"1", "2"} and all(rate > 0 for rate in rates.values())
+
+
+def test_results_md_opens_with_the_teacher_the_best_student_of_each_source_and_the_recommendation(tmp_path):
+    rd = hand_made_run(tmp_path / "run")
+    results, baselines = finished_results(rd)
+    baselines = {"gt": {"majority": {"macro": 0.40}}}
+    teacher = reference_teacher(rd)
+    assert (teacher["dataset"], teacher["attributes"]) == ("precise", 0.80)
+    page = results_markdown(results, {}, [], None, None,
+                            answer_markdown(results, baselines, teacher, speed_report(rd, results)))
+    lines = page.splitlines()
+    assert lines[:3] == ["# Results", "", "## The answer"]
+    assert lines[4] == ("**Recommended: ViT-B/16 + Transformer trained on precise captions: 48× the teacher's "
+                        "throughput at 90% of its attribute accuracy (96 vs 2 images/s on 2 CPU threads, batch 32, "
+                        "onnxruntime; attribute accuracy 0.720 vs the teacher's 0.800 on its precise captions).**")
+    table = page.split("## The answer")[1].split("All students are scored")[0]
+    assert "| teacher: teacher, fine-tuned (its precise captions, T=0.2) | — | 0.800 | 100% | 0.500 |" in table
+    for row in ("| best student: VGG19 + GRU | gt | 0.700 | 88% | 0.900 |",
+                "| best student: ViT-B/16 + Transformer | creative | 0.500 | 62% | 0.200 |",
+                "| best student: ViT-B/16 + Transformer | precise | 0.720 | 90% | 0.400 |",
+                "| majority attributes (baseline) | gt | 0.400 | 50% | — |"):
+        assert row in table, row
+    # not timed: the recommendation still names the student and says how to time it
+    untimed = answer_markdown(results, baselines, teacher, None)
+    assert ("**Recommended: ViT-B/16 + Transformer trained on precise captions, at 90% of the teacher's attribute "
+            "accuracy (not timed yet: `make speed`") in untimed
+
+
+def test_a_stand_in_student_is_named_as_what_ran(tmp_path):
+    rd = hand_made_run(tmp_path / "run")
+    settings = {"width": 0.25, "image_size": 96, "pretrained": True, "stand_in": {"epochs": 3}}
+    _write(rd.students / "vgg19_gru__gt" / "best" / "student.json", {"encoder": {"settings": settings}})
+    results, _ = finished_results(rd)
+    assert student_label(results[0]) == "VGG-family stand-in (width 0.25, 96 px) + GRU"
+    assert display_name("resnet101_attn_gru", {**settings, "pretrained": False}) == (
+        "ResNet-family stand-in (width 0.25, 96 px, random weights) grid + attention GRU")
+    full = {"width": 1.0, "image_size": 224, "pretrained": True, "stand_in": None}
+    assert display_name("vit_transformer", full) == "ViT-B/16 + Transformer"
+
+
+def test_heat_map_floor_curves_by_epoch_and_metric_bars_with_the_teacher(tmp_path):
+    assert colour_floor(0.62) == 0.55 and colour_floor(0.03) == 0.0 and colour_floor(None) == 0.0
+    assert epoch_means([[1, 4.0], [2, 2.0], [3, 1.0], [4, 3.0]], 2.0) == ([1, 2], [3.0, 2.0])
+    rd = hand_made_run(tmp_path / "run")
+    results, _ = finished_results(rd)
+    teacher = {**reference_teacher(rd), "test": {"CIDEr-D": 0.5, "BLEU-4": 0.2, "attributes": {"macro": 0.8}}}
+    curves = {(r["arch"], r["source"]): {"train_loss": [[1, 3.0], [2, 2.0], [3, 1.5], [4, 1.2]],
+                                         "val_attributes": [[2, 0.5], [4, 0.6]], "val_cider": [[2, 0.1], [4, 0.2]],
+                                         "steps_per_epoch": 2.0} for r in results}
+    plot_metric_bars(results, tmp_path / "metrics.png", teacher, 0.4)
+    plot_curves(curves, tmp_path / "curves.png")
+    plot_attribute_heatmap(["a", "b"], [[0.9] * len(ATTRIBUTES), [0.6] * len(ATTRIBUTES)], tmp_path / "attr.png",
+                           floor=0.55)
+    for png in ("metrics.png", "curves.png", "attr.png"):
+        with Image.open(tmp_path / png) as im:
+            assert im.format == "PNG" and len(set(im.convert("L").getdata())) > 10, png
+    with Image.open(tmp_path / "curves.png") as im:  # a column per source: wider than tall
+        assert im.size[0] > im.size[1]
+
+
+def test_gallery_opens_with_a_summary_and_filters_by_model(tmp_path):
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "a.jpg")
+    truth = "The lady wears a long-sleeve shirt with cotton fabric. She wears long pants."
+    samples = [{"image_id": f"img{i}", "image_path": str(tmp_path / "a.jpg"),
+                "captions": {"ground truth": truth, "teacher (precise)": truth,
+                             "VGG19 + GRU ← gt": "The gentleman wears a long-sleeve shirt with cotton fabric."}}
+               for i in range(2)]
+    summary = {label: rest for label, *rest in gallery_summary(samples)}
+    right, wrong, missed, share = summary["teacher (precise)"]
+    assert wrong == missed == 0 and right > 0 and share == 1.0
+    right_s, wrong_s, missed_s, share_s = summary["VGG19 + GRU ← gt"]
+    assert wrong_s >= 2 and missed_s >= 2 and share_s == right_s / (right_s + wrong_s + missed_s) < 1  # 2 images
+    page = gallery_html(samples, "t")
+    assert page.index('class="summary"') < page.index('class="card"')
+    assert '<option value="VGG19 + GRU ← gt">' in page and "<script>" in page
+    assert page.count('data-model="teacher (precise)"') == 2 and page.count('data-model="ground truth"') == 2
+    assert "src=\"http" not in page and "<script src" not in page  # self-contained
+
+
+@pytest.mark.slow  # fine-tunes a tiny teacher
+def test_the_chains_speed_step_times_every_model_quickly_then_stays_current(teacher_world, caplog):
+    """The `speed` stage on a run with a fine-tuned teacher and students: the teacher and the best student of each
+    source in PyTorch (no ONNX export of its own), a manifest the plan's up-to-date rule accepts, and a rerun only
+    when what it must time changed."""
+    from argparse import Namespace
+
+    from pipeline.core.config import load_config
+    from pipeline.core.rundir import is_up_to_date, read_manifest
+    from pipeline.workflows import depends
+    from stages import finetune, speed
+    from tests.helpers import make_student
+
+    cfg = load_config(teacher_world("speed", teacher={"train": {"epochs": 1, "eval_generation_samples": 0}},
+                                    distill={"max_new_tokens": 24}))
+    finetune.run(cfg, Namespace(force=False))
+    rd = RunDir(cfg.run_dir)
+    for name, attributes in (("vgg19_gru__gt", 0.7), ("vit_transformer__gt", 0.6), ("vit_transformer__precise", 0.5),
+                             ("vgg19_gru__sweep-t0.5", 0.9)):
+        arch, source = name.split("__")
+        make_student(rd.students / name / "best", arch)
+        _student(rd, arch, source, attributes=attributes, cider=0.1)
+    args = Namespace(force=False, images=3, batch_sizes="1,3", repeats=1)
+    speed.run(cfg, args)
+    timed = json.loads((rd.speed / "speed.json").read_text())
+    # the teacher and the best student of each source (the sweep's students are not the report's)
+    assert [m["name"] for m in timed["models"]] == ["teacher", "vgg19_gru__gt", "vit_transformer__precise"]
+    assert timed["batch_sizes"] == [1, 3] and timed["images"] == 3 and "quick" in timed["measured_by"]
+    for model in timed["models"]:
+        assert set(model["images_per_s"]) == {"torch"} and set(model["images_per_s"]["torch"]) == {"1", "3"}
+    assert not (rd.students / "vgg19_gru__gt" / "best" / "onnx").exists()  # no export of its own
+    assert is_up_to_date(rd.speed, *depends.speed(cfg, rd))
+    before = read_manifest(rd.speed)
+    with caplog.at_level("INFO"):
+        speed.run(cfg, args)
+    assert read_manifest(rd.speed) == before and "is up to date" in caplog.text
+    _student(rd, "vit_transformer", "gt", attributes=0.8, cider=0.1)  # now the best of its source: not timed yet
+    assert not is_up_to_date(rd.speed, *depends.speed(cfg, rd))

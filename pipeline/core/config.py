@@ -331,7 +331,7 @@ class SlurmResources(Section):
 
 class SlurmConfig(Section):
     partition: str | None = None
-    cpu_partition: str | None = None  # CPU-only jobs (prepare, reset, merge, report); unset: `partition`
+    cpu_partition: str | None = None  # CPU-only jobs (prepare, reset, merge, speed, report); unset: `partition`
     account: str | None = None
     time: dict[str, str] = {"default": "04:00:00"}
     gpus_per_node: StrictInt = Field(1, ge=0)

@@ -27,6 +27,22 @@ SPLIT_FILES = {"train": "train_captions.json", "test": "test_captions.json"}
 IMAGE_DIR = "images"
 
 
+SOURCE = "https://github.com/yumingj/DeepFashion-MultiModal"  # the real dataset's home: download links, agreement
+SYNTHETIC_NAME = "DeepFashion-lite (synthetic renders of real captions)"
+
+
+def describe_dataset(root: Path) -> dict[str, object]:
+    """What the raw dataset at ``root`` is, for cards and labels: DeepFashion-lite (its ``README.json``, written by
+    the demo's generator, says so) or else the real DeepFashion-MultiModal. ``name``, ``synthetic``, ``source``."""
+    readme = Path(root) / "README.json"
+    try:
+        synthetic = json.loads(readme.read_text()).get("dataset") == "DeepFashion-lite"
+    except (OSError, ValueError, AttributeError):
+        synthetic = False
+    return {"name": SYNTHETIC_NAME if synthetic else "DeepFashion-MultiModal", "synthetic": synthetic,
+            "source": SOURCE}
+
+
 class DataError(PipelineError):
     """The raw dataset is unusable; the message names the file or record."""
 

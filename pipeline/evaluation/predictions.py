@@ -3,7 +3,8 @@ the run's ground-truth test split, so `evaluate` can score it like a student.
 
 Formats: JSONL (one object per line), JSON (an object ``{id: caption}`` or a list of objects), CSV (a header row).
 Objects and CSV rows name the image in one of ``ID_KEYS`` and the caption in one of ``CAPTION_KEYS``; an id may be the
-dataset's image id, the image's file name or its path as the prepared dataset names it.
+dataset's image id, the image's file name or its path as the prepared dataset names it; a path to a copy elsewhere
+(`make caption` on copied test images) is matched by its file name.
 """
 
 from __future__ import annotations
@@ -60,14 +61,27 @@ def _field(record: dict, keys: Sequence[str]) -> object:
     return next((record[k] for k in keys if k in record), None)
 
 
+def _by_file_name(path: Path, where: str, image: str, by_name: dict[str, set[str]]) -> str:
+    """The test image whose file name ``image`` (an id, a name or a path anywhere) ends in."""
+    ids = sorted(by_name.get(Path(image.replace("\\", "/")).name, ()))
+    if not ids:
+        raise PredictionsError(f"{path}: {where}: image {image!r} is not in the test split")
+    if len(ids) > 1:
+        raise PredictionsError(f"{path}: {where}: file name of {image!r} names {len(ids)} test images "
+                               f"({', '.join(ids[:3])}); use the image id")
+    return ids[0]
+
+
 def read_predictions(path: str | Path, test_rows: Sequence[dict], allow_missing: bool = False) -> dict[str, str]:
     """Captions of ``path`` by test image id. Fails on the first record that is not a usable prediction of a test
     image, and on test images without a prediction unless ``allow_missing``."""
     path = Path(path)
     lookup: dict[str, str] = {}
+    by_name: dict[str, set[str]] = {}  # file name -> the test image ids of that name
     for r in test_rows:
-        for key in (r["image_id"], Path(r["image_path"]).name, r["image_path"]):
+        for key in (r["image_id"], r["image_path"]):
             lookup.setdefault(key, r["image_id"])
+        by_name.setdefault(Path(r["image_path"]).name, set()).add(r["image_id"])
     out: dict[str, str] = {}
     for where, record in _records(path):
         if not isinstance(record, dict):
@@ -80,9 +94,7 @@ def read_predictions(path: str | Path, test_rows: Sequence[dict], allow_missing:
         if not isinstance(caption, str) or not caption.strip():
             raise PredictionsError(f"{path}: {where} ({image}): the caption is "
                                    f"{'empty' if isinstance(caption, str) else type(caption).__name__}")
-        image_id = lookup.get(str(image))
-        if image_id is None:
-            raise PredictionsError(f"{path}: {where}: image {image!r} is not in the test split")
+        image_id = lookup.get(str(image)) or _by_file_name(path, where, str(image), by_name)
         if image_id in out:
             raise PredictionsError(f"{path}: {where}: a second prediction for test image {image_id!r}")
         out[image_id] = caption

@@ -47,9 +47,15 @@ def write_source_baselines(folder: Path, inputs: dict[str, Any], scorer: Caption
         atomic_write_json(file, {**source_baselines(scorer, train_captions, test_rows), "inputs": inputs})
 
 
+def _encoder_settings(student_json: Path) -> dict | None:
+    """The encoder settings a student ran with (its ``student.json``), for its honest display name."""
+    return json.loads(student_json.read_text())["encoder"]["settings"] if student_json.is_file() else None
+
+
 def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
-    """metrics.json of every finished student and every baseline in the run, students in the course reports' order
-    (ground truth first, then sources by name); the temperature sweep's students are left to its own table."""
+    """metrics.json of every finished student (with ``folder`` and ``encoder``, its encoder settings) and every
+    baseline in the run, students in the course reports' order (ground truth first, then sources by name); the
+    temperature sweep's students are left to its own table."""
     results, baselines = [], {}
     for folder in sorted(rd.students.glob("*__*")):
         if is_sweep_source(folder.name.split("__", 1)[1]):
@@ -58,7 +64,8 @@ def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
             if (folder / "metrics.json").is_file():  # else another step is computing it right now
                 baselines[folder.name.split("__", 1)[1]] = json.loads((folder / "metrics.json").read_text())
         elif read_manifest(folder) is not None:
-            results.append({**json.loads((folder / "metrics.json").read_text()), "folder": folder})
+            results.append({**json.loads((folder / "metrics.json").read_text()), "folder": folder,
+                            "encoder": _encoder_settings(folder / "best" / "student.json")})
     order = list(ARCHS)
     results.sort(key=lambda r: (r["source"] != "gt", r["source"],
                                 order.index(r["arch"]) if r["arch"] in order else len(order)))
@@ -70,7 +77,8 @@ def result_rows(results: Sequence[dict], baselines: dict[str, dict]) -> list[lis
     rows = []
     for r in results:
         reliance = r.get("image_reliance", {})
-        rows.append([display_name(r["arch"]), r["source"], *(r["test"].get(m) for m in COURSE_METRICS),
+        rows.append([display_name(r["arch"], r.get("encoder")), r["source"],
+                     *(r["test"].get(m) for m in COURSE_METRICS),
                      r.get("attributes", {}).get("macro"), reliance.get("attribute_macro_drop"),
                      reliance.get("cider_drop")])
     for source, b in baselines.items():
@@ -86,9 +94,23 @@ def attribute_matrix(results: Sequence[dict], baselines: dict[str, dict]) -> tup
     labels, values = [], []
     for r in results:
         if "attributes" in r:
-            labels.append(f"{display_name(r['arch'])} ← {r['source']}")
+            labels.append(f"{display_name(r['arch'], r.get('encoder'))} ← {r['source']}")
             values.append([r["attributes"]["per_attribute"][a] for a in ATTRIBUTES])
     if "majority" in baselines.get("gt", {}):
         labels.append("majority baseline (gt)")
         values.append([baselines["gt"]["majority"]["per_attribute"][a] for a in ATTRIBUTES])
     return labels, values
+
+
+def best_per_source(results: Sequence[dict]) -> list[dict]:
+    """The best student of each caption source by test attribute accuracy (ties: CIDEr-D), in ``results``' order of
+    sources: the report's answer compares them with the teacher, and the chain's quick `speed` step times them."""
+    best: dict[str, dict] = {}
+    for r in results:
+        if r["source"] not in best or _rank(r) > _rank(best[r["source"]]):
+            best[r["source"]] = r
+    return list(best.values())
+
+
+def _rank(result: dict) -> tuple[float, float]:
+    return result.get("attributes", {}).get("macro", -1.0), result["test"].get("CIDEr-D", -1.0)

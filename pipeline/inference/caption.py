@@ -126,9 +126,13 @@ def caption_files(captioner: Captioner, paths: Sequence[Path], *, out: Path, bea
 
 
 def student_captioner(folder: Path, *, runtime: Runtime) -> tuple[Captioner, int]:
-    """The student saved in ``folder`` (a ``best/``) in ``runtime``, and its default beam size. The ONNX runtime
-    needs ``make export`` first and never imports torch."""
-    beam_size = read_student_json(folder)["beam_size"]
+    """The student saved in ``folder`` (a ``best/``) in ``runtime``, and its default beam size; a warning, once, when
+    it was trained on synthetic renders. The ONNX runtime needs ``make export`` first and never imports torch."""
+    meta = read_student_json(folder)
+    beam_size = meta["beam_size"]
+    if meta.get("training_data", {}).get("synthetic"):
+        log.warning("%s was trained on %s: it has only seen such renders, and its captions of photographs mean "
+                    "little", folder, meta["training_data"]["name"])
     if runtime == "onnx":
         from pipeline.students.onnx_runtime import OnnxStudent
 

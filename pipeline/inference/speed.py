@@ -1,5 +1,9 @@
 """What distillation buys, in speed: the run's fine-tuned teacher and each of its students timed side by side on the
-CPU (``make bench BENCH_ARGS="--only speed"``), written to ``<run_dir>/speed/speed.json`` for the report.
+CPU, written to ``<run_dir>/speed/speed.json`` for the report: quickly by the chain's `speed` step (:data:`QUICK`:
+the teacher and the best student of each caption source on a few images, PyTorch, onnxruntime only for students
+already exported) or thoroughly by ``make bench BENCH_ARGS="--only speed"`` (every student). Either is up to date
+while it times the current teacher and best students (``manifest.json``: their fingerprints), so the chain keeps a
+bench measurement.
 
 Every model captions the same fixed list of test images through its captioner (the ``caption`` method `make caption`
 calls): the teacher greedily in PyTorch, each student with its own beam size (the one its test metrics were scored
@@ -28,7 +32,15 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.rundir import RunDir, atomic_write_json, publish_dir, read_manifest, require_stage
+from pipeline.core.rundir import (
+    RunDir,
+    atomic_write_json,
+    is_sweep_source,
+    publish_dir,
+    read_manifest,
+    require_stage,
+    write_manifest,
+)
 from pipeline.students.runtime import Captioner
 
 log = logging.getLogger(__name__)
@@ -39,12 +51,17 @@ RUNTIMES = ("torch", "onnx")
 @dataclass(frozen=True)
 class SpeedSettings:
     """How the models are timed: ``images`` test images, ``repeats`` timed passes per runtime and batch size,
-    ``threads`` CPU threads for every runtime."""
+    ``threads`` CPU threads for every runtime; ``export``: export a student that has no current ONNX export (else
+    onnxruntime times only the students already exported)."""
 
     images: int = 64
     repeats: int = 3
     batch_sizes: tuple[int, ...] = (1, 32)
     threads: int = 1
+    export: bool = True
+
+
+QUICK = SpeedSettings(images=4, repeats=1, batch_sizes=(1, 4), export=False)  # the chain's `speed` step
 
 
 def images_per_second(captioner: Captioner, images: Sequence[Image.Image], *, batch_size: int, beam_size: int,
@@ -79,9 +96,21 @@ def file_bytes(paths: Iterable[Path]) -> int:
 
 
 def finished_students(rd: RunDir) -> list[Path]:
-    """The run's finished student folders (``<arch>__<source>``, baselines excluded), sorted."""
-    return sorted(f for f in rd.students.glob("*__*")
-                  if not f.name.startswith("baseline__") and read_manifest(f) is not None)
+    """The run's finished student folders (``<arch>__<source>``; baselines and the temperature sweep's students,
+    which the report does not compare, excluded), sorted."""
+    return sorted(f for f in rd.students.glob("*__*") if not f.name.startswith("baseline__")
+                  and not is_sweep_source(f.name.split("__", 1)[1]) and read_manifest(f) is not None)
+
+
+def timed_models(rd: RunDir) -> dict[str, str]:
+    """The models a current ``speed.json`` must time: the teacher and the best student of each caption source (the
+    report's answer: :func:`pipeline.evaluation.results.best_per_source`), name (``teacher``, ``<arch>__<source>``)
+    -> its stage output's fingerprint; fails naming the stage when the teacher is not fine-tuned."""
+    from pipeline.evaluation.results import best_per_source, finished_results
+
+    teacher = require_stage(rd.teacher, "finetune")["fingerprint"]
+    best = best_per_source(finished_results(rd)[0])
+    return {"teacher": teacher, **{r["folder"].name: read_manifest(r["folder"])["fingerprint"] for r in best}}
 
 
 def require_run(rd: RunDir) -> None:
@@ -115,18 +144,21 @@ def measure_teacher(rd: RunDir, images: Sequence[Image.Image], settings: SpeedSe
 
 def measure_student(folder: Path, images: Sequence[Image.Image], settings: SpeedSettings) -> dict:
     """The student in ``folder`` (``<arch>__<source>``) on the CPU, in PyTorch and in onnxruntime (its ``best/``
-    exported first when it has no current export)."""
+    exported first when it has no current export; with ``settings.export`` off, PyTorch only then)."""
     from pipeline.students.checkpoint import load_student
     from pipeline.students.onnx_runtime import OnnxStudent, read_onnx_json
 
     best = folder / "best"
+    exported = True
     try:
         read_onnx_json(best, best / "onnx")
     except PipelineError as exc:
-        from pipeline.students.export import export_onnx
+        exported = settings.export
+        if exported:
+            from pipeline.students.export import export_onnx
 
-        log.info("exporting %s to ONNX first (%s)", folder.name, exc)
-        export_onnx(best)
+            log.info("exporting %s to ONNX first (%s)", folder.name, exc)
+            export_onnx(best)
     student = load_student(best, device="cpu")
     beam_size = student.meta["beam_size"]
     log.info("timing %s (beam %d)", folder.name, beam_size)
@@ -134,16 +166,17 @@ def measure_student(folder: Path, images: Sequence[Image.Image], settings: Speed
     return {"name": folder.name, "arch": arch, "source": source, "fingerprint": read_manifest(folder)["fingerprint"],
             "parameters": sum(p.numel() for m in (student.encoder, student.decoder) for p in m.parameters()),
             "disk_bytes": file_bytes([best / "model.safetensors", best / "encoder.safetensors"]),
-            "onnx_bytes": file_bytes((best / "onnx").glob("*.onnx")), "beam_size": beam_size,
+            "onnx_bytes": file_bytes((best / "onnx").glob("*.onnx")) if exported else None, "beam_size": beam_size,
             "images_per_s": {"torch": _rates(student, images, beam_size, settings),
-                             "onnx": _rates(OnnxStudent(best, threads=settings.threads), images, beam_size,
-                                            settings)}}
+                             **({"onnx": _rates(OnnxStudent(best, threads=settings.threads), images, beam_size,
+                                                settings)} if exported else {})}}
 
 
 def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: str, attn_implementation: str,
-                max_new_tokens: int) -> dict:
-    """Time the teacher (over the ``base`` checkpoint; see :func:`measure_teacher`) and every finished student of the
-    run on the same test images; the content of ``speed.json``."""
+                max_new_tokens: int, students: Sequence[Path] | None = None) -> dict:
+    """Time the teacher (over the ``base`` checkpoint; see :func:`measure_teacher`) and the student folders
+    ``students`` (default: every finished student of the run) on the same test images; the content of
+    ``speed.json``."""
     import torch
 
     require_run(rd)
@@ -151,15 +184,24 @@ def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: s
     images = timing_images(rd, settings.images)
     models = [measure_teacher(rd, images, settings, base=base, precision=precision,
                               attn_implementation=attn_implementation, max_new_tokens=max_new_tokens)]
-    models += [measure_student(folder, images, settings) for folder in finished_students(rd)]
+    models += [measure_student(folder, images, settings)
+               for folder in (finished_students(rd) if students is None else students)]
     return {"images": settings.images, "repeats": settings.repeats, "batch_sizes": list(settings.batch_sizes),
             "threads": settings.threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models}
 
 
-def write_speed(rd: RunDir, speed: dict) -> Path:
-    """Publish ``speed`` as ``<run_dir>/speed/speed.json``; its path."""
+def write_speed(rd: RunDir, speed: dict, started: float | None = None) -> Path:
+    """Publish ``speed`` as ``<run_dir>/speed/speed.json`` with its ``manifest.json``: inputs, the fingerprints of
+    the models :func:`timed_models` names that it timed (all of them: current; a model retrained since: stale; more
+    models timed, as `make bench` does, change nothing); its path."""
+    wanted = timed_models(rd)
     with publish_dir(rd.speed) as tmp:
         atomic_write_json(tmp / SPEED_FILE, speed)
+        write_manifest(tmp, stage="speed", config={},
+                       inputs={m["name"]: m["fingerprint"] for m in speed["models"] if m["name"] in wanted},
+                       started=time.time() if started is None else started,
+                       figures={"images": speed["images"], "batch_sizes": speed["batch_sizes"],
+                                "threads": speed["threads"]})
     return rd.speed / SPEED_FILE
 
 

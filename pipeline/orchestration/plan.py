@@ -6,7 +6,10 @@ scheduler (:func:`pipeline.orchestration.scheduler.local_steps`, one step per jo
 
     prepare -> finetune -> per distilled dataset: [reset ->] distill (array over shards) [-> merge]
     prepare -> features (the frozen encoders' caches) -> per caption source: students (array over architectures)
-    [with the sweep: sweep-distill -> sweep-train -> (k, unlabelled points) -> sweep] -> report
+    [with the sweep: sweep-distill -> sweep-train -> (k, unlabelled points) -> sweep] -> speed -> report
+
+`speed` times the teacher and every student on the CPU, quickly, for the report's answer (`make bench` times them
+thoroughly; either stays current while the models do).
 
 A source's students wait only for their own dataset, so the ground truth's students train while the teacher
 fine-tunes. A job is marked ``done`` (left out) when its stage's own rule (:mod:`pipeline.workflows.depends`) finds
@@ -121,7 +124,8 @@ def plan_chain(cfg: Config, config: Path, overrides: Sequence[str], *, force: bo
         jobs.update((j.name, j) for j in plan_sweep(cfg, config, overrides, prepared=jobs["prepare"].done,
                                                      finetuned=jobs["finetune"].done, force=force, flags=flags))
     after = [*(n for n in jobs if n.startswith("students-")), *(j.name for j in datasets.values())]
-    add(Job("report", "report", [*overrides, *forced], [*after, *(["sweep"] if sweep else [])]), rd.report,
+    add(Job("speed", "speed", [*overrides, *forced], ["finetune", *after]), rd.speed, partial(depends.speed, cfg, rd))
+    add(Job("report", "report", [*overrides, *forced], [*after, "speed", *(["sweep"] if sweep else [])]), rd.report,
         partial(depends.report, cfg, rd))
     return list(jobs.values())
 

@@ -1,9 +1,10 @@
-"""The report's plots (PNG, matplotlib's Agg backend): metric bars, training curves, caption lengths, the
-students x attributes heat map and quality against CPU throughput."""
+"""The report's plots (PNG, matplotlib's Agg backend): metric bars with the teacher and the majority baseline,
+training curves per caption source, caption lengths, the attributes heat map and quality against CPU throughput."""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,45 +30,89 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_metric_bars(results: Sequence[dict], path: Path) -> None:
-    """Grouped bars: one panel per metric, students on the x axis, one bar per caption source."""
+TEACHER_STYLE = {"color": "black", "ls": "--", "lw": 1.2}
+MAJORITY_STYLE = {"color": "tab:red", "ls": ":", "lw": 1.2}
+
+
+def _metric(r: dict, metric: str) -> float:
+    return r.get("attributes", {}).get("macro", 0) if metric == "attributes" else r["test"].get(metric, 0)
+
+
+def plot_metric_bars(results: Sequence[dict], path: Path, teacher: dict | None = None,
+                     majority: float | None = None) -> None:
+    """Grouped bars: one panel per metric (the n-gram metrics and attribute accuracy), students on the x axis, one
+    bar per caption source; the teacher's test figures (``teacher``: :func:`~pipeline.reporting.tables.
+    reference_teacher`) dashed and the majority baseline's attribute accuracy dotted across their panels."""
     plt = _figure()
     archs = list(dict.fromkeys(r["arch"] for r in results))
     sources = list(dict.fromkeys(r["source"] for r in results))
-    fig, axes = plt.subplots(1, len(COURSE_METRICS), figsize=(4.2 * len(COURSE_METRICS), 4), constrained_layout=True)
+    metrics = (*COURSE_METRICS, "attributes")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), constrained_layout=True)
     width = 0.8 / max(1, len(sources))
-    for ax, metric in zip(axes, COURSE_METRICS):
+    for ax, metric in zip(axes, metrics):
         for j, source in enumerate(sources):
-            values = [next((r["test"].get(metric, 0) for r in results if r["arch"] == a and r["source"] == source), 0)
+            values = [next((_metric(r, metric) for r in results if r["arch"] == a and r["source"] == source), 0)
                       for a in archs]
             ax.bar([i + j * width for i in range(len(archs))], values, width, label=source)
+        known = teacher and (teacher["attributes"] if metric == "attributes" else teacher["test"].get(metric))
+        if known is not None and teacher:
+            ax.axhline(known, **TEACHER_STYLE, label=f"teacher ({teacher['dataset']} captions)")
+        if metric == "attributes" and majority is not None:
+            ax.axhline(majority, **MAJORITY_STYLE, label="majority baseline")
         ax.set_xticks([i + width * (len(sources) - 1) / 2 for i in range(len(archs))])
         ax.set_xticklabels([short_name(a) for a in archs], fontsize=8)
-        ax.set_title(metric)
-    handles, labels = axes[0].get_legend_handles_labels()
+        ax.set_title("attribute accuracy (macro)" if metric == "attributes" else metric)
+    handles, labels = axes[-1].get_legend_handles_labels()
     fig.legend(handles, labels, title="trained on", loc="outside right center")
     _save(fig, path)
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, dict], path: Path) -> None:
-    """Training loss, validation CIDEr-D and validation attribute accuracy against step, one line per student."""
+def epoch_points(points: Sequence[Sequence[float]], steps_per_epoch: float) -> tuple[list[float], list[float]]:
+    return [step / steps_per_epoch for step, _ in points], [value for _, value in points]
+
+
+def epoch_means(points: Sequence[Sequence[float]], steps_per_epoch: float) -> tuple[list[int], list[float]]:
+    """The mean of per-step values over each epoch (epoch e: steps in ((e-1)·n, e·n])."""
+    sums: dict[int, list[float]] = {}
+    for step, value in points:
+        sums.setdefault(max(1, math.ceil(step / steps_per_epoch - 1e-9)), []).append(value)
+    return list(sums), [sum(v) / len(v) for v in sums.values()]
+
+
+def plot_curves(curves: dict[tuple[str, str], dict], path: Path) -> None:
+    """One column per caption source, epochs on the x axis: the training loss (mean of each epoch), validation
+    attribute accuracy and validation CIDEr-D, one line per architecture (the same colour in every panel).
+    ``curves``: (arch, source) -> the student's ``curves.json`` plus ``steps_per_epoch``."""
     plt = _figure()
-    fig, (loss_ax, cider_ax, attr_ax) = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
-    colours = plt.get_cmap("tab20").colors
-    for i, (name, c) in enumerate(sorted(curves.items())):
-        colour = colours[i % len(colours)]
-        if c.get("train_loss"):
-            steps, losses = zip(*c["train_loss"])
-            loss_ax.plot(steps, losses, lw=0.8, label=name, color=colour)
-        for ax, key in ((cider_ax, "val_cider"), (attr_ax, "val_attributes")):
-            if c.get(key):
-                steps, values = zip(*c[key])
-                ax.plot(steps, values, marker="o", ms=3, label=name, color=colour)
-    loss_ax.set(title="training loss (masked cross-entropy)", xlabel="step", yscale="log")
-    cider_ax.set(title="validation CIDEr-D", xlabel="step")
-    attr_ax.set(title="validation attribute accuracy (macro)", xlabel="step")
-    attr_ax.legend(fontsize=6, ncol=2)
+    from matplotlib.ticker import MaxNLocator
+    sources = list(dict.fromkeys(source for _, source in curves))
+    archs = list(dict.fromkeys(arch for arch, _ in curves))
+    colours = plt.get_cmap("tab10").colors
+    rows = (("train_loss", "training loss (epoch mean)"), ("val_attributes", "validation attribute accuracy"),
+            ("val_cider", "validation CIDEr-D"))
+    fig, axes = plt.subplots(len(rows), len(sources), figsize=(4.6 * len(sources) + 1.5, 9), squeeze=False,
+                             sharex="col", sharey="row", constrained_layout=True)
+    for (arch, source), c in curves.items():
+        col, colour = sources.index(source), colours[archs.index(arch) % len(colours)]
+        for row, (key, _) in enumerate(rows):
+            if not c.get(key):
+                continue
+            if key == "train_loss":
+                x, y = epoch_means(c[key], c["steps_per_epoch"])
+            else:
+                x, y = epoch_points(c[key], c["steps_per_epoch"])
+            axes[row][col].plot(x, y, marker="o", ms=3, color=colour, label=short_name(arch).replace("\n", " "))
+    for col, source in enumerate(sources):
+        axes[0][col].set_title(f"trained on {source}")
+        axes[-1][col].set_xlabel("epoch")
+        axes[0][col].set_yscale("log")
+    for row, (_, label) in enumerate(rows):
+        axes[row][0].set_ylabel(label)
+    for ax in axes[-1]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lines = {line.get_label(): line for ax in axes[0] for line in ax.get_lines()}  # every architecture once
+    fig.legend(list(lines.values()), list(lines), loc="outside right center", fontsize=8)
     _save(fig, path)
     plt.close(fig)
 
@@ -85,18 +130,29 @@ def plot_length_histograms(lengths: dict[str, list[int]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_attribute_heatmap(labels: Sequence[str], values: Sequence[Sequence[float]], path: Path) -> None:
-    """Rows (students, then the majority baseline) x attributes, accuracy as colour and as a number in each cell."""
+def colour_floor(majority: float | None) -> float:
+    """Where the heat map's colour scale starts: just below the majority baseline's macro accuracy (on a 0.05 grid),
+    so that the differences above what ignoring the image gives show; 0 without a baseline."""
+    return 0.0 if majority is None else max(0.0, math.floor((majority - 0.05) * 20) / 20)
+
+
+def plot_attribute_heatmap(labels: Sequence[str], values: Sequence[Sequence[float]], path: Path, *,
+                           floor: float = 0.0) -> None:
+    """Rows (the teacher, students, the majority baseline) x attributes and their macro mean, accuracy as colour
+    (from ``floor``: lower values all show as the lowest colour) and as a number in each cell."""
     plt = _figure()
-    columns = list(ATTRIBUTES.values())
+    columns = [*ATTRIBUTES.values(), "macro"]
+    table = [[*row, sum(row) / len(row)] for row in values]
     fig, ax = plt.subplots(figsize=(0.62 * len(columns) + 3.5, 0.42 * len(labels) + 1.8), constrained_layout=True)
-    image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(table, cmap="RdYlGn", vmin=floor, vmax=1.0, aspect="auto")
+    ax.axvline(len(columns) - 1.5, color="black", lw=1.5)  # the macro column apart
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    for i, row in enumerate(values):
+    for i, row in enumerate(table):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
-    ax.set_title("attribute accuracy on the ground-truth test split (%)")
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                    fontweight="bold" if j == len(columns) - 1 else "normal")
+    ax.set_title(f"attribute accuracy on the ground-truth test split (%); colours from {100 * floor:.0f}%")
     fig.colorbar(image, ax=ax, shrink=0.8)
     _save(fig, path)
     plt.close(fig)

@@ -12,6 +12,7 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.archs import display_name
@@ -19,7 +20,7 @@ from pipeline.core.rundir import RunDir, read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.evaluation.attributes import ATTRIBUTES, caption_marks
 from pipeline.evaluation.bootstrap import RESAMPLES, compare, describe
-from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
+from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, best_per_source, result_rows
 from pipeline.inference.speed import read_speed
 from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
 
@@ -30,6 +31,12 @@ MARK_COLOURS = {"right": "#d8f0d8", "wrong": "#f6d0d0", "missed": "#fbe7c2"}
 RUNTIME_NAMES = {"torch": "PyTorch", "onnx": "onnxruntime"}
 COMPARISON_COLUMNS = ("model", "comparison", "seeds", "attributes: difference [95% interval]",
                       "CIDEr-D: difference [95% interval]")
+MEASURED_BY = 'make bench BENCH_ARGS="--only speed"'
+
+
+def student_label(result: dict) -> str:
+    """What a result's student is, as it ran (:func:`pipeline.core.archs.display_name` of its encoder settings)."""
+    return display_name(result["arch"], result.get("encoder"))
 
 
 def _fmt(value: Any) -> str:
@@ -72,7 +79,7 @@ def teacher_rows(rd: RunDir) -> list[list]:
 
 def _attribute_table(results: Sequence[dict], baselines: dict[str, dict]) -> str:
     header = ["model", "trained on", *ATTRIBUTES]
-    rows = [[display_name(r["arch"]), r["source"], *(r["attributes"]["per_attribute"][a]
+    rows = [[student_label(r), r["source"], *(r["attributes"]["per_attribute"][a]
                                                                   for a in ATTRIBUTES)]
             for r in results if "attributes" in r]
     rows += [[MAJORITY, s, *(b["majority"]["per_attribute"][a] for a in ATTRIBUTES)]
@@ -88,17 +95,19 @@ class SpeedReport:
     records: list[dict]
     batch_size: int
     markdown: str
+    threads: int = 1
 
 
 def reference_teacher(rd: RunDir) -> dict | None:
     """The teacher's test-split quality from its most precise captions (the distilled dataset of the lowest
-    temperature): ``dataset``, ``temperature``, ``attributes`` (macro accuracy), ``CIDEr-D``; None without one."""
+    temperature): ``dataset``, ``temperature``, ``model`` (the base checkpoint), ``attributes`` (macro accuracy),
+    ``CIDEr-D``, ``test`` (every figure, per attribute too); None without one."""
     found = []
     for name in rd.distilled_sources():
         meta = json.loads((rd.distill(name) / "meta.json").read_text())
         test = json.loads((rd.distill(name) / "diagnostics.json").read_text())["teacher_on_test"]
-        found.append({"dataset": name, "temperature": meta["temperature"],
-                      "attributes": test["attributes"]["macro"], "CIDEr-D": test["CIDEr-D"]})
+        found.append({"dataset": name, "temperature": meta["temperature"], "model": meta.get("teacher_model"),
+                      "attributes": test["attributes"]["macro"], "CIDEr-D": test["CIDEr-D"], "test": test})
     return min(found, key=lambda t: t["temperature"], default=None)
 
 
@@ -123,7 +132,7 @@ def speed_records(speed: dict, results: Sequence[dict], teacher: dict | None) ->
                         "CIDEr-D": quality.get("CIDEr-D"), **_timing(timed["teacher"])})
     for r in results:
         if r["folder"].name in timed:
-            records.append({"label": display_name(r["arch"]), "teacher": False, "arch": r["arch"],
+            records.append({"label": student_label(r), "teacher": False, "arch": r["arch"],
                             "source": r["source"], "dataset": None, "attributes": r.get("attributes", {}).get("macro"),
                             "CIDEr-D": r["test"].get("CIDEr-D"), **_timing(timed[r["folder"].name])})
     return records
@@ -144,7 +153,8 @@ def _rate(value: float | None) -> str:
 
 def speed_table(records: Sequence[dict], batch_sizes: Sequence[int]) -> str:
     """Markdown: each model's parameters, size on disk, images/s per runtime and batch size, and quality."""
-    columns = [(runtime, b) for runtime in RUNTIME_NAMES for b in batch_sizes]
+    columns = [(runtime, b) for runtime in RUNTIME_NAMES for b in batch_sizes
+               if any(runtime in r["images_per_s"] for r in records)]
     header = ["model", "trained on", "parameters", "disk MB (PyTorch)", "disk MB (ONNX)",
               *(f"{RUNTIME_NAMES[runtime]} img/s, batch {b}" for runtime, b in columns), "attributes", "CIDEr-D"]
     rows = [[r["label"], r["source"] or "—", _count(r["parameters"]), f"{r['disk_bytes'] / 1e6:.2f}",
@@ -183,7 +193,8 @@ def speed_report(rd: RunDir, results: Sequence[dict]) -> SpeedReport | None:
     parts = ["\n## What distillation buys\n",
              f"Size, CPU throughput and quality of the teacher and each student. Throughput: {speed['images']} test "
              f"images captioned per runtime and batch size on {speed['threads']} CPU thread(s), the median of "
-             f"{speed['repeats']} timed passes (`make bench BENCH_ARGS=\"--only speed\"`, {speed['measured_at']}); "
+             f"{speed['repeats']} timed pass(es) ({speed.get('measured_by', MEASURED_BY)}, {speed['measured_at']}; "
+             f"`{MEASURED_BY}` measures thoroughly); "
              "the teacher greedy, the students with their beam size. Quality on the ground-truth test split; the "
              "teacher's from its most precise distilled captions. Plot: `speed_quality.png`.\n",
              speed_table(records, speed["batch_sizes"])]
@@ -192,7 +203,7 @@ def speed_report(rd: RunDir, results: Sequence[dict]) -> SpeedReport | None:
         parts.append(f"\n**{sentence}**\n")
     if speed["stale"]:
         parts.append(f"\nNot shown, retrained since they were timed: {', '.join(speed['stale'])}.\n")
-    return SpeedReport(records, batch_size, "\n".join(parts))
+    return SpeedReport(records, batch_size, "\n".join(parts), speed["threads"])
 
 
 @dataclass
@@ -285,15 +296,51 @@ def comparisons_markdown(results: Sequence[dict]) -> str | None:
                       f"interval ({RESAMPLES:,} resamples of the test images; each side's per-image score averaged "
                       "over its seeds first); **significant** only when the interval excludes 0.\n",
                       markdown_table(COMPARISON_COLUMNS, rows)])
+def _share(value: float | None, of: float | None) -> str:
+    return "—" if value is None or not of else f"{100 * value / of:.0f}%"
+
+
+def answer_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: dict | None,
+                    speed: SpeedReport | None) -> str:
+    """results.md's opening: the teacher (:func:`reference_teacher`) against the best student of each source and
+    the majority baseline, then the recommended student and, when the run was timed, what it buys in speed."""
+    best = best_per_source(results)
+    if not best:
+        return ""
+    t_attr = teacher["attributes"] if teacher else None
+    rows = []
+    if teacher:
+        name = Path(teacher["model"]).name if teacher.get("model") else "teacher"
+        rows.append([f"teacher: {name}, fine-tuned (its {teacher['dataset']} captions, T={teacher['temperature']:g})",
+                     "—", t_attr, "100%", teacher["CIDEr-D"]])
+    rows += [[f"best student: {student_label(r)}", r["source"], r.get("attributes", {}).get("macro"),
+              _share(r.get("attributes", {}).get("macro"), t_attr), r["test"].get("CIDEr-D")] for r in best]
+    majority = baselines.get("gt", {}).get("majority", {}).get("macro")
+    if majority is not None:
+        rows.append([MAJORITY, "gt", majority, _share(majority, t_attr), None])
+    top = max(best, key=lambda r: (r.get("attributes", {}).get("macro", -1.0), r["test"].get("CIDEr-D", -1.0)))
+    sentence = speed and speed_sentence(speed.records, speed.batch_size, speed.threads)
+    if sentence:
+        recommended = sentence
+    else:
+        source = "ground-truth" if top["source"] == "gt" else top["source"]
+        recommended = (f"{student_label(top)} trained on {source} captions, at "
+                       f"{_share(top.get('attributes', {}).get('macro'), t_attr)} of the teacher's attribute accuracy "
+                       "(not timed yet: `make speed` or `make bench BENCH_ARGS=\"--only speed\"`, then `make report`).")
+    return "\n".join(["## The answer\n", f"**Recommended: {recommended}**\n",
+                      "Attribute accuracy (macro, ground-truth test split) of the fine-tuned teacher, the best student "
+                      "of each caption source and the majority baseline; \"vs teacher\": the share of the teacher's.\n",
+                      markdown_table(["model", "trained on", "attributes", "vs teacher", "CIDEr-D"], rows)])
 
 
 def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teacher: list[list],
-                     speed: SpeedReport | None = None, sweep: SweepReport | None = None) -> str:
-    """results.md: students x sources with their baselines, per-attribute accuracies, the teacher datasets and,
-    when the run was timed, what distillation buys; when it was swept, the temperature sweep."""
+                     speed: SpeedReport | None = None, sweep: SweepReport | None = None, answer: str = "") -> str:
+    """results.md: ``answer`` first (:func:`answer_markdown`), then students x sources with their baselines,
+    per-attribute accuracies, the teacher datasets and, when the run was timed, what distillation buys; when it was
+    swept, the temperature sweep."""
     gt = [r for r in results if r["source"] == "gt"]
     distilled = [r for r in results if r["source"] != "gt"]
-    parts = ["# Results\n",
+    parts = ["# Results\n", *([answer] if answer else []),
              "All students are scored on the ground-truth test split: pycocoevalcap's BLEU-4, CIDEr-D, METEOR 1.5 and "
              "ROUGE-L, and **attributes**: the macro accuracy over the outfit attributes a caption states (gender, "
              "sleeve, neckline, fabric and pattern per garment, accessories, ...; an attribute the reference does "
@@ -330,7 +377,7 @@ def gallery_samples(rd: RunDir, results: Sequence[dict], size: int, seed: int) -
     predictions = {}
     for r in results:
         lines = (r["folder"] / "predictions.jsonl").read_text().splitlines()
-        predictions[f"{display_name(r['arch'])} ← {r['source']}"] = {
+        predictions[f"{student_label(r)} ← {r['source']}"] = {
             x["image_id"]: x["caption"] for x in map(json.loads, lines)}
     samples = []
     for row in picked:
@@ -361,28 +408,68 @@ def _marks_html(reference: str, caption: str) -> str:
     return f'<div class="marks">{"".join(chips)}</div>'
 
 
+def gallery_summary(samples: Sequence[dict]) -> list[list]:
+    """Per captioning model (every label but the ground truth): its attributes right, wrong and missed against the
+    ground truth over ``samples``' images, and the share right."""
+    counts: dict[str, dict[str, int]] = {}
+    for s in samples:
+        reference = s["captions"].get("ground truth")
+        for label, text in s["captions"].items():
+            if label == "ground truth" or not reference:
+                continue
+            tally = counts.setdefault(label, dict.fromkeys(MARK_COLOURS, 0))
+            for m in caption_marks(reference, text) if text else []:
+                tally[m["status"]] += 1
+    return [[label, *c.values(), c["right"] / max(1, sum(c.values()))] for label, c in counts.items()]
+
+
+FILTER_SCRIPT = """document.getElementById('model').addEventListener('change', function () {
+  var wanted = this.value;
+  document.querySelectorAll('[data-model]').forEach(function (el) {
+    var model = el.getAttribute('data-model');
+    el.hidden = wanted !== '' && model !== wanted && model !== 'ground truth';
+  });
+});"""
+
+
 def gallery_html(samples: Sequence[dict], title: str) -> str:
     """A self-contained page: each sample has ``image_path``, ``image_id`` and ``captions`` (label -> text, the
     ground truth first). Every other caption gets its attribute marks against the ground truth: green right,
-    red wrong, amber stated by the ground truth but missed."""
+    red wrong, amber stated by the ground truth but missed. It opens with a summary (per model: its marks over the
+    shown images) and a model filter (a few lines of inline JavaScript; without it every caption shows)."""
     cards = []
     for s in samples:
         reference = s["captions"].get("ground truth")
         items = []
         for label, text in s["captions"].items():
             marks = _marks_html(reference, text) if reference and text and label != "ground truth" else ""
-            items.append(f"<dt>{html.escape(label)}</dt><dd>{html.escape(text or '—')}{marks}</dd>")
+            items.append(f'<div data-model="{html.escape(label)}"><dt>{html.escape(label)}</dt>'
+                         f"<dd>{html.escape(text or '—')}{marks}</dd></div>")
         image = f'<img src="{_image_data_uri(s["image_path"])}" alt="{html.escape(s["image_id"])}">'
         cards.append(f'<section class="card">{image}'
                      f'<div><h2>{html.escape(s["image_id"])}</h2><dl>{"".join(items)}</dl></div></section>')
     legend = "".join(f'<span class="mark {k}">{k}</span>' for k in MARK_COLOURS)
+    summary = gallery_summary(samples)
+    rows = "".join(f"<tr><td>{html.escape(label)}</td>"
+                   + "".join(f"<td>{n}</td>" for n in counts) + f"<td>{100 * share:.0f}%</td></tr>"
+                   for label, *counts, share in summary)
+    options = "".join(f'<option value="{html.escape(label)}">{html.escape(label)}</option>' for label, *_ in summary)
     style = ("body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}"
              ".card{display:flex;gap:1.5em;background:#fff;border:1px solid #ddd;border-radius:8px;padding:1em;"
              "margin-bottom:1em}.card img{width:192px;height:192px;object-fit:contain;image-rendering:pixelated}"
              "h2{font-size:1em;margin:0 0 .5em}dt{font-weight:600;font-size:.85em;color:#555}"
              "dd{margin:0 0 .6em 0;font-size:.9em}.marks{margin-top:.25em}"
+             "table{border-collapse:collapse;margin-bottom:1em;background:#fff}"
+             "td,th{border:1px solid #ddd;padding:.2em .6em;font-size:.85em;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}"
              ".mark{display:inline-block;font-size:.75em;border-radius:4px;padding:0 .35em;margin:.1em .2em 0 0}"
              + "".join(f".mark.{k}{{background:{v}}}" for k, v in MARK_COLOURS.items()))
+    header = "".join(f"<th>{h}</th>" for h in ("model", *MARK_COLOURS, "right (share)"))
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Attribute marks against the ground truth: {legend}</p>{''.join(cards)}</body></html>\n")
+            f"<h2>Summary: attributes over the {len(samples)} images shown</h2>"
+            f'<table class="summary"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>'
+            f'<p><label>Show captions of <select id="model"><option value="">every model</option>{options}'
+            f"</select></label> (the ground truth always shows)</p>"
+            f"<p>Attribute marks against the ground truth: {legend}</p>{''.join(cards)}"
+            f"<script>{FILTER_SCRIPT}</script></body></html>\n")

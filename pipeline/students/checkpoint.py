@@ -189,8 +189,11 @@ def load_student(folder: Path, device: torch.device | str | None = None) -> Stud
     return Student(encoder.to(device or compute_device()).eval(), decoder, vocab, meta)
 
 
-def record_test_results(folder: Path, *, test_metrics: dict[str, Any], caption_source: dict[str, Any]) -> dict:
-    """Add what scoring found out (test metrics, where the training captions came from) to ``student.json``."""
-    meta = {**read_student_json(folder), "caption_source": caption_source, "test_metrics": test_metrics}
+def record_test_results(folder: Path, *, test_metrics: dict[str, Any], caption_source: dict[str, Any],
+                        training_data: dict[str, Any] | None = None) -> dict:
+    """Add what scoring found out (test metrics, where the training captions came from, what the images were:
+    ``training_data``, e.g. ``{"name", "synthetic", "source"}``) to ``student.json``."""
+    meta = {**read_student_json(folder), "caption_source": caption_source, "test_metrics": test_metrics,
+            **({"training_data": training_data} if training_data else {})}
     atomic_write_json(folder / "student.json", meta)
     return meta

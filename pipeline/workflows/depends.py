@@ -27,7 +27,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.data.deepfashion import IMAGE_DIR, detect_layout
 from pipeline.data.formats import INSTRUCTION
-from pipeline.inference.speed import SPEED_FILE
+from pipeline.inference.speed import SPEED_FILE, timed_models
 from pipeline.sweep.points import extra_ids, extra_points, first_points, point_config
 
 Depends = tuple[dict[str, Any], dict[str, str]]
@@ -183,9 +183,16 @@ def sweep(cfg: Config, rd: RunDir) -> Depends:
     return {"seed": cfg.seed, "sweep": config_slice(cfg, "sweep")["sweep"]}, inputs
 
 
+def speed(cfg: Config, rd: RunDir) -> Depends:
+    """`speed` (or `make bench`'s speed section): the fingerprints of the teacher and the best student of each
+    source (:func:`~pipeline.inference.speed.timed_models`); how thoroughly, or how many more models, were timed is
+    not part of it (a bench measurement stays current)."""
+    return {}, timed_models(rd)
+
+
 def report(cfg: Config, rd: RunDir) -> Depends:
     """`report`: the seed and report section; every finished student (but the sweep's) and distilled dataset of the
-    run, its timings (``speed/speed.json``) when `make bench` wrote them and its finished sweep."""
+    run, its timings (``speed/speed.json``, from the `speed` step or `make bench`) and its finished sweep."""
     inputs = {}
     for folder in sorted(rd.students.glob("*__*")):
         manifest = read_manifest(folder)

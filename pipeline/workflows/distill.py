@@ -28,7 +28,7 @@ from pipeline.core.rundir import (
     reset_work_dir,
     write_manifest,
 )
-from pipeline.data.deepfashion import IMAGE_DIR
+from pipeline.data.deepfashion import IMAGE_DIR, describe_dataset
 from pipeline.data.diagnostics import caption_diagnostics
 from pipeline.data.formats import (
     DISTILL_COLUMNS,
@@ -184,7 +184,8 @@ def merge_shards(cfg: Config, out: Path, *, rows: list[dict], unlabeled: list[di
     atomic_write_json(out / "rejected.json", rejected)
     atomic_write_json(out / "test_generations.json", {r["image_id"]: first[r["image_id"]] for r in test_rows})
     atomic_write_text(out / "README.md", dataset_card(name=name, meta=meta, diagnostics=diag, rejected=len(rejected),
-                                                      counts=Counter(r["split"] for r in kept + test)))
+                                                      counts=Counter(r["split"] for r in kept + test),
+                                                      data=describe_dataset(cfg.data.root)))
     write_manifest(out, stage="distill", config=config, inputs=inputs, started=started, seed=cfg.seed,
                    figures={"kept": len(kept), "rejected": len(rejected), "samples_per_image": k,
                             "unlabeled_captions": diag["unlabeled"] and diag["unlabeled"]["captions"],

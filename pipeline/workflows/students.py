@@ -27,6 +27,7 @@ from pipeline.core.rundir import (
     reset_work_dir,
     write_manifest,
 )
+from pipeline.data.deepfashion import describe_dataset
 from pipeline.data.formats import ORIGIN_UNLABELED, load_captions, split_rows
 from pipeline.evaluation.attributes import attribute_accuracy
 from pipeline.evaluation.bootstrap import per_image_scores
@@ -179,6 +180,7 @@ def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dic
     atomic_write_json(out / "curves.json", curves)
     atomic_write_json(out / "metrics.json", metrics)
     shipped = record_test_results(out / "best", caption_source=caption_source(source_dir(rd, source), source),
+                                  training_data=describe_dataset(cfg.data.root),
                                   test_metrics={"test": scores["test"], "attribute_accuracy": scores["attributes"],
                                                 "test_images": len(test_rows)})
     atomic_write_text(out / "best" / "README.md", student_card(shipped, folder=out / "best"))
