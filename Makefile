@@ -11,7 +11,7 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 # demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
-.PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status test lint bench clean
+.PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status plan test lint bench clean
 
 setup: $(STAMP)
 
@@ -90,6 +90,11 @@ submit: $(STAMP)
 
 status: $(STAMP)
 	$(call STAGE,status)
+
+# per-GPU memory (ZeRO-2/3, with and without gradient checkpointing) and time of finetune and distill, from the
+# teacher's config.json alone (docs/plan.md); plan.gpu=A100-40 etc. in ARGS
+plan: $(STAMP)
+	$(call STAGE,plan)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
