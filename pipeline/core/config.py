@@ -150,7 +150,7 @@ class TeacherTrain(Section):
 
 
 class TeacherConfig(Section):
-    model: Path  # base checkpoint folder in llava-hf layout
+    model: Path  # base checkpoint folder: any image-text-to-text model (docs/teachers.md)
     tiny: TinyTeacher | None = None  # when set and `model` is missing, build a tiny LLaVA there
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

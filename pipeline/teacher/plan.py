@@ -254,8 +254,8 @@ def arch_from_config(cfg: dict, image_tokens: int | None = None, tiles: int | No
         vis.extra += L * vis_extra_fix
         proj = (2 * d if mt == "qwen2_vl" else d) + (4 * d) * (4 * d) + 4 * d + 4 * d * out + out  # merger
         per_img = n_patch // (m * m)
-        notes.append(f"{mt}: dynamic resolution; image tokens = (H/{p})(W/{p})/{m * m}; default assumes 336x336 "
-                     f"-> {per_img} (pass --image-tokens)")
+        notes.append(f"{mt}: dynamic resolution; image tokens = (H/{p})(W/{p})/{m * m} = {per_img}"
+                     + (" (plan.image_tokens)" if image_tokens else " at 336x336 (set plan.image_tokens)"))
         arch = Arch(mt, text, vis, proj, 4 * d, per_img, notes)
     elif mt == "idefics3":
         vis = _clip_like({"model_type": "idefics3_vision", **vc}, cls=False, pre_norm=False, patch_bias=True)
@@ -266,7 +266,7 @@ def arch_from_config(cfg: dict, image_tokens: int | None = None, tiles: int | No
         nt = tiles or 1
         vis.n_tokens *= nt
         notes.append(f"idefics3: {per_tile} tokens per tile (pixel shuffle x{sf}); {nt} tile(s) per image "
-                     "(up to 16 + 1 global at the default longest_edge 1456; pass --tiles)")
+                     "(up to 16 + 1 global at the default longest_edge 1456; plan.image_tokens sets the total)")
         arch = Arch(mt, text, vis, proj, pin, per_tile * nt, notes)
     else:
         raise PipelineError(f"model_type {mt!r}: the plan knows llava, llava_next, qwen2_vl, qwen2_5_vl and idefics3")
