@@ -191,16 +191,16 @@ def build_idefics3(texts):
 
 def build_foreign(texts):
     """A LLaVA-architecture checkpoint unlike the others: a Unigram tokenizer whose template writes its own BOS,
-    two end tokens (the generation config lists both), 40 px images in 10 px patches, three 48-wide text layers, a
+    two end tokens (the generation config lists both), 40 px images in 10 px patches, three 96-wide text layers, a
     vision tower 24 wide, and a Gemma-like turn format with a fixed line before the image."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                 "<end_of_image>", "<image_soft_token>"]
     tok = train_tokenizer(texts, specials, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
-                          extra={"image_token": "<image_soft_token>"}, vocab_size=300, model="unigram")
+                          extra={"image_token": "<image_soft_token>"}, vocab_size=800, model="unigram")
     size, patch = 40, 10
-    text = _llama(tok, layers=3, hidden=48)
+    text = _llama(tok, layers=3, hidden=96)
     config = LlavaConfig(vision_config=_clip(size, patch, hidden=24), text_config=text,
                          image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
                          image_seq_length=(size // patch) ** 2, vision_feature_layer=-1,
