@@ -1,7 +1,8 @@
 """The 13B fine-tune rehearsed at its true shape on 2 CPU ranks (scripts/rehearse.py), against the plan.
 
-Opt-in: it costs about 15 minutes of 2 unshared cores and 12 GB of memory per ZeRO stage (a 2 GB model, 576 image
-tokens, ~2 min a step), too much for the CI's 45-minute budget beside the ~20-minute suite. Run it with
+Opt-in: it costs 15-25 minutes of 2 cores per ZeRO stage (build ~4 min; 2-5 min a step; the check ~3 min) and up to
+10 GB of memory a rank under ZeRO-3 (22 GB free for both ranks), too much for the CI's 45-minute budget beside the
+~20-minute suite. Run it with
 ``REHEARSAL=1 .venv/bin/python -m pytest tests/test_rehearsal.py``.
 """
 
@@ -17,7 +18,7 @@ from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("REHEARSAL") != "1",
-                                 reason="the 13B-shape rehearsal takes ~15 min a ZeRO stage on 2 cores; REHEARSAL=1")]
+                                 reason="the 13B-shape rehearsal takes 15-25 min a ZeRO stage on 2 cores; REHEARSAL=1")]
 SCRIPT = str(ROOT / "scripts" / "rehearse.py")
 
 
