@@ -11,14 +11,15 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 # demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
-.PHONY: help setup demo prepare finetune distill students speed report sweep evaluate caption export publish check submit status test \
-	lint bench clean
+.PHONY: help setup demo prepare finetune distill students speed report sweep evaluate caption export publish check submit status plan \
+	test lint bench clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "fashion-distill: distil a LLaVA teacher into small fashion captioners. make <target> [CONFIG=<yaml>] [ARGS=\"key=value ...\"]"
 	@echo "  the chain    demo (all stages, locally)  prepare  finetune  distill  students  speed  report  sweep"
 	@echo "  a cluster    check (preflight: data, checkpoint, weights, Java, disk)  submit [DRY_RUN=1]  status"
+	@echo "               plan (per-GPU memory and time of finetune and distill, from the teacher's config.json)"
 	@echo "  use results  evaluate PRED=<file>  caption STUDENT=<best/> IMAGES=<files>  export STUDENT=<best/>"
 	@echo "               publish DATASET=<data or distill/<name>> OUT=<folder> (Hub-ready copy)"
 	@echo "  develop      setup  test  lint  bench  clean"
@@ -117,6 +118,11 @@ submit: $(STAMP)
 
 status: $(STAMP)
 	$(call STAGE,status)
+
+# per-GPU memory (ZeRO-2/3, with and without gradient checkpointing) and time of finetune and distill, from the
+# teacher's config.json alone (docs/plan.md); plan.gpu=A100-40 etc. in ARGS
+plan: $(STAMP)
+	$(call STAGE,plan)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

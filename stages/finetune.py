@@ -1,7 +1,7 @@
-"""`finetune`: LoRA fine-tune the LLaVA teacher on the prepared train split (multi-GPU via deepspeed/torchrun).
+"""`finetune`: LoRA fine-tune the teacher on the prepared train split (multi-GPU via deepspeed/torchrun).
 
 Outputs in ``<run_dir>/teacher/``: ``adapter/`` (LoRA + projector, safetensors, with the processor), ``merged/``
-(optional, llava-hf layout), ``checkpoints/`` (trainer state, for resume), ``tensorboard/``,
+(optional, the base's layout), ``checkpoints/`` (trainer state, for resume), ``tensorboard/``,
 ``eval_generations.json`` (captions of held-out images before/after) and ``manifest.json`` (last).
 """
 

@@ -151,7 +151,7 @@ class TeacherTrain(Section):
 
 
 class TeacherConfig(Section):
-    model: Path  # base checkpoint folder in llava-hf layout
+    model: Path  # base checkpoint folder: any image-text-to-text model (docs/teachers.md)
     tiny: TinyTeacher | None = None  # when set and `model` is missing, build a tiny LLaVA there
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -349,6 +349,19 @@ class SlurmConfig(Section):
     extra_args: list[str] = []
 
 
+class PlanConfig(Section):
+    """What `make plan` assumes beyond the teacher's config.json and the run's settings (docs/plan.md)."""
+
+    gpu: str = "H100"  # a row of pipeline.teacher.plan.GPUS: H100, H200, A100 (80 GB), A100-40, L40S, A10G
+    gpus: Positive | None = None  # data-parallel GPUs of the fine-tune; None: slurm.gpus_per_node x nodes.finetune
+    utilization: StrictFloat = Field(0.4, gt=0, le=1)  # share of the GPU's dense bf16 peak the matmuls reach
+    overhead_gib: StrictFloat = Field(1.0, ge=0)  # CUDA context, cuBLAS workspace, NCCL buffers per GPU
+    text_tokens: Positive = 100  # prompt text + caption + end token (the image's tokens come on top)
+    image_tokens: Positive | None = None  # image tokens a sample (dynamic-resolution families); None: from config.json
+    train_samples: Positive = 33072  # DeepFashion-MultiModal's 44,096 images at the course project's split
+    distill_images: Positive = 44096  # images a distilled dataset captions (train, val and test)
+
+
 class Config(Section):
     run_dir: Path
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # numpy's seeding takes 32 bits
@@ -360,6 +373,7 @@ class Config(Section):
     caption: CaptionConfig = CaptionConfig()
     slurm: SlurmConfig = SlurmConfig()
     sweep: SweepConfig = SweepConfig()
+    plan: PlanConfig = PlanConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline.teacher.collator import build_prompt
+from pipeline.teacher.collator import build_prompt, eos_token_ids, text_kwargs
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -59,11 +59,7 @@ class Generation:
 
 
 def clean_caption(text: str) -> str:
-    """Strip a prompt echo and surrounding whitespace; collapse inner whitespace."""
-    text = text.strip()
-    for marker in ("ASSISTANT:", "Assistant:"):
-        if marker in text:
-            text = text.split(marker, 1)[1]
+    """The caption without surrounding whitespace, inner whitespace collapsed."""
     return " ".join(text.split())
 
 
@@ -72,26 +68,31 @@ def generate_captions(model, processor, images: Sequence, image_ids: Sequence[st
                       temperature: float, top_p: float, max_new_tokens: int,
                       samples: Sequence[int] | None = None) -> list[Generation]:
     """One caption per image; greedy at ``temperature == 0``, otherwise sampling row i with the seed of sample
-    ``samples[i]`` (default 0) of ``image_ids[i]`` (:func:`sample_seed`)."""
+    ``samples[i]`` (default 0) of ``image_ids[i]`` (:func:`sample_seed`). The prompt is the checkpoint's chat
+    template; every processor output goes to the model (floating ones in the model's dtype); a caption ends at any
+    of the model's end tokens and is decoded from the new tokens only."""
     tok = processor.tokenizer
     tok.padding_side = "left"
-    enc = processor(images=list(images), text=[build_prompt(processor)] * len(images), return_tensors="pt",
-                    padding=True)
+    prompt = build_prompt(processor)
+    enc = processor(images=list(images), text=[prompt] * len(images), return_tensors="pt", padding=True,
+                    **text_kwargs(processor, prompt))
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    enc = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
+    enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
     processors = LogitsProcessorList()
     if temperature > 0:
         samples = samples or [0] * len(image_ids)
         processors.append(PerRowSampler([sample_seed(seed, i, j) for i, j in zip(image_ids, samples)], temperature,
                                         top_p))
+    eos = eos_token_ids(processor, model.generation_config)
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_beams=1,
+                         eos_token_id=eos, pad_token_id=tok.pad_token_id, num_beams=1,
                          temperature=None, top_p=None, top_k=None)
     new = out[:, enc["input_ids"].shape[1]:].cpu()
+    ends = torch.isin(new, torch.tensor(eos))
     results = []
-    for row in new:
-        ended = (row == tok.eos_token_id).nonzero()
+    for row, end in zip(new, ends):
+        ended = end.nonzero()
         length = int(ended[0]) if len(ended) else len(row)
         text = tok.decode(row[:length], skip_special_tokens=True)
         results.append(Generation(clean_caption(text), length, truncated=not len(ended)))

@@ -1,8 +1,10 @@
-"""LoRA / QLoRA fine-tuning of a LLaVA teacher with the HF Trainer (optionally under DeepSpeed ZeRO-2/3).
+"""LoRA / QLoRA fine-tuning of an image-text-to-text teacher with the HF Trainer (optionally under DeepSpeed ZeRO-2/3).
 
-Only the language model's linear layers get LoRA adapters (the CLIP tower has same-named projections, so targets are
-matched by a regex anchored at ``language_model``); the multimodal projector is optionally fully trainable and
-saved through peft's ``modules_to_save``, so every checkpoint holds everything that was trained.
+Only the language model's linear layers get LoRA adapters: vision towers have same-named projections, so targets are
+matched by a regex anchored at the language model's own module name (``model.language_model``, ``model.text_model``,
+found by :func:`pipeline.teacher.loading.model_parts`). The projector (``multi_modal_projector``, Qwen2-VL's
+``merger``, Idefics3's ``connector``) is optionally fully trainable and saved through peft's ``modules_to_save``, so
+every checkpoint holds everything that was trained.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,11 @@ from transformers import Trainer, TrainingArguments
 
 from pipeline.core.config import TeacherConfig
 from pipeline.data.images import load_rgb
-from pipeline.teacher.collator import CaptionCollator, answer_ids, prompt_length
-from pipeline.teacher.loading import load_base_model
+from pipeline.teacher.collator import CaptionCollator, PromptLengths, answer_ids, eos_token_ids
+from pipeline.teacher.loading import INNER_PROJECTORS, TeacherError, load_base_model, model_parts
 
 log = logging.getLogger(__name__)
-PROJECTOR = "multi_modal_projector"
+EXIF_ORIENTATION, SWAPS_SIDES = 274, (5, 6, 7, 8)  # orientations that turn the image by 90 degrees
 
 
 class CaptionImages(torch.utils.data.Dataset):
@@ -40,18 +43,32 @@ class CaptionImages(torch.utils.data.Dataset):
         return {"image": load_rgb(r["image_path"]), "caption": r["caption"], "image_id": r["image_id"]}
 
 
-def split_too_long(rows: list[dict[str, Any]], processor, max_length: int) -> tuple[list, list[dict[str, Any]]]:
-    """Rows that fit ``max_length`` whole (prompt + image tokens + caption + EOS), and a report of those that don't."""
-    if not rows:
-        return [], []
-    n_prompt = prompt_length(processor, load_rgb(rows[0]["image_path"]))
+def upright_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` as :func:`load_rgb` returns it (EXIF orientation applied), read from
+    its header."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        width, height = im.size
+        turned = im.getexif().get(EXIF_ORIENTATION) in SWAPS_SIDES
+    return (height, width) if turned else (width, height)
+
+
+def split_too_long(rows: list[dict[str, Any]], processor, max_length: int,
+                   eos_ids: list[int]) -> tuple[list, list[dict[str, Any]]]:
+    """Rows that fit ``max_length`` whole (prompt + the image's tokens at its size + caption + end token), and a report
+    of those that don't (never cut: a cut through the image tokens breaks the model, a cut caption teaches it to
+    stop short)."""
+    lengths = PromptLengths(processor)
     keep, too_long = [], []
     for r in rows:
-        n = n_prompt + len(answer_ids(processor, r["caption"]))
-        if n <= max_length:
+        size = upright_size(r["image_path"])
+        n_prompt, n_answer = lengths(size), len(answer_ids(processor, r["caption"], eos_ids))
+        if n_prompt + n_answer <= max_length:
             keep.append(r)
         else:
-            too_long.append({"image_id": r["image_id"], "tokens": n})
+            too_long.append({"image_id": r["image_id"], "tokens": n_prompt + n_answer,
+                             "image_tokens": lengths.image_tokens.get(size), "caption_tokens": n_answer})
     return keep, too_long
 
 
@@ -71,20 +88,33 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
-def lora_target_regex(modules: list[str]) -> str:
-    return rf".*language_model.*\.({'|'.join(map(re.escape, modules))})"
+def lora_target_regex(language_model: str, modules: list[str]) -> str:
+    """The linear layers named ``modules`` inside the module ``language_model`` (a full module name), as peft's
+    regex (matched against whole names)."""
+    return rf"{re.escape(language_model)}\.(?:.*\.)?({'|'.join(map(re.escape, modules))})"
 
 
 def build_peft_model(cfg: TeacherConfig, model):
+    """``model`` with LoRA on its language model's ``teacher.lora.target_modules`` and, with
+    ``teacher.lora.train_projector``, its projector fully trainable."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    parts = model_parts(model)
+    target = lora_target_regex(parts.language_model, cfg.lora.target_modules)
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and n.startswith(parts.language_model + ".")}
+    if not any(re.fullmatch(target, n) for n, _ in model.named_modules()):
+        raise TeacherError(f"teacher.lora.target_modules {cfg.lora.target_modules} name no linear layer of the "
+                           f"language model {parts.language_model}; its linear layers are {sorted(linear)}")
+    if cfg.lora.train_projector and not parts.projector:
+        raise TeacherError(f"teacher.lora.train_projector: {type(model).__name__} has no projector module to train")
+    projector = [p.rsplit(".", 1)[-1] for p in parts.projector] if cfg.lora.train_projector else []
     if cfg.quantization == "4bit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-                      target_modules=lora_target_regex(cfg.lora.target_modules), task_type="CAUSAL_LM",
-                      modules_to_save=([PROJECTOR] if cfg.lora.train_projector else []) + cfg.lora.modules_to_save
-                      or None)
+                      target_modules=target, task_type="CAUSAL_LM",
+                      modules_to_save=projector + cfg.lora.modules_to_save or None)
     model = get_peft_model(model, lora)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # else "element 0 of tensors does not require grad" with frozen embeds
@@ -92,11 +122,17 @@ def build_peft_model(cfg: TeacherConfig, model):
 
 
 class TeacherTrainer(Trainer):
-    """HF Trainer with an optional separate learning rate for the multimodal projector (LLaVA-1.5's recipe)."""
+    """HF Trainer with an optional separate learning rate for the projector (LLaVA-1.5's recipe): the parameters
+    inside a module named one of ``projector`` (e.g. the ``parts.projector`` names' last components)."""
 
-    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+    def __init__(self, *args, projector_lr: float | None = None, projector: Sequence[str] = INNER_PROJECTORS,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.projector = tuple(projector)
+
+    def is_projector(self, name: str) -> bool:
+        return any(f".{p}." in f".{name}" for p in self.projector)
 
     def create_optimizer(self, model=None):
         if self.projector_lr is None or self.optimizer is not None:
@@ -106,7 +142,7 @@ class TeacherTrainer(Trainer):
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in opt_model.named_parameters():
             if p.requires_grad:
-                groups.setdefault((PROJECTOR in name, name in decay), []).append(p)
+                groups.setdefault((self.is_projector(name), name in decay), []).append(p)
         param_groups = [{"params": ps, "weight_decay": self.args.weight_decay if dec else 0.0,
                          **({"lr": self.projector_lr} if proj else {})} for (proj, dec), ps in groups.items()]
         cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
@@ -139,24 +175,43 @@ def training_arguments(cfg: TeacherConfig, output_dir: Path, seed: int, has_val:
     )
 
 
+def zero_stage(deepspeed: Path | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config file (None without one)."""
+    if deepspeed is None:
+        return None
+    try:
+        return int(json.loads(Path(deepspeed).read_text())["zero_optimization"]["stage"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TeacherError(f"teacher.train.deepspeed {deepspeed}: no zero_optimization.stage ({exc})") from None
+
+
 def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], out_dir: Path, seed: int) -> dict:
     """Train LoRA adapters; returns figures (losses, throughput). Checkpoints go to ``out_dir/checkpoints``."""
-    from transformers import set_seed
+    from transformers import GenerationConfig, set_seed
 
     from pipeline.teacher.loading import load_processor
 
     set_seed(seed)
     processor = load_processor(cfg.model)
-    train_rows, too_long = split_too_long(train_rows, processor, cfg.train.max_length)
-    val_rows, val_too_long = split_too_long(val_rows, processor, cfg.train.max_length)
+    try:
+        generation = GenerationConfig.from_pretrained(cfg.model, local_files_only=True)
+    except OSError:  # no generation_config.json: the tokenizer's EOS ends an answer
+        generation = None
+    eos_ids = eos_token_ids(processor, generation)
+    train_rows, too_long = split_too_long(train_rows, processor, cfg.train.max_length, eos_ids)
+    val_rows, val_too_long = split_too_long(val_rows, processor, cfg.train.max_length, eos_ids)
     if too_long or val_too_long:
         log.warning("%d train / %d val samples exceed teacher.train.max_length=%d and are left out (not cut): %s",
                     len(too_long), len(val_too_long), cfg.train.max_length, (too_long + val_too_long)[:5])
+    if not train_rows:
+        raise TeacherError(f"no train sample fits teacher.train.max_length={cfg.train.max_length} (e.g. "
+                           f"{too_long[:1]}); raise it")
     if cfg.train.max_val_samples is not None:
         val_rows = val_rows[: cfg.train.max_val_samples]
 
     model = load_base_model(cfg.model, cfg.precision, cfg.attn_implementation, cfg.quantization)
     model.config.use_cache = False
+    projector = [p.rsplit(".", 1)[-1] for p in model_parts(model).projector]
     model = build_peft_model(cfg, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -168,14 +223,19 @@ def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], o
     args = training_arguments(cfg, ckpt_dir, seed, has_val=bool(val_rows), resuming=last is not None)
     trainer = TeacherTrainer(model=model, args=args, train_dataset=CaptionImages(train_rows),
                              eval_dataset=CaptionImages(val_rows) if val_rows else None,
-                             data_collator=CaptionCollator(processor, cfg.train.max_length),
-                             projector_lr=cfg.train.projector_learning_rate)
+                             data_collator=CaptionCollator(processor, cfg.train.max_length, eos_ids=eos_ids),
+                             projector_lr=cfg.train.projector_learning_rate, projector=projector)
     if last:
         log.info("resuming from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     final_eval = trainer.evaluate()["eval_loss"] if val_rows else None
     adapter_dir = out_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # under ZeRO-3 this gathers the partitioned LoRA/projector weights first
+    if zero_stage(cfg.train.deepspeed) == 3:
+        trainer.save_model(str(adapter_dir))  # gathers the partitioned LoRA/projector weights (only those) first
+    elif trainer.is_world_process_zero():
+        # every rank holds the whole adapter; trainer.save_model would copy the whole model to host memory on every
+        # rank first (accelerate's get_state_dict under DeepSpeed): 27 GB a rank for 13B
+        trainer.model.save_pretrained(str(adapter_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(adapter_dir)
     if cfg.train.deepspeed:

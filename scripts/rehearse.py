@@ -1,0 +1,370 @@
+"""The 13B fine-tune rehearsed on the CPU at its true shape: a LLaVA with llava-1.5-13b-hf's exact shapes (CLIP
+ViT-L/14 at 336 px -> 576 image tokens, vision_feature_layer -2, the 5120-wide 40-head Llama, vocabulary 32064,
+LLaVA-1.5's chat template) at 2 vision + 2 text layers with random weights, fine-tuned by the project's own code
+(CaptionCollator, build_peft_model, training_arguments, TeacherTrainer, configs/deepfashion-13b.yaml's teacher
+settings) under DeepSpeed ZeRO-2/3 on 2 CPU ranks, with the peak memory per rank and the step time measured.
+
+    python scripts/rehearse.py build --out runs/rehearsal/model          # ~1 min, 2 GB
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python -m deepspeed.launcher.runner --num_gpus 2 --master_port 29511 \
+        scripts/rehearse.py train --model runs/rehearsal/model --zero 3 --out runs/rehearsal/z3    # ~2 min a step
+    python scripts/rehearse.py check --model runs/rehearsal/model --run runs/rehearsal/z3
+    python -m stages.plan --config configs/deepfashion-13b.yaml teacher.model=runs/rehearsal/model ...  (docs/plan.md)
+
+The full run's bf16 is ~130x slower than fp32 on a CPU without bf16 matmul units, so the rehearsal trains in fp32
+(``--precision``); everything else is the full config's. Results: docs/results.md ("The 13B shape rehearsed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+CHAT_TEMPLATE = (  # pipeline/teacher/tiny.py's copy of llava-1.5-hf's template
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+INSTRUCTION = "Please describe this image in deepfashion dataset style."
+WORDS = ("the lady wears a long-sleeve shirt with pure color patterns its fabric is cotton and it has a round neckline "
+         "the trousers are of long length denim solid color there is an accessory on her wrist she wears a hat the "
+         "person is wearing a short-sleeve T-shirt with graphic patterns knitting chiffon leather stripe floral "
+         "plaid lattice V-shape lapel crew neckline belt glasses ring neckwear socks shoes skirt dress").split()
+
+
+def mem() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) / 1024 ** 2  # GiB
+    return out
+
+
+def reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Sampler(threading.Thread):
+    """VmRSS every 20 ms (a check on VmHWM, and a peak per phase)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = 0.0
+        self.stop = False
+
+    def run(self):
+        while not self.stop:
+            self.peak = max(self.peak, mem()["VmRSS"])
+            time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------------------ build
+def build_tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    vocab = tok.get_vocab()
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    n = len(vocab)
+    vocab.update({f"<unused_{k}>": k for k in range(n, 32000)})  # unreachable fillers: ids up to 31999 as in Llama
+    big = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    big.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    big.decoder = decoders.ByteLevel()
+    big.add_special_tokens(["<unk>", "<s>", "</s>"])
+    big.add_special_tokens(["<image>", "<pad>"])  # 32000, 32001 as in llava-1.5-13b-hf
+    big.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=big, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="right", model_max_length=4096)
+    assert fast.convert_tokens_to_ids("<image>") == 32000 and fast.pad_token_id == 32001, (
+        fast.convert_tokens_to_ids("<image>"), fast.pad_token_id)
+    assert (fast.unk_token_id, fast.bos_token_id, fast.eos_token_id) == (0, 1, 2)
+    return fast
+
+
+def cmd_build(a):
+    import random
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    rng = random.Random(0)
+    captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(14, 22))).capitalize() + "." for _ in range(64)]
+    tok = build_tokenizer(captions + [INSTRUCTION, "USER: ASSISTANT:"])
+    W = dict(h=256, i=688, a=4, vh=128, vi=512, va=2, px=56) if a.small else dict(h=5120, i=13824, a=40, vh=1024,
+                                                                                   vi=4096, va=16, px=336)
+    text = LlamaConfig(vocab_size=32064, hidden_size=W["h"], intermediate_size=W["i"],
+                       num_hidden_layers=a.text_layers, num_attention_heads=W["a"], num_key_value_heads=W["a"],
+                       max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=W["vh"], intermediate_size=W["vi"], num_hidden_layers=a.vision_layers,
+                              num_attention_heads=W["va"], image_size=W["px"], patch_size=14, projection_dim=768,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001,
+                      projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=(W["px"] // 14) ** 2, tie_word_embeddings=False)
+    t0 = time.time()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # init straight in bf16: half the memory of fp32-then-cast
+    model = LlavaForConditionalGeneration(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.to(torch.bfloat16)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 32001, 2
+    n = sum(p.numel() for p in model.parameters())
+    image_processor = CLIPImageProcessor(size={"shortest_edge": W["px"]},
+                                         crop_size={"height": W["px"], "width": W["px"]})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "images").mkdir(exist_ok=True)
+    rows = []
+    for k, cap in enumerate(captions[:8]):
+        arr = np.random.default_rng(k).integers(0, 255, (400, 300, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(out / "images" / f"{k}.jpg")
+        rows.append({"image_path": str(out / "images" / f"{k}.jpg"), "caption": cap, "image_id": str(k)})
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    print(json.dumps({"params": n, "build_s": round(time.time() - t0, 1), "tokenizer_len": len(tok),
+                      "config_vocab": cfg.text_config.vocab_size, "dir": str(out)}))
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def teacher_config(model: str, zero: int, precision: str, steps: int, lr: float):
+    """configs/deepfashion-13b.yaml's teacher section on the rehearsal model, ZeRO stage ``zero``."""
+    from pipeline.core.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    return load_config(root / "configs" / "deepfashion-13b.yaml", [
+        f"teacher.model={model}", f"teacher.precision={precision}", f"teacher.train.max_steps={steps}",
+        "teacher.train.per_device_batch_size=1", f"teacher.train.learning_rate={lr}", "teacher.train.warmup_ratio=0",
+        f"teacher.train.bf16={'true' if precision == 'bf16' else 'false'}", "teacher.train.tf32=false",
+        f"teacher.train.deepspeed={root / 'configs' / 'deepspeed' / f'zero{zero}.json'}"]).teacher
+
+
+class Collator:
+    """The project's CaptionCollator over rows with an image path."""
+
+    def __init__(self, processor):
+        from pipeline.teacher.collator import CaptionCollator
+
+        self.collate = CaptionCollator(processor, max_length=2048)
+
+    def __call__(self, batch):
+        from PIL import Image
+
+        return self.collate([{"image": Image.open(b["image_path"]).convert("RGB"), "caption": b["caption"],
+                              "image_id": b["image_id"]} for b in batch])
+
+
+def cmd_train(a):
+    import hashlib
+
+    phases = {"imports_start": mem()}
+    sampler = Sampler()
+    sampler.start()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    from pipeline.teacher.loading import load_base_model, load_processor
+    from pipeline.teacher.train import TeacherTrainer, build_peft_model, training_arguments
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    phases["after_imports"] = mem()
+    cfg = teacher_config(a.model, a.zero, a.precision, a.steps, a.lr)
+    a.ds = str(cfg.train.deepspeed)
+    log = {"rank": rank, "world": world, "ds": a.ds, "torch_threads": torch.get_num_threads()}
+    processor = load_processor(a.model)
+    rows = json.loads((Path(a.model) / "rows.json").read_text())
+    t0 = time.time()
+    model = load_base_model(a.model, cfg.precision, cfg.attn_implementation)  # as finetune() does: before the args
+    model.config.use_cache = False
+    phases["after_load"] = mem() | {"s": round(time.time() - t0, 1)}
+    model = build_peft_model(cfg, model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    log["trainable_params"] = sum(getattr(p, "ds_numel", p.numel()) for p in trainable.values())
+    log["total_params"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    phases["after_peft"] = mem()
+    args = training_arguments(cfg, out / "checkpoints", 42, has_val=False, resuming=False)
+    args.report_to, args.logging_steps, args.save_strategy = [], 1, "no"
+
+    steps = []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args_, state, control, **kw):
+            m = kw.get("model")
+            log["trainable_dtype_in_ds"] = sorted({str(p.dtype) for p in m.parameters() if p.requires_grad})
+            phases["train_begin"] = mem()
+            log["hwm_reset"] = reset_hwm()
+            sampler.peak = 0.0
+
+        def on_step_begin(self, args_, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **kw):
+            steps.append({"step": state.global_step, "s": round(time.perf_counter() - self.t, 2), **mem(),
+                          "sampled_peak": round(sampler.peak, 3)})
+
+    ds = [{"image_path": r["image_path"], "caption": r["caption"], "image_id": r["image_id"]} for r in rows]
+    collator = Collator(processor)
+    sample = collator(ds[:1])
+    log["seq_len"] = int(sample["input_ids"].shape[1])
+    log["image_tokens"] = int((sample["input_ids"] == 32000).sum())
+    trainer = TeacherTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Probe()])
+    t0 = time.time()
+    result = trainer.train()
+    log["train_s"] = round(time.time() - t0, 1)
+    log["train_loss"] = result.training_loss
+    log["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    phases["train_end"] = mem() | {"sampled_peak": round(sampler.peak, 3)}
+
+    # the trained model's logits on sample 0 (all ranks: a ZeRO-3 forward gathers collectively)
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(**{k: v for k, v in sample.items() if k != "labels"}).logits.float()
+    adapter = out / "adapter"
+    reset_hwm()
+    sampler.peak = 0.0
+    t0 = time.time()
+    if a.zero == 3:  # as finetune() saves
+        trainer.save_model(str(adapter))
+    elif trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(adapter))
+    log["save_s"] = round(time.time() - t0, 1)
+    phases["save"] = mem() | {"sampled_peak": round(sampler.peak, 3)}
+    if trainer.is_world_process_zero():
+        torch.save(logits[0, -8:].clone(), out / "trained_logits.pt")
+
+    # every rank: its own view of the trained weights, gathered under ZeRO-3, and the file rank 0 wrote
+    if dist.is_initialized():
+        dist.barrier()
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if a.zero == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx:
+        h = hashlib.sha256()
+        for n, p in named:
+            h.update(n.encode())
+            h.update(p.detach().to(torch.float32).cpu().numpy().tobytes())
+        log["live_trainable_sha"] = h.hexdigest()[:16]
+        log["live_trainable_abs_sum"] = float(sum(p.detach().float().abs().sum() for p in params))
+        live_b = {n: float(p.detach().float().abs().sum()) for n, p in named if "lora_B" in n}
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    log["adapter_file"] = {"tensors": len(saved), "empty": [k for k, v in saved.items() if v.numel() == 0],
+                           "numel": sum(v.numel() for v in saved.values()),
+                           "bytes": (adapter / "adapter_model.safetensors").stat().st_size,
+                           "lora_B_abs_sum": float(sum(v.float().abs().sum() for k, v in saved.items()
+                                                       if "lora_B" in k)),
+                           "abs_sum": float(sum(v.float().abs().sum() for v in saved.values()))}
+    log["live_lora_B_abs_sum"] = sum(live_b.values())
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (log["live_trainable_sha"], log["adapter_file"]["abs_sum"]))
+        log["ranks_agree"] = len({g[0] for g in gathered}) == 1 and len({g[1] for g in gathered}) == 1
+        log["rank_hashes"] = gathered
+    sampler.stop = True
+    log["steps"] = steps
+    log["phases"] = phases
+    log["final"] = mem()
+    (out / f"rank{rank}.json").write_text(json.dumps(log, indent=1))
+    print(f"RANK {rank}:", json.dumps({k: log[k] for k in ("seq_len", "train_s", "losses", "ranks_agree",
+                                                            "adapter_file") if k in log}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ check
+def cmd_check(a):
+    """The saved adapter on a fresh base model: it loads and changes the logits (and matches the trained model's)."""
+    import torch
+
+    from pipeline.teacher.loading import load_base_model, load_processor, load_teacher
+
+    torch.set_num_threads(a.threads)
+    run = Path(a.run)
+    rows = json.loads((Path(a.model) / "rows.json").read_text())
+    batch = Collator(load_processor(a.model))(rows[:1])
+    batch.pop("labels")
+    with torch.no_grad():
+        base = load_base_model(a.model, a.precision).eval()(**batch).logits.float()[0, -8:]
+        tuned = load_teacher(a.model, run / "adapter", precision=a.precision)(**batch).logits.float()[0, -8:]
+    trained = torch.load(run / "trained_logits.pt")
+    res = {"run": str(run), "max|tuned-base|": float((tuned - base).abs().max()),
+           "max|tuned-trained(in DS)|": float((tuned - trained).abs().max()),
+           "argmax_changed_frac": float((tuned.argmax(-1) != base.argmax(-1)).float().mean())}
+    print(json.dumps(res))
+    (run / "check.json").write_text(json.dumps(res, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", type=int, default=-1)  # the deepspeed launcher passes it before the subcommand
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", required=True)
+    b.add_argument("--text-layers", type=int, default=2)
+    b.add_argument("--vision-layers", type=int, default=2)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--small", action="store_true", help="narrow widths, 56 px (16 image tokens): a bf16 smoke test")
+    t = sub.add_parser("train")
+    t.add_argument("--model", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--zero", type=int, choices=(2, 3), default=3, help="configs/deepspeed/zero<N>.json")
+    t.add_argument("--steps", type=int, default=3)
+    t.add_argument("--lr", type=float, default=1e-3, help="high, so that 3 steps change the logits visibly")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--precision", choices=("bf16", "fp32"), default="fp32")
+    c = sub.add_parser("check")
+    c.add_argument("--model", required=True)
+    c.add_argument("--run", required=True)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--precision", choices=("bf16", "fp32"), default="fp32")
+    a = ap.parse_args()
+    {"build": cmd_build, "train": cmd_train, "check": cmd_check}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
