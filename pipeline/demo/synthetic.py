@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.core.config import ConfigError, SyntheticData
 from pipeline.core.rundir import atomic_write_json, publish_dir
 from pipeline.data.attributes import parse_caption
+from pipeline.data.deepfashion import load_caption_file
 from pipeline.demo.render import RENDERER_VERSION, render_outfit
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,12 @@ def generate(root: Path, cfg: SyntheticData, seed: int, workers: int = 2) -> dic
 
 
 def dataset_names(root: Path) -> set[str]:
-    """The image file names a DeepFashion-MultiModal folder has captions for (either layout)."""
+    """The image file names a DeepFashion-MultiModal folder has captions for (either layout); a malformed caption
+    file is the one line `prepare` gives for it."""
     names: set[str] = set()
     for file in ("captions.json", *SPLIT_FILES.values()):
         if (root / file).is_file():
-            names.update(json.loads((root / file).read_text()))
+            names.update(key for key, _ in load_caption_file(root / file))
     return names
 
 
