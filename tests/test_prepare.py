@@ -106,10 +106,12 @@ def _bad_raw(root: Path) -> dict[str, str]:
         '"number.jpg": 42',
         '"dup.jpg": "first"',
         '"dup.jpg": "second"',
+        '"long.jpg": "' + "word " * 1001 + '"',
     ])
     (root / "captions.json").write_text("{\n" + body + "\n}\n")
     return {"missing.jpg": "missing image", "corrupt.jpg": "unreadable image", "truncated.jpg": "unreadable image",
-            "empty.jpg": "empty caption", "number.jpg": "not a string", "dup.jpg": "duplicate image id"}
+            "empty.jpg": "empty caption", "number.jpg": "not a string", "dup.jpg": "duplicate image id",
+            "long.jpg": "caption of 1001 words (at most 1000)"}
 
 
 def test_bad_records_are_skipped_and_reported(tmp_path, make_config):
@@ -143,7 +145,7 @@ def test_malformed_json_names_file_and_line(tmp_path, make_config):
     (b'{"a.jpg": oops}', "malformed JSON at line 1 column 11: Expecting value"),
     (b'[{"a.jpg": "A tee."}]', "expected a JSON object mapping image file name -> caption"),
     ('{"a.jpg": "Une robe d\u2019\u00e9t\u00e9."}'.encode("latin-1", "replace"), "not UTF-8 text"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep at line 1 column 100000, deeper than Python's"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep at column 100000, deeper than Python's"),
     (b'{"a.jpg":\n 1' + b"7" * 4999 + b"}", "a number of 5000 digits at line 2 column 2, more than Python reads"),
 ])
 def test_a_malformed_captions_file_is_one_line_before_anything_is_rendered(tmp_path, make_config, capsys, content,

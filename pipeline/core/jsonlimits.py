@@ -8,8 +8,9 @@ import sys
 
 
 def _line_column(text: str, pos: int) -> str:
-    line = text.count("\n", 0, pos) + 1
-    return f"line {line} column {pos - text.rfind(chr(10), 0, pos)}"
+    """``line L column C`` of ``pos`` (``column C`` in a one-line text, such as a JSONL record)."""
+    column = pos - text.rfind("\n", 0, pos)
+    return f"line {text.count(chr(10), 0, pos) + 1} column {column}" if "\n" in text.strip() else f"column {column}"
 
 
 def _deepest(text: str) -> tuple[int, int]:

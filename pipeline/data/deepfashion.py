@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.core.errors import PipelineError
 from pipeline.core.jsonlimits import json_limit_reason
 from pipeline.data.images import not_a_file
-from pipeline.data.text import normalise
+from pipeline.data.text import MAX_CAPTION_WORDS, normalise
 
 SINGLE_FILE = "captions.json"
 SPLIT_FILES = {"train": "train_captions.json", "test": "test_captions.json"}
@@ -130,6 +130,8 @@ def read_dataset(root: Path, layout: str, *, seed: int, test_fraction: float, va
             problems.append(Problem(file, key, f"caption is {type(value).__name__}, not a string"))
         elif not value.strip():
             problems.append(Problem(file, key, "empty caption"))
+        elif len(value.split()) > MAX_CAPTION_WORDS:
+            problems.append(Problem(file, key, f"caption of {len(value.split())} words (at most {MAX_CAPTION_WORDS})"))
         elif not key or Path(key).is_absolute() or ".." in Path(key).parts:
             problems.append(Problem(file, key, "invalid image file name"))
         elif image_id in seen:
