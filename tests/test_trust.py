@@ -17,8 +17,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.students.checkpoint import load_student
 from pipeline.students.train import train_student
 from pipeline.students.vocab import Vocabulary
-from stages.cli import os_error_line
-from tests.helpers import SMALL, make_student
+from stages.cli import os_error_line, stage_main
+from tests.helpers import SMALL, make_student, write_config
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +74,12 @@ def test_an_edited_student_json_is_one_line_naming_the_key(student, key, value, 
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (root only): a real full disk."""
+def small_disk(tmp_path, request):
+    """A 256 KiB tmpfs (root only; another size by indirect parametrization): a real full disk."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+    size = getattr(request, "param", "256k")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
                       ).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
@@ -105,3 +106,32 @@ def test_a_full_disk_while_training_a_student_names_the_file(small_disk):
     line = os_error_line(err.value)
     assert line.startswith(str(small_disk)) and line.endswith(": No space left on device"), line
     assert Path(err.value.filename).name == "model.safetensors" and "\n" not in line
+
+
+@pytest.fixture(scope="module")
+def raw_dataset(tmp_path_factory) -> Path:
+    """A generated DeepFashion-lite folder (the tests' size) to prepare."""
+    from stages import prepare
+
+    cfg = write_config(tmp_path_factory.mktemp("raw"))
+    assert stage_main("prepare", prepare.run, argv=["--config", str(cfg)]) == 0
+    return cfg
+
+
+@pytest.mark.parametrize("small_disk, key, names", [
+    ("32k", "run_dir", "/captions"),  # `datasets`' save_to_disk fails inside fsspec, naming no file
+    ("128k", "run_dir", ".json"),
+    ("16k", "data.root", ".jpg"),  # DeepFashion-lite rendered into a full disk
+], indirect=["small_disk"])
+def test_a_full_disk_during_prepare_names_the_file(small_disk, raw_dataset, key, names, capsys):
+    from stages import prepare
+
+    overrides = [f"{key}={small_disk / 'out'}"] + ([f"data.root={raw_dataset.parent / 'raw'}"] if key == "run_dir"
+                                                   else [])
+    capsys.readouterr()
+    assert stage_main("prepare", prepare.run, argv=["--config", str(raw_dataset), *overrides]) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith(f"prepare: error: {small_disk}/"), err[-2000:]
+    assert line.endswith(f"{names}: No space left on device"), line
+    assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]  # the half-written folder is gone

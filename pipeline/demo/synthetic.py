@@ -42,7 +42,12 @@ def load_caption_pool(folder: Path | None = None) -> dict[str, dict[str, str]]:
 def _render_one(args: tuple[str, str, int, int, str]) -> None:
     name, caption, size, seed, out = args
     gender = "male" if name.startswith("MEN") else "female"
-    render_outfit(parse_caption(caption), size, seed, gender).save(out, quality=92)
+    try:
+        render_outfit(parse_caption(caption), size, seed, gender).save(out, quality=92)
+    except OSError as exc:  # a full disk: PIL's failed write names no file
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), out) from None
 
 
 def _render_into(root: Path, captions: dict[str, str], size: int, seed_base: int, workers: int, desc: str,
