@@ -135,3 +135,66 @@ def test_a_full_disk_during_prepare_names_the_file(small_disk, raw_dataset, key,
     assert "Traceback" not in err and line.startswith(f"prepare: error: {small_disk}/"), err[-2000:]
     assert line.endswith(f"{names}: No space left on device"), line
     assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]  # the half-written folder is gone
+
+
+def test_a_truncated_feature_cache_is_recomputed_with_one_line(tmp_path, monkeypatch, caplog):
+    from pipeline.core.config import EncoderSettings
+    from pipeline.students import features as features_mod
+    from tests.helpers import varied_images
+
+    paths = []
+    for i, image in enumerate(varied_images(3)):
+        image.save(tmp_path / f"img{i}.png")
+        paths.append(str(tmp_path / f"img{i}.png"))
+    calls = []
+    real = features_mod.compute_features
+    monkeypatch.setattr(features_mod, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings, cache = EncoderSettings(width=0.125, image_size=32), tmp_path / "features"
+    first, _ = features_mod.cached_features(cache, "vgg19", settings, 0, paths)
+    (file,) = cache.glob("*.safetensors")
+    data = file.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:5], b""):  # cut short by a full disk or a copy
+        file.write_bytes(damaged)
+        caplog.clear()
+        again, _ = features_mod.cached_features(cache, "vgg19", settings, 0, paths)
+        assert torch.equal(again, first) and file.stat().st_size == len(data)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and warnings[0].startswith(f"{file}: damaged feature cache (")
+        assert warnings[0].endswith("); recomputing it") and "\n" not in warnings[0]
+    assert len(calls) == 4
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name, cut", [("optimizer.pt", 2), ("optimizer.pt", 0), ("state.json", 2),
+                                       ("rng.json", 2)])
+def test_a_damaged_resume_file_is_one_line_naming_it(tmp_path, name, cut):
+    caps = {"train": [f"the lady wears a {c} hat ." for c in ("red", "blue", "green", "big")] * 8,
+            "val": ["the lady wears a red hat ."] * 4}
+    vocab = Vocabulary.build(caps["train"], 1)
+    table = {"train": torch.randn(32, 16), "val": torch.randn(4, 16)}
+    cfg = SMALL.model_copy(update={"epochs": 4, "batch_size": 8, "val_every_epochs": 1, "early_stop_patience": 9})
+
+    class CrashingScorer:
+        calls = 0
+
+        def score(self, refs, hyps, only=None):
+            CrashingScorer.calls += 1
+            if CrashingScorer.calls == 3:
+                raise _Crash  # killed during epoch 3, after epoch 2's last/
+            return {"CIDEr-D": 0.5}
+
+    run = lambda: train_student("vgg19_gru", cfg, lambda s, idx: table[s][idx], 16, caps, vocab, tmp_path, 0,  # noqa: E731
+                                CrashingScorer())
+    with pytest.raises(_Crash):
+        run()
+    path = tmp_path / "last" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // cut] if cut else b"")
+    with pytest.raises(PipelineError) as err:
+        run()
+    line = str(err.value)
+    assert line.startswith(f"{path}: unreadable (") and line.endswith("rerun with --force to train this student "
+                                                                      "from the start") and "\n" not in line
