@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.core.config import Config
 from pipeline.core.rundir import RunDir, atomic_write_json, is_up_to_date, publish_dir, write_manifest
 from pipeline.data.deepfashion import IMAGE_DIR, DataError, detect_layout, problems_as_dicts, read_dataset
-from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, to_hf_dataset
+from pipeline.data.formats import caption_stats, karpathy_json, llava_conversations, save_captions, to_hf_dataset
 from pipeline.demo.raw import ensure_pretraining_images, ensure_raw_data
 from pipeline.workflows import depends
 from stages.cli import claims, stage_main, waits
@@ -58,7 +58,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     stats["skipped"] = len(problems)
     image_folder = Path(os.path.abspath(cfg.data.root / IMAGE_DIR))  # symlinks kept: paths as the dataset names them
     with publish_dir(rd.data) as tmp:
-        to_hf_dataset(rows).save_to_disk(str(tmp / "captions"))
+        save_captions(to_hf_dataset(rows), tmp / "captions")
         train = [r for r in rows if r["split"] == "train"]
         atomic_write_json(tmp / "llava_train.json", llava_conversations(train, image_folder))
         atomic_write_json(tmp / "karpathy.json", karpathy_json(rows))

@@ -185,6 +185,18 @@ def test_predictions_of_copied_test_images_match_by_file_name(prepared, tmp_path
     ('{"{first}": null}', ".json", "no caption"),
     ('image,caption\n{first},\n', ".csv", "row 2 ({first}): the caption is empty"),
     ('x', ".txt", "unknown predictions format '.txt'"),
+    ("[" * 100_000 + "]" * 100_000, ".json", ": nested 100000 levels deep at column 100000, deeper than Python's"),
+    ('{"image_id": "{first}", "caption": "a"}\n' + "[" * 100_000 + "]" * 100_000, ".jsonl",
+     ": line 2: nested 100000 levels deep at column 100000"),
+    ('[\n{"image_id": 1' + "7" * 4999 + ', "caption": "a"}]', ".json",
+     ": a number of 5000 digits at line 2 column 14, more than Python reads (4300)"),
+    ('{"image_id": 1' + "7" * 4999 + ', "caption": "a"}', ".jsonl", ": line 1: a number of 5000 digits at column 14"),
+    ("image,caption\n1" + "7" * 4999 + ",a\n", ".csv", "row 2: image '17777777777777777777777777777777777777"
+     "77'... (5000 characters) is not in the test split"),
+    ('image,caption\n{first},"' + "a" * 140_000 + '"\n', ".csv", ": row 2: field larger than field limit (131072)"),
+    ('image,"' + "a" * 140_000 + '"\n', ".csv", ": row 1: field larger than field limit (131072)"),
+    ('{"image_id": "{first}", "caption": "' + "word " * 24_000 + '"}', ".jsonl",
+     ": line 1 ({first}): the caption has 24000 words, more than a caption has (1000)"),
 ])
 def test_bad_predictions_fail_naming_file_and_record(prepared, tmp_path, content, suffix, message):
     _, test = prepared
@@ -194,6 +206,18 @@ def test_bad_predictions_fail_naming_file_and_record(prepared, tmp_path, content
     with pytest.raises(PredictionsError) as err:
         read_predictions(path, test)
     assert str(err.value).startswith(str(path)) and message.replace("{first}", first) in str(err.value)
+
+
+@pytest.mark.parametrize("suffix, content", [(".csv", "image_id,caption\n{first},a lady\n"),
+                                             (".json", '{"{first}": "a lady"}'),
+                                             (".jsonl", '{"image_id": "{first}", "caption": "a lady"}\n')])
+def test_a_byte_order_mark_is_not_part_of_the_file(prepared, tmp_path, suffix, content):
+    """Spreadsheets save CSV with a UTF-8 byte order mark: the header's first name is still `image_id`."""
+    _, test = prepared
+    first = test[0]["image_id"]
+    path = tmp_path / f"pred{suffix}"
+    path.write_text("\ufeff" + content.replace("{first}", first), encoding="utf-8")
+    assert read_predictions(path, test, allow_missing=True) == {first: "a lady"}
 
 
 def test_missing_test_images_are_counted_or_allowed(prepared, tmp_path):

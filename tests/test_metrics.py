@@ -4,6 +4,7 @@ import json
 import psutil  # installed with accelerate
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.evaluation.metrics import CaptionScorer, MeteorProcess
 
 
@@ -45,6 +46,15 @@ def test_metrics_reject_mismatched_ids_and_unknown_metrics():
         with pytest.raises(ValueError, match="unknown metrics"):
             scorer.score({"a": ["a red shirt"]}, {"a": "a red shirt"}, only=["SPICE"])
         assert "METEOR" not in scorer.score({"a": ["a red shirt"]}, {"a": "a red shirt"})
+
+
+def test_a_caption_meteor_cannot_take_is_refused_in_one_line():
+    """The METEOR jar dies on a caption of ~24k words (its writer thread printed a traceback): refused first."""
+    refs, hyps = {"a": ["a lady in a red dress ."], "b": ["a man ."]}, {"a": "word " * 24_000, "b": "a man ."}
+    with CaptionScorer(meteor_processes=1) as scorer:
+        with pytest.raises(PipelineError, match=r"^METEOR: image 'a' has a caption of 24000 tokens \(at most 2000\)$"):
+            scorer.score(refs, hyps)
+        assert scorer.score(refs, hyps, only=["BLEU"])["BLEU-1"] > 0  # nothing else refuses it
 
 
 def _meteor_jars() -> set[int]:

@@ -106,10 +106,12 @@ def _bad_raw(root: Path) -> dict[str, str]:
         '"number.jpg": 42',
         '"dup.jpg": "first"',
         '"dup.jpg": "second"',
+        '"long.jpg": "' + "word " * 1001 + '"',
     ])
     (root / "captions.json").write_text("{\n" + body + "\n}\n")
     return {"missing.jpg": "missing image", "corrupt.jpg": "unreadable image", "truncated.jpg": "unreadable image",
-            "empty.jpg": "empty caption", "number.jpg": "not a string", "dup.jpg": "duplicate image id"}
+            "empty.jpg": "empty caption", "number.jpg": "not a string", "dup.jpg": "duplicate image id",
+            "long.jpg": "caption of 1001 words (at most 1000)"}
 
 
 def test_bad_records_are_skipped_and_reported(tmp_path, make_config):
@@ -137,6 +139,28 @@ def test_malformed_json_names_file_and_line(tmp_path, make_config):
     (tmp_path / "raw2" / "captions.json").write_text('{\n"a.jpg": "ok",\n"b.jpg": oops\n}')
     with pytest.raises(DataError, match=r"raw2/captions.json: malformed JSON at line 3"):
         _run(make_config(data={"root": str(tmp_path / "raw2"), "synthetic": None}))
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"a.jpg": oops}', "malformed JSON at line 1 column 11: Expecting value"),
+    (b'[{"a.jpg": "A tee."}]', "expected a JSON object mapping image file name -> caption"),
+    ('{"a.jpg": "Une robe d\u2019\u00e9t\u00e9."}'.encode("latin-1", "replace"), "not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep at column 100000, deeper than Python's"),
+    (b'{"a.jpg":\n 1' + b"7" * 4999 + b"}", "a number of 5000 digits at line 2 column 2, more than Python reads"),
+])
+def test_a_malformed_captions_file_is_one_line_before_anything_is_rendered(tmp_path, make_config, capsys, content,
+                                                                          reason):
+    """The demo config renders its pretraining images first, avoiding the dataset's captions: their file is read
+    by the one validating reader, so a bad one is prepare's one line, not a traceback, and nothing is rendered."""
+    raw = tmp_path / "mine"
+    _placeholder(raw / "images" / "a.jpg")
+    (raw / "captions.json").write_bytes(content)
+    cfg_path = make_config(data={"root": str(raw), "pretraining": {"images": 4, "root": str(tmp_path / "pre")}})
+    assert stage_main("prepare", prepare.run, argv=["--config", str(cfg_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"prepare: error: {raw / 'captions.json'}: {reason}"), err[-2000:]
+    assert not (tmp_path / "pre").exists() and not (tmp_path / "run" / "data").exists()
 
 
 def test_duplicate_across_train_and_test_files(tmp_path, make_config):

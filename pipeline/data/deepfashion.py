@@ -19,8 +19,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.jsonlimits import json_limit_reason
 from pipeline.data.images import not_a_file
-from pipeline.data.text import normalise
+from pipeline.data.text import MAX_CAPTION_WORDS, normalise
 
 SINGLE_FILE = "captions.json"
 SPLIT_FILES = {"train": "train_captions.json", "test": "test_captions.json"}
@@ -80,14 +81,18 @@ def detect_layout(root: Path, layout: Literal["auto", "single", "split"] = "auto
     return layout
 
 
-def _load_json_object(path: Path) -> list[tuple[str, object]]:
-    """Key/value pairs of a JSON object file, duplicates kept (plain json.load would silently drop them)."""
+def load_caption_file(path: Path) -> list[tuple[str, object]]:
+    """Key/value pairs of a JSON object file, duplicates kept (plain json.load would silently drop them); anything
+    else is one DataError naming the file. Every reader of a dataset's caption files reads them through this."""
     try:
-        pairs = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda kv: kv)
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the JSON
+        pairs = json.loads(text, object_pairs_hook=lambda kv: kv)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except (RecursionError, ValueError) as exc:
+        raise DataError(f"{path}: {json_limit_reason(text, exc)}") from None
     if not isinstance(pairs, list) or (pairs and not isinstance(pairs[0], tuple)):
         raise DataError(f"{path}: expected a JSON object mapping image file name -> caption")
     return pairs
@@ -130,7 +135,7 @@ def read_dataset(root: Path, layout: str, *, seed: int, test_fraction: float, va
     files = {None: SINGLE_FILE} if layout == "single" else dict(SPLIT_FILES)
     candidates: list[tuple[str, str | None, str, object]] = []
     for split, name in files.items():
-        candidates += [(name, split, key, value) for key, value in _load_json_object(root / name)]
+        candidates += [(name, split, key, value) for key, value in load_caption_file(root / name)]
 
     problems: list[Problem] = []
     seen: dict[str, str] = {}
@@ -141,6 +146,8 @@ def read_dataset(root: Path, layout: str, *, seed: int, test_fraction: float, va
             problems.append(Problem(file, key, f"caption is {type(value).__name__}, not a string"))
         elif not value.strip():
             problems.append(Problem(file, key, "empty caption"))
+        elif len(value.split()) > MAX_CAPTION_WORDS:
+            problems.append(Problem(file, key, f"caption of {len(value.split())} words (at most {MAX_CAPTION_WORDS})"))
         elif not key or Path(key).is_absolute() or ".." in Path(key).parts:
             problems.append(Problem(file, key, "invalid image file name"))
         elif image_id in seen:

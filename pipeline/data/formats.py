@@ -36,6 +36,17 @@ def to_hf_dataset(rows: Sequence[dict[str, Any]], extra: Mapping[str, str] | Non
     })
 
 
+def save_captions(dataset, folder: Path) -> None:
+    """``dataset.save_to_disk(folder)``; a write that fails inside `datasets` without naming its file (a full disk
+    when fsspec closes it) names ``folder``."""
+    try:
+        dataset.save_to_disk(str(folder))
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(folder)) from exc
+
+
 def split_rows(dataset, split: str) -> list[dict[str, Any]]:
     """Rows of one split of a caption DatasetDict as plain dicts ([] when the split is empty)."""
     return dataset[split].to_list() if split in dataset else []

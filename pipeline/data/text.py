@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+# words (whitespace-separated) a caption may have: real ones have under 100; METEOR's jar fails on ~24k
+MAX_CAPTION_WORDS = 1000
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 
 

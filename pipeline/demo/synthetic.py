@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.core.config import ConfigError, SyntheticData
 from pipeline.core.rundir import atomic_write_json, publish_dir
 from pipeline.data.attributes import parse_caption
+from pipeline.data.deepfashion import load_caption_file
 from pipeline.demo.render import RENDERER_VERSION, render_outfit
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,12 @@ def load_caption_pool(folder: Path | None = None) -> dict[str, dict[str, str]]:
 def _render_one(args: tuple[str, str, int, int, str]) -> None:
     name, caption, size, seed, out = args
     gender = "male" if name.startswith("MEN") else "female"
-    render_outfit(parse_caption(caption), size, seed, gender).save(out, quality=92)
+    try:
+        render_outfit(parse_caption(caption), size, seed, gender).save(out, quality=92)
+    except OSError as exc:  # a full disk: PIL's failed write names no file
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), out) from None
 
 
 def _render_into(root: Path, captions: dict[str, str], size: int, seed_base: int, workers: int, desc: str,
@@ -92,11 +98,12 @@ def generate(root: Path, cfg: SyntheticData, seed: int, workers: int = 2) -> dic
 
 
 def dataset_names(root: Path) -> set[str]:
-    """The image file names a DeepFashion-MultiModal folder has captions for (either layout)."""
+    """The image file names a DeepFashion-MultiModal folder has captions for (either layout); a malformed caption
+    file is the one line `prepare` gives for it."""
     names: set[str] = set()
     for file in ("captions.json", *SPLIT_FILES.values()):
         if (root / file).is_file():
-            names.update(json.loads((root / file).read_text()))
+            names.update(key for key, _ in load_caption_file(root / file))
     return names
 
 

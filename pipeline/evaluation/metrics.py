@@ -27,11 +27,13 @@ import numpy as np
 
 from pipeline.core.cpus import usable_cpus
 from pipeline.core.errors import PipelineError
+from pipeline.data.text import MAX_CAPTION_WORDS
 
 METEOR_SERVICE_ENV = "FASHION_DISTILL_METEOR"  # where a MeteorService listens: scorers use it instead of a jar
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 FAMILIES = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D")
 ROUGE_BETA = 1.2  # pycocoevalcap's Rouge.beta
+METEOR_MAX_TOKENS = 2 * MAX_CAPTION_WORDS  # PTB tokens (punctuation split off) of a caption METEOR is given
 
 
 class CaptionScorer:
@@ -80,6 +82,10 @@ class CaptionScorer:
         out: dict[str, float] = {}
         meteor = None
         if "METEOR" in wanted and self._meteors:
+            for key in gts:  # the jar dies on a caption of ~24k words
+                if (n := max(len(c.split()) for c in (*gts[key], *res[key]))) > METEOR_MAX_TOKENS:
+                    raise PipelineError(f"METEOR: image {key!r} has a caption of {n} tokens (at most "
+                                        f"{METEOR_MAX_TOKENS})")
             meteor = _MeteorRun(self._meteors, gts, res)
         if "BLEU" in wanted or any(w.startswith("BLEU-") for w in wanted):
             bleu, _ = self._bleu.compute_score(gts, res, verbose=0)
@@ -171,7 +177,7 @@ class MeteorProcess:
         """The statistics line of each ``SCORE`` request; a writer thread keeps the pipe full while they are read
         ("" where the jar stopped answering)."""
         with self._lock:
-            writer = threading.Thread(target=_write_lines, args=(self._proc.stdin, lines), daemon=True)
+            writer = threading.Thread(target=_write_quietly, args=(self._proc.stdin, lines), daemon=True)
             writer.start()
             stats = [self._proc.stdout.readline().decode().strip() for _ in lines]
             writer.join()
@@ -367,3 +373,9 @@ def _score_line(references: list[str], hypothesis: str) -> bytes:
 def _write_lines(stream, lines: list[bytes]) -> None:
     stream.write(b"".join(lines))
     stream.flush()
+
+
+def _write_quietly(stream, lines: list[bytes]) -> None:
+    """``_write_lines`` in a writer thread: a jar that died is reported by its reader, not a thread's traceback."""
+    with contextlib.suppress(BrokenPipeError):
+        _write_lines(stream, lines)

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.jsonlimits import json_limit_reason
+from pipeline.data.text import MAX_CAPTION_WORDS
 
 ID_KEYS = ("image_id", "id", "image", "file_name", "filename", "image_path", "path")
 CAPTION_KEYS = ("caption", "prediction", "text", "hypothesis")
@@ -28,12 +30,19 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) pairs: ``where`` names the record for error messages."""
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte order mark is not part of the header
     except (OSError, UnicodeDecodeError) as exc:
         raise PredictionsError(f"{path}: cannot read predictions ({exc})") from None
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        yield from ((f"row {i + 2}", r) for i, r in enumerate(rows))
+        reader, rows = csv.DictReader(text.splitlines()), None
+        try:
+            if reader.fieldnames is not None:  # reads the header, row 1
+                rows = []
+                for record in reader:
+                    rows.append(record)
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            raise PredictionsError(f"{path}: row {1 if rows is None else len(rows) + 2}: {exc}") from None
+        yield from ((f"row {i + 2}", r) for i, r in enumerate(rows or []))
     elif suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -41,11 +50,15 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
                     yield f"line {i}", json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise PredictionsError(f"{path}: line {i} is not valid JSON ({exc.msg})") from None
+                except (RecursionError, ValueError) as exc:
+                    raise PredictionsError(f"{path}: line {i}: {json_limit_reason(line, exc)}") from None
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PredictionsError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (RecursionError, ValueError) as exc:
+            raise PredictionsError(f"{path}: {json_limit_reason(text, exc)}") from None
         if isinstance(data, dict):
             yield from ((f"key {k!r}", {"image_id": k, "caption": v}) for k, v in data.items())
         elif isinstance(data, list):
@@ -65,7 +78,8 @@ def _by_file_name(path: Path, where: str, image: str, by_name: dict[str, set[str
     """The test image whose file name ``image`` (an id, a name or a path anywhere) ends in."""
     ids = sorted(by_name.get(Path(image.replace("\\", "/")).name, ()))
     if not ids:
-        raise PredictionsError(f"{path}: {where}: image {image!r} is not in the test split")
+        shown = repr(image) if len(image) <= 100 else f"{image[:40]!r}... ({len(image)} characters)"
+        raise PredictionsError(f"{path}: {where}: image {shown} is not in the test split")
     if len(ids) > 1:
         raise PredictionsError(f"{path}: {where}: file name of {image!r} names {len(ids)} test images "
                                f"({', '.join(ids[:3])}); use the image id")
@@ -94,6 +108,9 @@ def read_predictions(path: str | Path, test_rows: Sequence[dict], allow_missing:
         if not isinstance(caption, str) or not caption.strip():
             raise PredictionsError(f"{path}: {where} ({image}): the caption is "
                                    f"{'empty' if isinstance(caption, str) else type(caption).__name__}")
+        if len(caption.split()) > MAX_CAPTION_WORDS:
+            raise PredictionsError(f"{path}: {where} ({image}): the caption has {len(caption.split())} words, more "
+                                   f"than a caption has ({MAX_CAPTION_WORDS})")
         image_id = lookup.get(str(image)) or _by_file_name(path, where, str(image), by_name)
         if image_id in out:
             raise PredictionsError(f"{path}: {where}: a second prediction for test image {image_id!r}")

@@ -8,6 +8,8 @@ import to caption in Python; the training loop (:mod:`pipeline.students.train`) 
 from __future__ import annotations
 
 import io
+import json
+import pickle
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +53,25 @@ def save_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     atomic_write_bytes(folder / "optimizer.pt", buffer.getvalue())
+
+
+def load_resume_state(folder: Path, optimizer: torch.optim.Optimizer, device: torch.device | str
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore ``optimizer.pt`` of a ``last/`` folder into ``optimizer``; its ``state.json`` and ``rng.json`` (None
+    where absent). A damaged file is one line naming it."""
+    path = folder / "optimizer.pt"
+    try:
+        optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        path = folder / "state.json"
+        state = json.loads(path.read_text())
+        path = folder / "rng.json"
+        return state, json.loads(path.read_text()) if path.is_file() else None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, KeyError) as exc:  # cut short
+        if isinstance(exc, OSError) and exc.filename:  # not the content: a permission, a missing file
+            raise
+        reason = " ".join(str(exc).split())
+        raise PipelineError(f"{path}: unreadable ({type(exc).__name__}: {reason}); rerun with --force to train "
+                            "this student from the start") from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -76,14 +76,16 @@ def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed:
     Concurrent callers (a Slurm array's tasks) are safe: one computes under a per-file lock while the others wait
     for it and read its file, which appears in one rename.
     """
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     key = cache_key(encoder, settings, seed, paths)
     file = folder / f"{encoder}-{key}.safetensors"
     index = {p: i for i, p in enumerate(paths)}
-    if not file.is_file():
+    feats = _read_cache(file, len(paths), warn=True)
+    if feats is None:
         with output_lock(file, wait=True):
-            if not file.is_file():  # not written by another process while this one waited
+            feats = _read_cache(file, len(paths))  # written by another process while this one waited
+            if feats is None:
                 log.info("computing %s features for %d images -> %s", encoder, len(paths), file.name)
                 feats = compute_features(build_encoder(encoder, settings, seed), paths, settings.image_size,
                                          batch_size, num_workers, desc=f"{encoder} features")
@@ -91,7 +93,26 @@ def cached_features(folder: Path, encoder: str, settings: EncoderSettings, seed:
                                               metadata={"encoder": encoder, "images": str(len(paths))}))
                 return feats.half().float(), index
     log.info("feature cache hit: %s", file.name)
-    return load_file(file)["features"].float(), index
+    return feats, index
+
+
+def _read_cache(file: Path, rows: int, warn: bool = False) -> torch.Tensor | None:
+    """A feature cache file's features (float32), or None where it is missing or damaged (cut short by a full disk
+    or a copy: stale, so recomputed; ``warn`` logs that in one line)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        return None
+    try:
+        feats = load_file(file)["features"]
+        if feats.shape[0] != rows:
+            raise ValueError(f"{feats.shape[0]} rows for {rows} images")
+    except (SafetensorError, KeyError, ValueError) as exc:
+        if warn:
+            log.warning("%s: damaged feature cache (%s); recomputing it", file, " ".join(str(exc).split()))
+        return None
+    return feats.float()
 
 
 def decoder_input(arch: str, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ best model by validation attribute accuracy or CIDEr-D (``students.select_on``) 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.students.beam import beam_search
 from pipeline.students.checkpoint import (
     describe_student,
+    load_resume_state,
     load_weights,
     rng_state,
     save_optimizer,
@@ -117,10 +117,9 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     last = out_dir / "last"
     if (last / "state.json").is_file():
         load_weights(last, model, encoder)
-        optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
-        state = json.loads((last / "state.json").read_text())
-        if (last / "rng.json").is_file():  # (a last/ saved before it was there resumes without it)
-            set_rng_state(json.loads((last / "rng.json").read_text()))
+        state, rng = load_resume_state(last, optimizer, device)
+        if rng is not None:  # (a last/ saved before it was there resumes without it)
+            set_rng_state(rng)
         log.info("%s: resuming after epoch %d", out_dir.name, state["epoch"])
     resumed_after = state["epoch"]
     record_entries(out_dir, ["tensorboard"])

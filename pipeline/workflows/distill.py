@@ -35,6 +35,7 @@ from pipeline.data.formats import (
     ORIGIN_DATASET,
     ORIGIN_UNLABELED,
     load_captions,
+    save_captions,
     split_rows,
     to_hf_dataset,
 )
@@ -178,7 +179,7 @@ def merge_shards(cfg: Config, out: Path, *, rows: list[dict], unlabeled: list[di
     rejected += [{"image_id": r["image_id"], "path": r["image_path"], "reason": skipped[r["image_id"]]}
                  for r in unlabeled if r["image_id"] in skipped]
     with publish_dir(out / "captions") as tmp:
-        to_hf_dataset(kept + test, DISTILL_COLUMNS).save_to_disk(str(tmp))
+        save_captions(to_hf_dataset(kept + test, DISTILL_COLUMNS), tmp)
     atomic_write_json(out / "meta.json", meta)
     atomic_write_json(out / "diagnostics.json", diag)
     atomic_write_json(out / "rejected.json", rejected)
