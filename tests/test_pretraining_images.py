@@ -17,7 +17,7 @@ def test_held_out_images_avoid_the_dataset_and_are_rendered_once(tmp_path):
     generate_held_out(root, "pretraining", 12, cfg, seed=0, exclude=exclude, workers=1)
     captions = json.loads((root / "captions.json").read_text())
     assert len(captions) == 12 and not set(captions) & exclude
-    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(captions)
+    assert sorted(p.name for p in (root / "images").iterdir() if not p.name.startswith(".")) == sorted(captions)
     stamp = (root / "captions.json").stat().st_mtime_ns
     generate_held_out(root, "pretraining", 12, cfg, seed=0, exclude=exclude, workers=1)
     assert (root / "captions.json").stat().st_mtime_ns == stamp  # same settings: nothing rendered again
@@ -50,7 +50,8 @@ def test_unlabeled_pool_avoids_the_dataset_and_the_pretraining_images_and_reruns
     ensure_unlabeled_pool(cfg)
     pool, pre, data = (dataset_names(root) for root in (tmp_path / "pool", tmp_path / "pre", cfg.data.root))
     assert len(pool) == 40 and len(pre) == 30 and not pool & (pre | data)
-    assert sorted(p.name for p in (tmp_path / "pool" / "images").iterdir()) == sorted(pool)
+    images = (tmp_path / "pool" / "images").iterdir()
+    assert sorted(p.name for p in images if not p.name.startswith(".")) == sorted(pool)  # hidden: the ownership marker
     # the prepared data does not depend on the pool: turning it on or off reruns nothing
     without = load_config(make_config(data={"synthetic": {"num_images": 40, "image_size": 32},
                                             "pretraining": sets["pretraining"], "unlabeled_pool": None}))
