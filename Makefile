@@ -11,7 +11,19 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 # demo's steps get however they are started); a GLIBC_TUNABLES of your own wins
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
-.PHONY: setup demo prepare finetune distill students report sweep evaluate caption export submit status test lint bench clean
+.PHONY: help setup demo prepare finetune distill students report sweep evaluate caption export check submit status test \
+	lint bench clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "fashion-distill: distil a LLaVA teacher into small fashion captioners. make <target> [CONFIG=<yaml>] [ARGS=\"key=value ...\"]"
+	@echo "  the chain    demo (all stages, locally)  prepare  finetune  distill  students  report  sweep"
+	@echo "  a cluster    check (preflight: data, checkpoint, weights, Java, disk)  submit [DRY_RUN=1]  status"
+	@echo "  use results  evaluate PRED=<file>  caption STUDENT=<best/> IMAGES=<files>  export STUDENT=<best/>"
+	@echo "  develop      setup  test  lint  bench  clean"
+	@echo "CONFIG defaults to configs/demo.yaml (CPU, minutes); configs/deepfashion-13b.yaml is the full run"
+	@echo "(docs/full-run.md). Every stage: .venv/bin/fashion-distill <stage> --help; print the effective config:"
+	@echo "ARGS=--print-config."
 
 setup: $(STAMP)
 
@@ -82,6 +94,10 @@ caption: $(STAMP)
 export: $(STAMP)
 	@test -n "$(STUDENT)" || { echo "usage: make export STUDENT=<a student's best/ folder>" >&2; exit 2; }
 	$(call STAGE,export) --student "$(STUDENT)"
+
+# make check: the preflight (`make submit` runs it first and submits nothing while a problem remains)
+check: $(STAMP)
+	$(call STAGE,check)
 
 # the whole chain as Slurm jobs; DRY_RUN=1 prints the sbatch scripts instead
 DRY_RUN ?=

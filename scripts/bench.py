@@ -4,10 +4,10 @@ Sections (``--only name,name``):
 - prepare: `prepare` over a 44,096-record dataset (the full DeepFashion-MultiModal size) with small images;
 - teacher: the demo teacher's fine-tuning samples/s and peak memory, then batched vs sequential (batch 1) caption
   generation throughput as a ratio (on a GPU also a 13B-shaped random LLaVA: samples/s, memory, MFU);
-- students: training captions/s with the feature cache + batching vs the course project's way (batch 1, encoder run every
-  step) on the same model and data, as a ratio; and an epoch of the attention GRU and the Transformer with random vs
-  length-grouped batches (``students.group_by_length``), as a ratio; and the demo's CNN encoders training in NCHW vs
-  channels-last memory format, as a ratio;
+- students: training captions/s with the feature cache + batching vs the course project's way (batch 1, encoder run
+  every step) on the same model and data, as a ratio; and an epoch of the attention GRU and the Transformer with
+  random vs length-grouped batches (``students.group_by_length``), as a ratio; and the demo's CNN encoders training
+  in NCHW vs channels-last memory format, as a ratio;
 - metrics: time to score 2,538 test captions with BLEU, METEOR, ROUGE-L and CIDEr-D;
 - speed: what distillation buys, on a finished run (``--config``, ``key=value`` overrides): the fine-tuned teacher
   and every student captioning the same test images on the CPU at each ``--speed-batch-sizes`` (PyTorch, and
@@ -162,7 +162,8 @@ def _gpu_llava_13b() -> dict:
 @bench
 def bench_students(work: Path) -> dict:
     """Captions/s of one training epoch with cached features + batch 64 vs batch 1 with the encoder every step
-    (the course project's way); also batch 64 with the encoder fine-tuned in the loop (``students.encoder.finetune``)."""
+    (the course project's way); also batch 64 with the encoder fine-tuned in the loop
+    (``students.encoder.finetune``)."""
     import torch
 
     from pipeline.data.formats import load_captions, split_rows

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.core.config import Config, load_config
 from pipeline.core.cpus import set_torch_threads
 from pipeline.core.errors import PipelineError
@@ -54,11 +56,15 @@ def stage_main(name: str, run: StageRun, add_args: Callable[[argparse.ArgumentPa
     """Parse the CLI, load the config, run the stage; a PipelineError or a failed file operation becomes one line on
     stderr and exit 1 (the traceback is logged at DEBUG level). ``torch_threads``: size torch's thread pool first (a
     stage that may run without torch sizes it itself)."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"fashion-distill '{name}' stage")
+    doc = (sys.modules[run.__module__].__doc__ or f"fashion-distill '{name}' stage").strip()
+    parser = argparse.ArgumentParser(prog=f"fashion-distill {name}", description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.environ.get("CONFIG", DEFAULT_CONFIG), help="YAML config file")
     parser.add_argument("--force", action="store_true", help="rerun even if the stage output is up to date")
     parser.add_argument("--wait", action="store_true",
                         help="when another process is writing the same output, wait for it instead of failing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (file + base + overrides) as YAML and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launchers
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     if add_args:
@@ -70,6 +76,9 @@ def stage_main(name: str, run: StageRun, add_args: Callable[[argparse.ArgumentPa
         set_torch_threads()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
         run(cfg, args)
     except (PipelineError, OSError) as exc:
         log.debug("%s failed", name, exc_info=True)

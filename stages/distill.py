@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.core.config import Config
 from pipeline.teacher.distill import parse_shard
 from pipeline.workflows.distill import distill_dataset
+from pipeline.workflows.preflight import require_inputs
 from stages.cli import stage_main, waits
 
 
@@ -32,6 +33,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Path:
+    if not (args.merge or args.reset):  # the reset and merge jobs read no teacher (and have no GPU)
+        require_inputs(cfg, "distill")
     return distill_dataset(cfg, shard=parse_shard(args.shard), merge=args.merge, reset=args.reset, force=args.force,
                            wait=waits(args))
 

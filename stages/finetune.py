@@ -27,6 +27,7 @@ from pipeline.core.rundir import (
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.demo.base_model import ensure_base_model
 from pipeline.workflows import depends
+from pipeline.workflows.preflight import require_inputs
 from stages.cli import claims, stage_main, waits
 
 log = logging.getLogger("finetune")
@@ -44,6 +45,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     data = load_captions(rd.data / "captions")
     train_rows, val_rows = split_rows(data, "train"), split_rows(data, "val")
     ensure_base_model(cfg, [r["caption"] for r in train_rows], waits(args))
+    require_inputs(cfg, "finetune")
     config, inputs = depends.finetune(cfg, rd)
     if not args.force and is_up_to_date(rd.teacher, config, inputs):
         log.info("%s is up to date (use --force to rerun)", rd.teacher)

@@ -26,6 +26,7 @@ from pipeline.demo.standins import stand_in_weights
 from pipeline.evaluation.metrics import CaptionScorer
 from pipeline.evaluation.results import write_source_baselines
 from pipeline.workflows import depends
+from pipeline.workflows.preflight import require_inputs
 from pipeline.workflows.students import run_experiment, source_rows, write_summary
 from stages.cli import stage_main, waits
 
@@ -40,6 +41,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
 
     rd = RunDir(cfg.run_dir)
     require_stage(rd.data, "prepare")
+    require_inputs(cfg, "students")
     gt = load_splits(rd.data / "captions")
     if not gt["test"]:
         raise PipelineError(f"{rd.data}: the ground-truth test split is empty")

@@ -1,6 +1,7 @@
 """`make submit`: the whole chain as Slurm batch jobs (scripts and submit.sh in <run_dir>/slurm/, ids in jobs.json).
 
-``--dry-run`` prints the scripts and the dependency graph without submitting. A job whose output is up to date by
+The preflight (`make check`) runs first: with any problem nothing is written or submitted. ``--dry-run`` prints the
+scripts and the dependency graph without submitting. A job whose output is up to date by
 its stage's own rule, and none of whose dependencies is submitted, is left out; ``--force`` submits every job and
 passes ``--force`` on to them.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from pipeline.core.config import Config, load_config
 from pipeline.orchestration.plan import describe_chain, plan_chain
 from pipeline.orchestration.slurm import submit, write_scripts
+from pipeline.workflows.preflight import PreflightError, preflight
 from stages.cli import stage_main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +29,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
     config = Path(args.config).resolve()
     overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={cfg.run_dir.resolve()}"]
     cfg = load_config(config, overrides)  # what the jobs load: their manifests record its absolute paths
+    if problems := preflight(cfg):  # found now, not hours later in the queue
+        raise PreflightError(f"{len(problems)} problem(s), nothing submitted:\n" + "\n".join(problems))
     jobs = plan_chain(cfg, config, overrides, force=args.force, shards=cfg.slurm.distill_shards, sweep=cfg.slurm.sweep)
     scripts = write_scripts(cfg, jobs, config, PROJECT_ROOT)
     folder = scripts[jobs[0].name].parent

@@ -1,7 +1,8 @@
 """The demo's point: the teacher and the students read the photo. A small version of the demo's set-up (pretraining
 stand-ins on held-out rendered images: the tiny LLaVA's pretraining, a student's encoder; a student trained on the
 ground truth) must beat the majority-attribute baseline and lose accuracy when its images are swapped; a model that
-ignored its image input fails these checks. The fine-tuned teacher's own figures come from `make demo` (docs/results.md)."""
+ignored its image input fails these checks. The fine-tuned teacher's own figures come from `make demo`
+(docs/results.md)."""
 
 import json
 from argparse import Namespace

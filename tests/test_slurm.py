@@ -1,5 +1,6 @@
 """`make submit` / `make status` against a real single-node Slurm cluster started on 127.0.0.1 for the tests."""
 
+import json
 import os
 import re
 import subprocess
@@ -94,6 +95,8 @@ def test_submit_script_resubmits_the_chain_with_its_dependencies(tmp_path):
         assert args[0] == "--parsable"
     assert waits_for == CHAIN
     assert res.stdout.split("\n")[-2] == f"report {100 + len(CHAIN) - 1}"
+    ids = json.loads((cfg.run_dir / "slurm" / "jobs.json").read_text())  # what `make status` reads
+    assert ids == {name: str(100 + i) for i, name in enumerate(CHAIN)} and list(ids) == list(CHAIN)
 
 
 def _finish(folder, stage: str, key: depends.Depends) -> None:
@@ -238,8 +241,15 @@ def test_chain_runs_to_completion_then_resubmit_skips(tmp_path, slurm):
 
 @pytest.mark.slow
 def test_failed_job_stops_its_dependents(tmp_path, slurm):
-    cfg_path = slurm_config(tmp_path, teacher={"model": str(tmp_path / "no-such-llava"), "tiny": None})
+    """A checkpoint complete at submission (the preflight passes) loses its weights before finetune starts: the
+    stage's own check on the node fails it, naming the folder, and its dependents never run."""
+    model = tmp_path / "llava"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors"):
+        (model / name).write_text("{}")
+    cfg_path = slurm_config(tmp_path, teacher={"model": str(model), "tiny": None})
     assert _make("submit", cfg_path, slurm).returncode == 0
+    (model / "model.safetensors").unlink()  # prepare runs first: gone before finetune starts
     cfg = load_config(cfg_path)
     states = _wait(cfg, slurm, timeout=600)
     assert states["prepare"][0][1] == "COMPLETED"
@@ -251,4 +261,4 @@ def test_failed_job_stops_its_dependents(tmp_path, slurm):
     status = _make("status", cfg_path, slurm)
     assert status.returncode != 0 and "failed or cancelled: finetune" in status.stderr
     log = next((cfg.run_dir / "slurm" / "logs").glob("finetune-*.out")).read_text()
-    assert "does not exist" in log  # the one-line reason of the failed stage
+    assert f"teacher.model: no weights in {model}" in log  # the one-line reason of the failed stage

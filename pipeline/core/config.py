@@ -86,7 +86,7 @@ class TinyPretraining(Section):
     vision_learning_rate: Rate = 3e-3
     language_epochs: StrictInt = Field(6, ge=0)
     language_learning_rate: Rate = 2e-3
-    batch_size: Positive = 16  # the language step's (32 read worse, see docs/results.md); the vision step's is twice this
+    batch_size: Positive = 16  # the language step's (32 read worse: docs/results.md); the vision step's is twice it
 
 
 class TinyTeacher(Section):
@@ -317,14 +317,31 @@ class ReportConfig(Section):
     gallery_size: Positive = 12
 
 
+class SlurmResources(Section):
+    """One job kind's (cpu, gpu, finetune) or one job's (prepare, students-gt, ...) Slurm request; unset: the
+    defaults of its kind (pipeline.orchestration.slurm.resources)."""
+
+    partition: str | None = None
+    gpus: StrictInt | None = Field(None, ge=0)  # per node
+    cpus: Positive | None = None
+    mem: str | None = None
+    time: str | None = None
+
+
 class SlurmConfig(Section):
     partition: str | None = None
+    cpu_partition: str | None = None  # CPU-only jobs (prepare, reset, merge, report); unset: `partition`
     account: str | None = None
     time: dict[str, str] = {"default": "04:00:00"}
     gpus_per_node: StrictInt = Field(1, ge=0)
     nodes: dict[str, Positive] = {"finetune": 1}
-    cpus_per_task: Positive = 2
-    mem: str | None = None
+    cpus_per_task: Positive = 2  # per GPU (finetune asks for this many per GPU rank); CPU-only jobs too
+    mem: str | None = None  # GPU jobs; CPU-only jobs ask for `cpu_mem`
+    cpu_mem: str | None = "16G"
+    resources: dict[str, SlurmResources] = {}  # by kind (cpu, gpu, finetune) or job name; the job's entry wins
+    requeue: StrictBool = True  # a preempted or timed-out job is requeued and resumes from its checkpoints
+    signal_seconds: StrictInt = Field(300, ge=0)  # USR1 this long before the time limit: requeue (0: no signal)
+    array_throttle: StrictInt = Field(0, ge=0)  # at most this many tasks of an array at once (0: no limit)
     distill_shards: Positive = 1
     sweep: StrictBool = False  # `make submit` also runs the temperature sweep (sweep.*) as job arrays
     setup: list[str] = ["source .venv/bin/activate"]  # shell lines before each job (cwd: the project root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -294,6 +295,23 @@ def output_lock(output: str | Path, *, part: str = "", wait: bool = False) -> It
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def in_use(output: str | Path) -> bool:
+    """Whether a live process holds the lock of ``output`` or of a part of it (:func:`output_lock`)."""
+    output = Path(output)
+    for path in output.parent.glob(f".{glob.escape(output.name)}*.lock"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.core.archs import ARCHS
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.rundir import RunDir, is_up_to_date, read_manifest, stage_fingerprint
+from pipeline.core.rundir import RunDir, in_use, is_up_to_date, read_manifest, stage_fingerprint
 from pipeline.sweep.points import Point, extra_ids, extra_points, first_points, point_config, read_record
 from pipeline.sweep.summary import best_temperatures
 from pipeline.workflows import depends
@@ -40,6 +40,7 @@ class Job:
     tasks: list[list[str]] | None = None  # an array: each task's extra args (one local step / Slurm task each)
     kind: str = "cpu"  # resources: cpu (no GPU), gpu (one GPU a task), finetune (every GPU of its nodes)
     done: bool = False  # output up to date: not run
+    outputs: list[Path] = field(default_factory=list)  # the folders it writes (`make status` reads their state)
 
 
 def up_to_date(folder: Path, key: Callable[[], depends.Depends]) -> bool:
@@ -72,6 +73,7 @@ def plan_chain(cfg: Config, config: Path, overrides: Sequence[str], *, force: bo
 
     def add(job: Job, folder: Path, key: Callable[[], depends.Depends]) -> Job:
         job.done = not force and all(jobs[name].done for name in job.after) and up_to_date(folder, key)
+        job.outputs = [folder]
         jobs[job.name] = job
         return job
 
@@ -106,14 +108,15 @@ def plan_chain(cfg: Config, config: Path, overrides: Sequence[str], *, force: bo
         feature_archs = list(dict.fromkeys(stale or archs))
         jobs["features"] = Job("features", "students", [*overrides, f"students.archs=[{','.join(feature_archs)}]",
                                                          "--features-only", *forced], ["prepare"], kind="gpu",
-                               done=not stale)
+                               done=not stale, outputs=[rd.students / "features"])
     for source, wanted in todo.items():
         dataset = depends.source_dataset(source)
         after = ["prepare", *(["features"] if "features" in jobs else []),
                  *([datasets[dataset].name] if dataset in datasets else [])]
         jobs[f"students-{source}"] = Job(
             f"students-{source}", "students", [*overrides, f"students.sources=[{source}]", *forced], after,
-            tasks=[[f"students.archs=[{a}]"] for a in (wanted or archs)], kind="gpu", done=not wanted)
+            tasks=[[f"students.archs=[{a}]"] for a in (wanted or archs)], kind="gpu", done=not wanted,
+            outputs=[rd.students / f"{a}__{source}" for a in archs])
     if sweep:
         jobs.update((j.name, j) for j in plan_sweep(cfg, config, overrides, prepared=jobs["prepare"].done,
                                                      finetuned=jobs["finetune"].done, force=force, flags=flags))
@@ -176,7 +179,7 @@ def plan_sweep(cfg: Config, config: Path, overrides: Sequence[str], *, prepared:
                        not extra_distill),
                  array("sweep-extra-train", extra_train or everything, "train",
                        ["prepare", "sweep-train", "sweep-extra-distill"], not extra_train, "--wait")]
-    summary = Job("sweep", "sweep", [*overrides, *flags], [j.name for j in jobs])
+    summary = Job("sweep", "sweep", [*overrides, *flags], [j.name for j in jobs], outputs=[rd.sweep])
     summary.done = (all(j.done for j in jobs) and not force
                     and up_to_date(rd.sweep, partial(depends.sweep, cfg, rd)))
     return [*jobs, summary]
@@ -186,6 +189,26 @@ def waiting_for(job: Job, jobs: Sequence[Job]) -> list[str]:
     """The jobs that run and ``job`` waits for (finished ones are no dependency)."""
     running = {j.name for j in jobs if not j.done}
     return [name for name in job.after if name in running]
+
+
+def job_state(job: Job) -> str:
+    """``done`` (up to date), ``running`` (a live process holds one of its outputs), ``stale`` (an output exists,
+    made from other settings or inputs, or something it waits for reruns) or ``missing`` (nothing written yet)."""
+    if job.done:
+        return "done"
+    if any(in_use(folder) for folder in job.outputs):
+        return "running"
+    return "stale" if any(read_manifest(folder) is not None for folder in job.outputs) else "missing"
+
+
+def describe_states(jobs: Sequence[Job]) -> str:
+    """One line per job: its state (:func:`job_state`), the array tasks still to run, the folders it writes."""
+    rows = [f"{'job':24s} {'state':8s} {'to run':>6s}  output"]
+    for job in jobs:
+        todo = "-" if job.done or job.tasks is None else f"{len(job.tasks)}"
+        where = ", ".join(str(f) for f in job.outputs[:2]) + (" ..." if len(job.outputs) > 2 else "")
+        rows.append(f"{job.name:24s} {job_state(job):8s} {todo:>6s}  {where}")
+    return "\n".join(rows)
 
 
 def describe_chain(jobs: Sequence[Job]) -> str:

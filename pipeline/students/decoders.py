@@ -2,8 +2,9 @@
 ``step`` (one token at a time, batch-first state tensors) so one batched beam search serves all of them.
 
 - ``GlobalGRU``: one image vector initialises the GRU state; with ``concat`` the vector is also concatenated to every
-  word embedding (the course project's ResNet-101 global + GRU, and VGG19 + GRU: initialised from the image only, the demo's
-  VGG student wrote one caption whatever the photo, as its 128-unit state forgets the image within a few words).
+  word embedding (the course project's ResNet-101 global + GRU, and VGG19 + GRU: initialised from the image only,
+  the demo's VGG student wrote one caption whatever the photo, as its 128-unit state forgets the image within a few
+  words).
 - ``AttentionGRU``: additive (Bahdanau) attention over image regions at every step with a sigmoid gate, a GRU cell,
   a causal self-attention layer over the GRU outputs, and the doubly-stochastic attention regulariser.
 - ``TransformerCaptioner``: a causal Transformer decoder over ViT token memory.

@@ -52,7 +52,8 @@ def torchvision_model(name: str, settings: EncoderSettings) -> nn.Module:
 
 
 class VGGFc7(nn.Module):
-    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the course project's feature)."""
+    """VGG19 up to the second fully connected layer (+ReLU): one 4096-d vector per image (the course
+    project's feature)."""
 
     def __init__(self, vgg: models.VGG):
         super().__init__()
