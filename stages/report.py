@@ -23,7 +23,14 @@ from pipeline.core.rundir import RunDir, atomic_write_text, is_up_to_date, publi
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
 from pipeline.evaluation.attributes import ATTRIBUTES
-from pipeline.evaluation.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
+from pipeline.evaluation.results import (
+    RESULT_COLUMNS,
+    attribute_matrix,
+    curve_label,
+    finished_results,
+    merge_seeds,
+    result_rows,
+)
 from pipeline.reporting.plots import (
     plot_attribute_heatmap,
     plot_curves,
@@ -67,7 +74,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     lengths = {source: [len(tokenize(r["caption"], keep_punct=False))
                         for r in split_rows(load_captions(source_dir(rd, source) / "captions"), "train")]
                for source in ["gt", *rd.distilled_sources()]}
-    curves = {f"{r['arch']}←{r['source']}": json.loads((r["folder"] / "curves.json").read_text()) for r in results}
+    curves = {curve_label(r): json.loads((r["folder"] / "curves.json").read_text()) for r in merge_seeds(results)}
     labels, matrix = attribute_matrix(results, baselines)
     speed = speed_report(rd, results)  # None until `make bench` times the run
     sweep = sweep_report(rd)  # None until `make sweep` has finished
@@ -77,7 +84,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         atomic_write_text(tmp / "attributes.csv", csv_text(["model", *ATTRIBUTES],
                                                            [[label, *row] for label, row in zip(labels, matrix)]))
         atomic_write_text(tmp / "teacher.csv", csv_text(TEACHER_COLUMNS, teacher))
-        plot_metric_bars(results, tmp / "metrics.png")
+        plot_metric_bars(merge_seeds(results), tmp / "metrics.png")
         if matrix:
             plot_attribute_heatmap(labels, matrix, tmp / "attributes.png")
         plot_curves(curves, tmp / "curves.png")

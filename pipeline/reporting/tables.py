@@ -19,7 +19,7 @@ from pipeline.core.rundir import RunDir, read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.evaluation.attributes import ATTRIBUTES, caption_marks
 from pipeline.evaluation.bootstrap import RESAMPLES, compare, describe
-from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, result_rows
+from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, merge_seeds, result_rows
 from pipeline.inference.speed import read_speed
 from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
 
@@ -74,7 +74,7 @@ def _attribute_table(results: Sequence[dict], baselines: dict[str, dict]) -> str
     header = ["model", "trained on", *ATTRIBUTES]
     rows = [[display_name(r["arch"]), r["source"], *(r["attributes"]["per_attribute"][a]
                                                                   for a in ATTRIBUTES)]
-            for r in results if "attributes" in r]
+            for r in merge_seeds(results) if "attributes" in r]
     rows += [[MAJORITY, s, *(b["majority"]["per_attribute"][a] for a in ATTRIBUTES)]
              for s, b in baselines.items() if "majority" in b]
     return markdown_table(header, rows)
@@ -322,13 +322,14 @@ def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teache
 
 
 def gallery_samples(rd: RunDir, results: Sequence[dict], size: int, seed: int) -> list[dict]:
-    """``size`` random test images with the ground truth, the teachers' and every student's caption."""
+    """``size`` random test images with the ground truth, the teachers' and every student's caption (the first
+    seed's)."""
     test = split_rows(load_captions(rd.data / "captions"), "test")
     picked = random.Random(seed).sample(test, min(size, len(test)))
     teacher = {name: json.loads((rd.distill(name) / "test_generations.json").read_text())
                for name in rd.distilled_sources() if (rd.distill(name) / "test_generations.json").is_file()}
     predictions = {}
-    for r in results:
+    for r in merge_seeds(results):
         lines = (r["folder"] / "predictions.jsonl").read_text().splitlines()
         predictions[f"{display_name(r['arch'])} ← {r['source']}"] = {
             x["image_id"]: x["caption"] for x in map(json.loads, lines)}
