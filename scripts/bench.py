@@ -9,6 +9,9 @@ Sections (``--only name,name``):
   random vs length-grouped batches (``students.group_by_length``), as a ratio; and the demo's CNN encoders training
   in NCHW vs channels-last memory format, as a ratio;
 - metrics: time to score 2,538 test captions with BLEU, METEOR, ROUGE-L and CIDEr-D;
+- ngram: ``students.no_repeat_ngram`` on a finished run (``--config``, overrides): every student decodes the
+  ground-truth validation split with n-gram blocking off and at n = 2, 3, 4 (:mod:`pipeline.workflows.repetition`):
+  validation attribute accuracy, CIDEr-D and repeated n-grams per student, the paired bootstrap pooled;
 - speed: what distillation buys, on a finished run (``--config``, ``key=value`` overrides): the fine-tuned teacher
   and every student captioning the same test images on the CPU at each ``--speed-batch-sizes`` (PyTorch, and
   onnxruntime for students, exported first where needed), with parameters and size on disk; written to
@@ -363,12 +366,30 @@ def bench_speed(work: Path, *, cfg: Config, settings: SpeedSettings) -> dict:
     return out
 
 
+@bench
+def bench_ngram(work: Path, *, cfg: Config) -> dict:
+    """n-gram blocking vs none on the validation split of every student of the run ``cfg`` names."""
+    from pipeline.evaluation.bootstrap import describe
+    from pipeline.workflows.repetition import blocking_on_validation
+
+    found = blocking_on_validation(cfg)
+    out = {"validation images": found["images"], "beam size": found["beam_size"]}
+    for name, figures in found["students"].items():
+        for n, f in figures.items():
+            out[f"{name} n={n}"] = (f"attributes {f['attributes']:.4f}, CIDEr-D {f['CIDEr-D']:.4f}, captions "
+                                    "repeating a 2/3/4-gram " + "/".join(f"{v:.3f}" for v in f["repeats"].values()))
+    for n, c in found["pooled"].items():
+        out[f"pooled n={n} minus off"] = (f"attributes {describe(c['attributes'])}; "
+                                          f"CIDEr-D {describe(c['CIDEr-D'])}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated sections")
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"),
-                        help="speed: the finished run to time (its config)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="speed: dotted config overrides")
+                        help="speed, ngram: the finished run to measure (its config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="speed, ngram: dotted config overrides")
     parser.add_argument("--speed-images", type=int, default=64, help="speed: test images each model captions")
     parser.add_argument("--speed-repeats", type=int, default=3, help="speed: timed passes (the median is kept)")
     parser.add_argument("--speed-batch-sizes", default="1,32", help="speed: comma-separated batch sizes")
@@ -382,6 +403,12 @@ def main() -> int:
     if unknown:
         parser.error(f"--only {','.join(unknown)}: no such section (sections: {', '.join(BENCHES)})")
     options: dict[str, dict] = {}
+    if "ngram" in sections:
+        try:
+            options["ngram"] = {"cfg": load_config(args.config, args.overrides)}
+        except PipelineError as exc:
+            print(f"bench: error: ngram: {exc}", file=sys.stderr)
+            return 1
     try:
         if "speed" in sections:  # check the run first, not after the other sections' minutes
             cfg = load_config(args.config, args.overrides)

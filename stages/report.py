@@ -25,7 +25,13 @@ from pipeline.core.rundir import RunDir, atomic_write_text, is_up_to_date, publi
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.data.text import tokenize
 from pipeline.evaluation.attributes import ATTRIBUTES
-from pipeline.evaluation.results import RESULT_COLUMNS, attribute_matrix, finished_results, result_rows
+from pipeline.evaluation.results import (
+    RESULT_COLUMNS,
+    attribute_matrix,
+    finished_results,
+    merge_seeds,
+    result_rows,
+)
 from pipeline.reporting.plots import (
     colour_floor,
     plot_attribute_heatmap,
@@ -81,8 +87,9 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     lengths = {source: [len(tokenize(r["caption"], keep_punct=False))
                         for r in split_rows(load_captions(source_dir(rd, source) / "captions"), "train")]
                for source in ["gt", *rd.distilled_sources()]}
-    curves = {(r["arch"], r["source"]): {**json.loads((r["folder"] / "curves.json").read_text()),
-                                         "steps_per_epoch": r["steps"] / max(1, r["epochs_run"])} for r in results}
+    curves = {(r["arch"], r["source"]): {**json.loads((r["folder"] / "curves.json").read_text()),  # the first seed's
+                                         "steps_per_epoch": r["runs"][0]["steps"] / max(1, r["runs"][0]["epochs_run"])}
+              for r in merge_seeds(results)}
     labels, matrix = attribute_matrix(results, baselines)
     reference = reference_teacher(rd)  # None without a distilled dataset
     majority = baselines.get("gt", {}).get("majority", {}).get("macro")
@@ -95,7 +102,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         atomic_write_text(tmp / "attributes.csv", csv_text(["model", *ATTRIBUTES],
                                                            [[label, *row] for label, row in zip(labels, matrix)]))
         atomic_write_text(tmp / "teacher.csv", csv_text(TEACHER_COLUMNS, teacher))
-        plot_metric_bars(results, tmp / "metrics.png", reference, majority)
+        plot_metric_bars(merge_seeds(results), tmp / "metrics.png", reference, majority)
         if matrix:
             plot_attribute_heatmap(*with_teacher(labels, matrix, reference), tmp / "attributes.png",
                                    floor=colour_floor(majority))

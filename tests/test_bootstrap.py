@@ -85,3 +85,46 @@ def test_report_section_compares_sources_and_scst_with_intervals(tmp_path):
     assert "+0.500 [+0.500, +0.500] significant" in lines[0] and "+0.000 [+0.000, +0.000] |" in lines[0]
     assert "SCST vs cross-entropy (precise)" in lines[1] and "significant" not in lines[1]
     assert comparisons_markdown([{"arch": "vgg19_gru", "source": "gt", "folder": tmp_path / "none"}]) is None
+
+
+def test_seeds_are_one_row_each_with_their_mean_spread_and_count(tmp_path):
+    """Three seeds of one (architecture, source) and one of another: summary.md, results.md and the CSVs have one
+    row each, the mean over the seeds (± their standard deviation in markdown, the mean in CSV) and the number of
+    seeds; the curves plot and the gallery take the first seed, named."""
+    import time
+
+    from pipeline.core.config import load_config
+    from pipeline.core.rundir import RunDir, atomic_write_json, write_manifest
+    from pipeline.evaluation.attributes import ATTRIBUTES
+    from pipeline.evaluation.results import attribute_matrix, curve_label, finished_results, merge_seeds
+    from pipeline.reporting.tables import results_markdown
+    from pipeline.workflows.students import write_summary
+    from tests.helpers import write_config
+
+    rd = RunDir(load_config(write_config(tmp_path)).run_dir)
+    for folder, seed, cider in (("vgg19_gru__gt", 0, 0.85), ("vgg19_gru__gt__s1", 1, 0.86),
+                                ("vgg19_gru__gt__s2", 2, 0.87), ("vgg19_gru__precise", 0, 0.9)):
+        out = rd.students / folder
+        atomic_write_json(out / "metrics.json", {
+            "arch": "vgg19_gru", "source": folder.split("__")[1], "seed": seed,
+            "test": {"BLEU-4": 0.3, "CIDEr-D": cider, "METEOR": 0.2, "ROUGE-L": 0.5},
+            "attributes": {"macro": cider - 0.1, "per_attribute": {a: 0.5 for a in ATTRIBUTES}},
+            "image_reliance": {"attribute_macro_drop": 0.1, "cider_drop": cider / 2}})
+        write_manifest(out, stage="students", config={}, inputs={}, started=time.time())
+    results, baselines = finished_results(rd)
+    assert len(results) == 4
+    summary = write_summary(rd).splitlines()
+    assert summary[0].startswith("| model | trained on | seeds | BLEU-4 | CIDEr-D |")
+    gt = [line for line in summary if "| gt |" in line]
+    assert gt == ["| VGG19 + GRU | gt | 3 | 0.300 ± 0.000 | 0.860 ± 0.010 | 0.200 ± 0.000 | 0.500 ± 0.000 | "
+                  "0.760 ± 0.010 | 0.100 ± 0.000 | 0.430 ± 0.005 |"]
+    assert "| VGG19 + GRU | precise | 1 | 0.300 | 0.900 |" in "\n".join(summary)
+    csv_rows = (rd.students / "summary.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[1].startswith("VGG19 + GRU,gt,3,0.3,0.86")
+    md = results_markdown(results, baselines, [])
+    assert md.count("| VGG19 + GRU | gt |") == 2  # the results table and the per-attribute table, once each
+    labels, _ = attribute_matrix(results, baselines)
+    assert labels == ["VGG19 + GRU ← gt", "VGG19 + GRU ← precise"]
+    merged = merge_seeds(results)
+    assert [m["folder"].name for m in merged] == ["vgg19_gru__gt", "vgg19_gru__precise"]
+    assert [curve_label(m) for m in merged] == ["vgg19_gru←gt (seed 0)", "vgg19_gru←precise"]

@@ -64,3 +64,43 @@ def test_bans_name_the_tokens_that_would_repeat():
     assert repeated_ngram_bans([[4, 5, 4, 7, 4]], 2) == [[5, 7]]
     assert repeated_ngram_bans([[4, 5]], 1) == [[4, 5]]
     assert repeated_ngram_bans([[4, 5, 4]], 0) == [[]]
+
+
+def test_blocking_is_measured_on_the_validation_split_of_every_trained_student(make_config):
+    """The `make bench` ngram section's measurement on a tiny trained run: every student decodes the validation
+    images with blocking off (its figures are score_checkpoint's) and at n=2 (no caption repeats a bigram); the
+    pooled comparison has an interval; the test split is not decoded."""
+    from argparse import Namespace
+
+    import stages.students as students
+    from pipeline.core.config import load_config
+    from pipeline.workflows import repetition
+    from stages import prepare
+
+    path = make_config(students={"archs": ["vgg19_gru"], "epochs": 2, "batch_size": 16, "beam_size": 2,
+                                 "val_every_epochs": 2, "seeds": [0, 1],
+                                 "encoder": {"pretrained": False, "width": 0.125, "image_size": 32}})
+    cfg = load_config(path)
+    prepare.run(cfg, Namespace(force=False))
+    students.run(cfg, Namespace(force=False, wait=False))
+    splits = []
+    score = repetition.score_checkpoint
+
+    def scoring(folder, rows, *args, **kwargs):
+        splits.append({r["split"] for r in rows})
+        return score(folder, rows, *args, **kwargs)
+
+    repetition.score_checkpoint = scoring
+    try:
+        found = repetition.blocking_on_validation(cfg, sizes=(2,))
+    finally:
+        repetition.score_checkpoint = score
+    assert splits == [{"val"}] * 4  # two seeds, off and n=2
+    assert set(found["students"]) == {"vgg19_gru__gt", "vgg19_gru__gt__s1"}
+    for figures in found["students"].values():
+        assert set(figures) == {0, 2} and figures[2]["repeats"][2] == 0.0
+        assert 0 <= figures[0]["attributes"] <= 1 and figures[0]["CIDEr-D"] >= 0
+    pooled = found["pooled"][2]
+    for metric in ("attributes", "CIDEr-D"):
+        assert pooled[metric]["images"] == found["images"] and pooled[metric]["low"] <= pooled[metric]["high"]
+    assert repetition.repeats("a red top and a red skirt", 2) and not repetition.repeats("a red top. a skirt.", 2)

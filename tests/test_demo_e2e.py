@@ -54,7 +54,7 @@ def test_report_tables_plots_and_gallery(demo_run):
                    "CIDEr-D", "METEOR", "ROUGE-L"):
         assert needle in md, needle
     rows = (report / "results.csv").read_text().splitlines()
-    assert rows[0] == ("model,trained on,BLEU-4,CIDEr-D,METEOR,ROUGE-L,attributes,image withheld: attr. drop,"
+    assert rows[0] == ("model,trained on,seeds,BLEU-4,CIDEr-D,METEOR,ROUGE-L,attributes,image withheld: attr. drop,"
                        "image withheld: CIDEr-D drop")
     assert len(rows) == 1 + 2 * 3 + 2 * 3  # students x sources + two baselines per source
     assert "Attribute accuracy per attribute" in md and "majority attributes (baseline)" in md

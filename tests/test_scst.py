@@ -193,3 +193,55 @@ def test_students_stage_with_scst_and_seeds_never_reads_a_test_caption_while_tra
     seeds = [json.loads((out / f / "best" / "student.json").read_text())["seed"]
              for f in ("vgg19_gru__gt", "vgg19_gru__gt__s3")]
     assert seeds == [0, 3]
+
+
+def test_scst_killed_mid_epoch_resumes_from_scst_last_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Two SCST epochs after one cross-entropy training: straight through, and killed during the second epoch (after
+    its steps, before its scst_last/) then run again. The rerun resumes from scst_last/ (the first epoch is not
+    trained again) and ends with the same steps, curves, choice and weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import pipeline.students.scst as scst
+    from pipeline.evaluation.metrics import CaptionScorer
+    from pipeline.students.train import train_student
+    from pipeline.students.vocab import Vocabulary
+
+    train_classes, train_feats = _toy(32, 0)
+    val_classes, val_feats = _toy(8, 1)
+    feats = {"train": train_feats, "val": val_feats}
+    captions = {"train": [CLASSES[c] for c in train_classes], "val": [CLASSES[c] for c in val_classes]}
+    cfg = StudentsConfig(embed_dim=16, hidden_dim=32, dropout=0.0, epochs=2, batch_size=16, decoder_lr=1e-2,
+                         max_length=24, min_word_count=1, select_on="CIDEr-D",
+                         scst={"epochs": 2, "samples": 3, "lr": 1e-3, "batch_size": 8})
+    vocab = Vocabulary.build(captions["train"], 1)
+    features = lambda split, idx: feats[split][idx]  # noqa: E731
+    rows = [{"image_id": f"img{i}", "caption": c} for i, c in enumerate(captions["train"])]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    validate, calls = scst.validation_scores, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return validate(*args, **kwargs)
+
+    with CaptionScorer(meteor=False) as scorer:
+        train_student("vgg19_gru", cfg, features, 4, captions, vocab, straight, 0, scorer)
+        shutil.copytree(straight, crashed)
+        expected = run_scst("vgg19_gru", cfg, features, 4, rows, captions["val"], vocab, straight, 0, scorer)
+        monkeypatch.setattr(scst, "validation_scores", killed_in_epoch_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_scst("vgg19_gru", cfg, features, 4, rows, captions["val"], vocab, crashed, 0, scorer)
+        state = json.loads((crashed / "scst_last" / "state.json").read_text())
+        assert state["epoch"] == 1 and state["step"] == 4  # 32 images / 8 a step
+        monkeypatch.setattr(scst, "validation_scores", validate)
+        steps, sample = [], scst.sample_decode
+        monkeypatch.setattr(scst, "sample_decode", lambda *a: (steps.append(1), sample(*a))[1])
+        resumed = run_scst("vgg19_gru", cfg, features, 4, rows, captions["val"], vocab, crashed, 0, scorer)
+    assert len(steps) == 4  # only the second epoch's batches are sampled and trained again
+    assert resumed == expected and resumed["steps"] == 8 and resumed["epochs_run"] == 2
+    for folder in ("scst", "scst_last", "best"):
+        a, b = load_file(straight / folder / "model.safetensors"), load_file(crashed / folder / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder

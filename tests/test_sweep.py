@@ -113,8 +113,9 @@ class Spies:
             return out
         self.generated.append(out.name)
         reset_work_dir(out, *key, force=force)  # as the real stage does: its folder, marked as its own
-        t = cfg.distill.temperature
-        rows = [{**r, "caption": CAPTION + " " * int(10 * t), "source": out.name} for r in _gt_rows()]
+        t, k = cfg.distill.temperature, cfg.distill.samples_per_image
+        rows = [{**r, "caption": CAPTION + " " * int(10 * t), "source": out.name} for r in _gt_rows()
+                for _ in range(k if r["split"] == "train" else 1)]
         to_hf_dataset(rows).save_to_disk(str(out / "captions"))
         atomic_write_json(out / "diagnostics.json", {
             "distinct_2": 0.01 + t / 10, "length_mean": 20 + t,
@@ -122,26 +123,37 @@ class Spies:
         write_manifest(out, stage="distill", config=key[0], inputs=key[1], started=time.time())
         return out
 
-    def train(self, cfg, rd, *, arch, source, rows, test_rows, scorer, decoder_inputs, force):
-        out, key = rd.students / f"{arch}__{source}", depends.student(cfg, rd, arch, source)
+    def train(self, cfg, rd, *, arch, source, rows, test_rows, scorer, decoder_inputs, force, variant=None):
+        out = depends.student_folder(cfg, rd, arch, source, variant=variant)
+        key = depends.student(cfg, rd, arch, source)
         if not force and is_up_to_date(out, *key):
             return json.loads((out / "metrics.json").read_text())
-        self.trained.append(source)
+        self.trained.append(source + (f"__{variant}" if variant else ""))
         reset_work_dir(out, *key, force=force)
         attributes, cider = TEST[source]
-        metrics = {"arch": arch, "source": source, "attributes": {"macro": attributes},
+        s = cfg.students  # the optimizer steps train_student runs without early stopping
+        steps = min(s.epochs * -(-len(rows["train"]) // s.batch_size), s.max_steps or float("inf"))
+        metrics = {"arch": arch, "source": source, "attributes": {"macro": attributes}, "steps": steps,
                    "test": {"BLEU-4": 0.3, "METEOR": 0.3, "ROUGE-L": 0.5, "CIDEr-D": cider},
                    "image_reliance": {"attribute_macro_drop": 0.1}}
         atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "per_image.json", {"best": _per_image(test_rows, attributes, cider)})
         write_manifest(out, stage="students", config=key[0], inputs=key[1], started=time.time())
         return metrics
 
     def score(self, folder, rows, scorer, decoder_inputs, beam_size):
-        source = folder.parent.name.split("__", 1)[1]
+        source = folder.parent.name.split("__")[1]
         self.validated.append(source)
         assert {r["split"] for r in rows} == {"val"}  # the ground-truth validation split, never test
         attributes, cider = VAL[source]
-        return {"scores": {"BLEU-4": 0.2, "CIDEr-D": cider}, "attributes": {"macro": attributes}}
+        return {"scores": {"BLEU-4": 0.2, "CIDEr-D": cider}, "attributes": {"macro": attributes},
+                "per_image": _per_image(rows, attributes, cider)}
+
+
+def _per_image(rows, attributes, cider):
+    """Per-image scores whose means are ``attributes`` and ``cider``, spread a little around them."""
+    return {r["image_id"]: {"attributes": attributes + 0.01 * (i % 3 - 1), "CIDEr-D": cider + 0.02 * (i % 3 - 1)}
+            for i, r in enumerate(rows)}
 
 
 class NoScorer:
@@ -294,3 +306,91 @@ def test_finished_sweep_points_are_not_resubmitted(spied_run):
 def points(job) -> list[str]:
     """The sweep points of an array job's tasks."""
     return [task[-1] for task in job.tasks]
+
+
+def test_k3_runs_against_a_k1_control_trained_for_as_many_steps_and_comparisons_carry_intervals(spied_run,
+                                                                                                   monkeypatch):
+    """sweep.samples_per_image [1, 3]: the k=3 point and its step control (the k=1 dataset, its own student folder)
+    run at the best temperature; the records show the control ran as many optimizer steps as k=3 (k=1 alone: fewer);
+    every comparison has a paired-bootstrap interval per split and metric, in best.json and the report section."""
+    from pipeline.sweep.points import STEPS, extra_ids, step_control
+    from pipeline.workflows.sweep import run_sweep
+
+    path, spies = spied_run
+    monkeypatch.setitem(VAL, "sweep-t0.2-k3", (0.79, 0.97))
+    monkeypatch.setitem(TEST, "sweep-t0.2-k3", (0.74, 0.84))
+    overrides = ["sweep.samples_per_image=[1,3]", "students.batch_size=4"]
+    cfg = load_config(path, overrides)
+    assert extra_ids(cfg.sweep) == ["k3", "k1-as-k3"]
+    out = run_sweep(cfg)
+    assert spies.trained[3:] == ["sweep-t0.2-k3", "sweep-t0.2__k1-as-k3"]
+    assert spies.generated == ["sweep-t0.2", "sweep-t0.9", "sweep-t0.2-k3"]  # the control distils nothing new
+    records = {r["point"]: r for r in json.loads((out / "points.json").read_text())}
+    k3, control, k1 = records["t0.2-k3"], records["t0.2-k1-as-k3"], records["t0.2"]
+    # 6 training images, batches of 4: k=1 2 steps an epoch, k=3 (18 captions) 5; 6 epochs
+    assert (k3["steps"], control["steps"], k1["steps"]) == (30, 30, 12)
+    assert (control["kind"], control["dataset"], control["samples_per_image"], control["control_of"]) == (
+        STEPS, "sweep-t0.2", 1, "t0.2-k3")
+    students = RunDir(cfg.run_dir).students
+    settings = read_manifest(students / "resnet101_gru__sweep-t0.2__k1-as-k3")["config"]["students"]
+    assert (settings["max_steps"], settings["epochs"], settings["val_every_steps"]) == (30, 15, 15)
+    assert "max_steps" not in read_manifest(students / "resnet101_gru__sweep-t0.2")["config"]["students"]
+    assert step_control(cfg, 18, 6).students.max_steps == 30 and "per_image" not in k3
+    assert "per_image" in json.loads((out / "points" / "t0.2-k3.json").read_text())
+
+    best = json.loads((out / "best.json").read_text())
+    found = {(c["point"], c["baseline"]): c for c in best["comparisons"]}
+    assert set(found) == {("t0.2-k3", "t0.2"), ("t0.2-k3", "t0.2-k1-as-k3"), ("t0.2-k1-as-k3", "t0.2")}
+    assert found["t0.2-k3", "t0.2-k1-as-k3"]["what"] == (
+        "k=3 vs k=1 trained for as many optimizer steps (30 vs 30) at T=0.2")
+    for c in found.values():
+        for split in ("val", "test"):
+            for metric in ("attributes", "CIDEr-D"):
+                interval = c["intervals"][split][metric]
+                assert interval["low"] <= interval["difference"] <= interval["high"]
+                assert interval["difference"] == pytest.approx(c["gain"][split][metric])
+                assert interval["significant"] == (interval["low"] > 0 or interval["high"] < 0)
+    # the same per-image spread on both sides: the difference is the same on every image, the interval a point
+    assert found["t0.2-k3", "t0.2-k1-as-k3"]["intervals"]["test"]["CIDEr-D"]["low"] == pytest.approx(0.84 - 0.80)
+    section = sweep_report(RunDir(cfg.run_dir)).markdown
+    row = next(line for line in section.splitlines() if "as many optimizer steps" in line)
+    assert "| +0.040 [+0.040, +0.040] significant |" in row and "95% paired-bootstrap interval" in section
+    trained = list(spies.trained)
+    run_sweep(load_config(path, overrides))  # finished: nothing trained again
+    assert spies.trained == trained
+    from pipeline.orchestration.plan import plan_sweep
+
+    jobs = plan_sweep(cfg, path, overrides, prepared=True, finetuned=True, force=False)
+    assert all(job.done for job in jobs) and "sweep-extra-train" in [job.name for job in jobs]
+    (RunDir(cfg.run_dir).students / "resnet101_gru__sweep-t0.2__k1-as-k3" / "manifest.json").unlink()
+    todo = {job.name: job for job in plan_sweep(cfg, path, overrides, prepared=True, finetuned=True, force=False)
+            if not job.done}
+    assert list(todo) == ["sweep-extra-train", "sweep"] and points(todo["sweep-extra-train"]) == ["k1-as-k3"]
+
+
+def test_a_step_control_trains_as_many_steps_as_its_k_point_validating_at_the_same_steps(tmp_path):
+    """For real (train_student on toy features): k=3's 30 captions and its control's 10 captions under step_control
+    run the same optimizer steps and validate at the same steps; the 10 captions alone run fewer."""
+    import torch
+
+    from pipeline.evaluation.metrics import CaptionScorer
+    from pipeline.students.train import train_student
+    from pipeline.students.vocab import Vocabulary
+    from pipeline.sweep.points import step_control
+
+    cfg = load_config(write_config(tmp_path, students={"batch_size": 4, "epochs": 2, "val_every_epochs": 1,
+                                                       "embed_dim": 8, "hidden_dim": 16, "max_length": 20,
+                                                       "min_word_count": 1}))
+    words = CAPTION.lower().split()
+    one = [" ".join(words[i:] + words[:i]) for i in range(10)]
+    val = one[:4]
+    features = {"train": torch.randn(30, 8), "val": torch.randn(4, 8)}
+    vocab = Vocabulary.build(one, 1)
+    runs = {}
+    with CaptionScorer(meteor=False) as scorer:
+        for name, captions, settings in (("k3", one * 3, cfg.students), ("k1", one, cfg.students),
+                                         ("control", one, step_control(cfg, 30, 10).students)):
+            runs[name] = train_student("vgg19_gru", settings, lambda split, idx: features[split][idx], 8,
+                                       {"train": captions, "val": val}, vocab, tmp_path / name, 0, scorer)
+    steps = {name: (r["steps"], [s for s, _ in r["curves"]["val_cider"]]) for name, r in runs.items()}
+    assert steps == {"k3": (16, [8, 16]), "k1": (6, [3, 6]), "control": (16, [8, 16])}

@@ -248,6 +248,7 @@ class StudentsConfig(Section):
     min_word_count: Positive = 5
     max_length: StrictInt = Field(100, gt=1)
     epochs: Positive = 10
+    max_steps: Positive | None = None  # stop after this many optimizer steps (None: `epochs`); sweep step controls
     batch_size: Positive = 64
     # batches of captions of similar length (shuffled pools sorted by length, batches in random order): the decoders
     # run to each batch's longest caption, so random batches spend ~30% of their steps on padding

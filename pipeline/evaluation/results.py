@@ -9,6 +9,7 @@ captioner that ignores the image can reach at best, attribute by attribute).
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.evaluation.metrics import CaptionScorer
 
 COURSE_METRICS = ("BLEU-4", "CIDEr-D", "METEOR", "ROUGE-L")  # the course reports' column order
 ATTRIBUTE_COLUMNS = ("attributes", "image withheld: attr. drop", "image withheld: CIDEr-D drop")
-RESULT_COLUMNS = ("model", "trained on", *COURSE_METRICS, *ATTRIBUTE_COLUMNS)
+RESULT_COLUMNS = ("model", "trained on", "seeds", *COURSE_METRICS, *ATTRIBUTE_COLUMNS)
 CONSTANT, MAJORITY = "constant caption (baseline)", "majority attributes (baseline)"
 
 
@@ -72,27 +73,72 @@ def finished_results(rd: RunDir) -> tuple[list[dict], dict[str, dict]]:
     return results, baselines
 
 
-def result_rows(results: Sequence[dict], baselines: dict[str, dict]) -> list[list[Any]]:
-    """Rows of ``RESULT_COLUMNS``: each student, then each source's two baselines."""
-    rows = []
+class SeedMean(float):
+    """A figure averaged over seeds: as a number (CSV, plots) the mean; formatted, the mean and the standard deviation
+    over the seeds (``f"{x:.3f}"`` gives ``0.861 ± 0.006``)."""
+
+    def __new__(cls, values: Sequence[float]) -> SeedMean:
+        mean = super().__new__(cls, statistics.fmean(values))
+        mean.sd, mean.n = statistics.stdev(values), len(values)
+        return mean
+
+    def __format__(self, spec: str) -> str:
+        return f"{float(self):{spec}} ± {self.sd:{spec}}"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """One seed's figure as it is, several seeds' as a :class:`SeedMean`; None when a seed lacks it."""
+    if not values or any(v is None for v in values):
+        return None
+    return values[0] if len(values) == 1 else SeedMean(values)
+
+
+def merge_seeds(results: Sequence[dict]) -> list[dict]:
+    """One entry per (architecture, source) of ``results`` (:func:`finished_results`, one per seed), in their order:
+    ``arch``, ``source``, ``seeds`` (how many), ``runs`` (the seeds' entries), ``folder`` and ``seed`` (the first
+    seed's) and the figures the tables show (``test``, ``attributes``, ``image_reliance``) as the mean over the seeds
+    (:func:`_mean`)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
-        reliance = r.get("image_reliance", {})
-        rows.append([display_name(r["arch"], r.get("encoder")), r["source"],
-                     *(r["test"].get(m) for m in COURSE_METRICS),
-                     r.get("attributes", {}).get("macro"), reliance.get("attribute_macro_drop"),
-                     reliance.get("cider_drop")])
+        groups.setdefault((r["arch"], r["source"]), []).append(r)
+    merged = []
+    for (arch, source), runs in groups.items():
+        entry = {"arch": arch, "source": source, "seeds": len(runs), "runs": runs, "folder": runs[0]["folder"],
+                 "encoder": runs[0].get("encoder"),
+                 "seed": runs[0].get("seed"), "test": {m: _mean([r["test"].get(m) for r in runs])
+                                                       for m in runs[0]["test"]},
+                 "image_reliance": {k: _mean([r.get("image_reliance", {}).get(k) for r in runs])
+                                    for k in ("attribute_macro_drop", "cider_drop")}}
+        if all("attributes" in r for r in runs):
+            entry["attributes"] = {"macro": _mean([r["attributes"]["macro"] for r in runs]),
+                                   "per_attribute": {a: _mean([r["attributes"]["per_attribute"][a] for r in runs])
+                                                     for a in runs[0]["attributes"]["per_attribute"]}}
+        merged.append(entry)
+    return merged
+
+
+def result_rows(results: Sequence[dict], baselines: dict[str, dict]) -> list[list[Any]]:
+    """Rows of ``RESULT_COLUMNS``: each (architecture, source), its figures the mean over its seeds
+    (:func:`merge_seeds`), then each source's two baselines."""
+    rows = []
+    for r in merge_seeds(results):
+        reliance = r["image_reliance"]
+        rows.append([display_name(r["arch"], r["encoder"]), r["source"], r["seeds"],
+                     *(r["test"].get(m) for m in COURSE_METRICS), r.get("attributes", {}).get("macro"),
+                     reliance["attribute_macro_drop"], reliance["cider_drop"]])
     for source, b in baselines.items():
-        rows.append([CONSTANT, source, *(b["test"].get(m) for m in COURSE_METRICS),
+        rows.append([CONSTANT, source, None, *(b["test"].get(m) for m in COURSE_METRICS),
                      b.get("attributes", {}).get("macro"), None, None])
-        rows.append([MAJORITY, source, *(None for _ in COURSE_METRICS), b.get("majority", {}).get("macro"), None, None])
+        rows.append([MAJORITY, source, None, *(None for _ in COURSE_METRICS), b.get("majority", {}).get("macro"),
+                     None, None])
     return rows
 
 
 def attribute_matrix(results: Sequence[dict], baselines: dict[str, dict]) -> tuple[list[str], list[list[float]]]:
-    """(row labels, per-attribute accuracies in ``ATTRIBUTES`` order): every student, then the ground truth's
-    majority baseline."""
+    """(row labels, per-attribute accuracies in ``ATTRIBUTES`` order): every student (the mean over its seeds), then
+    the ground truth's majority baseline."""
     labels, values = [], []
-    for r in results:
+    for r in merge_seeds(results):
         if "attributes" in r:
             labels.append(f"{display_name(r['arch'], r.get('encoder'))} ← {r['source']}")
             values.append([r["attributes"]["per_attribute"][a] for a in ATTRIBUTES])

@@ -140,7 +140,8 @@ def plan_sweep(cfg: Config, config: Path, overrides: Sequence[str], *, prepared:
 
     ``sweep-distill`` (a task per temperature: its dataset), ``sweep-train`` (a task per point, the ground truth and
     each temperature: its student and validation record), then, at the best temperature those records give,
-    ``sweep-extra-distill`` and ``sweep-extra-train`` (k captions per image, the unlabelled images), and ``sweep``
+    ``sweep-extra-distill`` and ``sweep-extra-train`` (k captions per image and their step controls, the unlabelled
+    images), and ``sweep``
     (table, choice, plot). An array lists the points whose output is not up to date; ``force`` runs every point
     with ``--force`` and the ``sweep`` job then summarises what they made.
     """
@@ -153,7 +154,10 @@ def plan_sweep(cfg: Config, config: Path, overrides: Sequence[str], *, prepared:
             rd.distill(point.dataset), partial(depends.distill, point_config(cfg, point), rd)))
 
     def measured(point: Point) -> bool:
-        pcfg, folder = point_config(cfg, point), rd.students / f"{arch}__{point.source}"
+        try:
+            pcfg, folder = depends.sweep_student(cfg, rd, point)
+        except PipelineError:  # a step control before its k point's dataset is distilled
+            return False
         key = partial(depends.student, pcfg, rd, arch, point.source)
         return (not force and prepared and distilled(point) and up_to_date(folder, key)
                 and read_record(rd, point, stage_fingerprint(*key())) is not None)

@@ -20,7 +20,7 @@ from pipeline.core.rundir import RunDir, read_manifest
 from pipeline.data.formats import load_captions, split_rows
 from pipeline.evaluation.attributes import ATTRIBUTES, caption_marks
 from pipeline.evaluation.bootstrap import RESAMPLES, compare, describe
-from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, best_per_source, result_rows
+from pipeline.evaluation.results import CONSTANT, MAJORITY, RESULT_COLUMNS, best_per_source, merge_seeds, result_rows
 from pipeline.inference.speed import read_speed
 from pipeline.sweep.summary import SWEEP_COLUMNS, sweep_rows
 
@@ -81,7 +81,7 @@ def _attribute_table(results: Sequence[dict], baselines: dict[str, dict]) -> str
     header = ["model", "trained on", *ATTRIBUTES]
     rows = [[student_label(r), r["source"], *(r["attributes"]["per_attribute"][a]
                                                                   for a in ATTRIBUTES)]
-            for r in results if "attributes" in r]
+            for r in merge_seeds(results) if "attributes" in r]
     rows += [[MAJORITY, s, *(b["majority"]["per_attribute"][a] for a in ATTRIBUTES)]
              for s, b in baselines.items() if "majority" in b]
     return markdown_table(header, rows)
@@ -215,8 +215,10 @@ class SweepReport:
     markdown: str
 
 
-def _signed(value: float) -> str:
-    return f"{value:+.3f}"
+def _gain_cell(comparison: dict, split: str, metric: str) -> str:
+    """A sweep comparison's gain with its interval (``best.json`` of a sweep measured before intervals: the gain)."""
+    interval = comparison.get("intervals", {}).get(split, {}).get(metric)
+    return describe(interval) if interval else f"{comparison['gain'][split][metric]:+.3f}"
 
 
 def sweep_report(rd: RunDir) -> SweepReport | None:
@@ -240,9 +242,11 @@ def sweep_report(rd: RunDir) -> SweepReport | None:
         parts.append(f"\nCaptions per image at T={k['temperature']:g}, chosen the same way: k={k['k']}.\n")
     if best["comparisons"]:
         parts += ["\nWhat the points at the chosen temperature did to the student, as measured (gain = the point "
-                  "minus what it adds to; negative: a loss):\n",
+                  "minus what it adds to; negative: a loss), with its 95% paired-bootstrap interval over the "
+                  "ground-truth images (per-image attribute agreement and CIDEr-D; **significant** only when the "
+                  "interval excludes 0):\n",
                   markdown_table(["comparison", "val attributes", "val CIDEr-D", "test attributes", "test CIDEr-D"],
-                                 [[c["what"], *(_signed(c["gain"][s][m]) for s in ("val", "test")
+                                 [[c["what"], *(_gain_cell(c, s, m) for s in ("val", "test")
                                                 for m in ("attributes", "CIDEr-D"))]
                                   for c in best["comparisons"]])]
     return SweepReport(records, best, "\n".join(parts))
@@ -369,13 +373,14 @@ def results_markdown(results: Sequence[dict], baselines: dict[str, dict], teache
 
 
 def gallery_samples(rd: RunDir, results: Sequence[dict], size: int, seed: int) -> list[dict]:
-    """``size`` random test images with the ground truth, the teachers' and every student's caption."""
+    """``size`` random test images with the ground truth, the teachers' and every student's caption (the first
+    seed's)."""
     test = split_rows(load_captions(rd.data / "captions"), "test")
     picked = random.Random(seed).sample(test, min(size, len(test)))
     teacher = {name: json.loads((rd.distill(name) / "test_generations.json").read_text())
                for name in rd.distilled_sources() if (rd.distill(name) / "test_generations.json").is_file()}
     predictions = {}
-    for r in results:
+    for r in merge_seeds(results):
         lines = (r["folder"] / "predictions.jsonl").read_text().splitlines()
         predictions[f"{student_label(r)} ← {r['source']}"] = {
             x["image_id"]: x["caption"] for x in map(json.loads, lines)}

@@ -159,9 +159,12 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
     def stopped() -> bool:
         return state["bad_validations"] >= cfg.early_stop_patience
 
+    def budget_spent() -> bool:
+        return cfg.max_steps is not None and state["step"] >= cfg.max_steps
+
     started, n_captions = time.perf_counter(), 0
     lengths = [len(t) for t in targets]
-    while state["epoch"] < cfg.epochs and not stopped():
+    while state["epoch"] < cfg.epochs and not stopped() and not budget_spent():
         epoch = state["epoch"]
         model.train()
         batches = epoch_batches(lengths, cfg.batch_size, torch.Generator().manual_seed(seed * 1000 + epoch),
@@ -190,9 +193,11 @@ def train_student(arch: str, cfg: StudentsConfig, features: FeatureFn, feat_dim:
                 validate(epoch + n / len(batches), loss.item())
                 if stopped():
                     break
+            if budget_spent():
+                break
         state["epoch"] = epoch + 1
         epoch_due = not cfg.val_every_steps and state["epoch"] % cfg.val_every_epochs == 0
-        if not validated and not stopped() and (epoch_due or state["epoch"] == cfg.epochs):
+        if not validated and not stopped() and (epoch_due or state["epoch"] == cfg.epochs or budget_spent()):
             validate(state["epoch"], loss.item())
         with publish_dir(last) as tmp:
             save_weights(tmp, model, encoder)

@@ -3,7 +3,10 @@
 The best temperature is the temperature point whose student scores best on the ground-truth **validation** split on
 ``sweep.select_on`` (ties: the other of attribute accuracy and CIDEr-D, then the lower temperature). The test split
 never takes part; its scores are reported beside. Extra points are compared with what they add to: k samples per
-image with one sample at the same temperature, the unlabelled images with the ground truth alone.
+image with one sample at the same temperature, the unlabelled images with the ground truth alone; k samples with
+their step control (k = 1 trained for as many optimizer steps), and the step control with k = 1: how much of k's
+gain is training length. The intervals of these comparisons come from the paired bootstrap over the images
+(:func:`pipeline.workflows.sweep.comparison_intervals`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import PipelineError
-from pipeline.sweep.points import GT, SAMPLES, TEMPERATURE, UNLABELED
+from pipeline.sweep.points import GT, SAMPLES, STEPS, TEMPERATURE, UNLABELED
 
 VAL_METRICS = ("attributes", "CIDEr-D", "BLEU-4")
 TEST_METRICS = ("attributes", "CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L")
@@ -54,20 +57,28 @@ def _gain(point: dict, baseline: dict) -> dict[str, dict[str, float]]:
 
 def comparisons(records: Sequence[dict]) -> list[dict]:
     """What each extra point did to the student, as measured: the gain (negative: loss) in attribute accuracy and
-    CIDEr-D on validation and test over k=1 at the same temperature, or over the ground truth alone."""
+    CIDEr-D on validation and test of each point over what it is compared with (the module docstring), each as
+    ``{"what", "point", "baseline", "gain"}``."""
     by_kind: dict[tuple, dict] = {(r["kind"], r["temperature"]): r for r in records}
-    out = []
+    by_point = {r["point"]: r for r in records}
+    pairs = []
     for r in records:
         if r["kind"] == SAMPLES and (TEMPERATURE, r["temperature"]) in by_kind:
-            base = by_kind[(TEMPERATURE, r["temperature"])]
-            what = f"k={r['samples_per_image']} vs k=1 captions per image at T={r['temperature']:g}"
+            pairs.append((f"k={r['samples_per_image']} vs k=1 captions per image at T={r['temperature']:g}", r,
+                          by_kind[(TEMPERATURE, r["temperature"])]))
         elif r["kind"] == UNLABELED and (GT, None) in by_kind:
-            base = by_kind[(GT, None)]
-            what = f"ground truth + teacher captions (T={r['temperature']:g}) of the unlabelled images vs ground truth"
-        else:
-            continue
-        out.append({"what": what, "point": r["point"], "baseline": base["point"], "gain": _gain(r, base)})
-    return out
+            pairs.append((f"ground truth + teacher captions (T={r['temperature']:g}) of the unlabelled images vs "
+                          "ground truth", r, by_kind[(GT, None)]))
+        elif r["kind"] == STEPS and r["control_of"] in by_point:
+            many, one = by_point[r["control_of"]], by_kind.get((TEMPERATURE, r["temperature"]))
+            k, t = many["samples_per_image"], r["temperature"]
+            pairs.append((f"k={k} vs k=1 trained for as many optimizer steps ({many['steps']} vs {r['steps']}) "
+                          f"at T={t:g}", many, r))
+            if one is not None:
+                pairs.append((f"k=1 trained as long as k={k} vs k=1 ({r['steps']} vs {one['steps']} optimizer steps) "
+                              f"at T={t:g}: training length alone", r, one))
+    return [{"what": what, "point": r["point"], "baseline": base["point"], "gain": _gain(r, base)}
+            for what, r, base in pairs]
 
 
 def best_summary(records: Sequence[dict], sweep: SweepConfig) -> dict[str, Any]:

@@ -26,9 +26,18 @@ from pipeline.core.rundir import (
     stage_fingerprint,
 )
 from pipeline.data.deepfashion import IMAGE_DIR, detect_layout
-from pipeline.data.formats import INSTRUCTION
+from pipeline.data.formats import INSTRUCTION, load_captions
 from pipeline.inference.speed import SPEED_FILE, timed_models
-from pipeline.sweep.points import extra_ids, extra_points, first_points, point_config
+from pipeline.sweep.points import (
+    SAMPLES,
+    STEPS,
+    Point,
+    extra_ids,
+    extra_points,
+    first_points,
+    point_config,
+    step_control,
+)
 
 Depends = tuple[dict[str, Any], dict[str, str]]
 STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers", "seeds")  # which models run, how fast: not what one is
@@ -127,23 +136,26 @@ def model_seeds(cfg: Config) -> list[int]:
     return list(cfg.students.seeds or [cfg.seed])
 
 
-def student_folder(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None) -> Path:
-    """``students/<arch>__<source>/`` for the first (or only) seed, ``<arch>__<source>__s<seed>/`` for the others."""
+def student_folder(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None,
+                   variant: str | None = None) -> Path:
+    """``students/<arch>__<source>/`` for the first (or only) seed, ``<arch>__<source>__s<seed>/`` for the others;
+    ``<arch>__<source>__<variant>/`` for a sweep's step control (:attr:`pipeline.sweep.points.Point.variant`)."""
     seeds = model_seeds(cfg)
     suffix = "" if seed is None or seed == seeds[0] else f"__s{seed}"
-    return rd.students / f"{arch}__{source}{suffix}"
+    return rd.students / f"{arch}__{source}{suffix}{f'__{variant}' if variant else ''}"
 
 
 def student(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = None) -> Depends:
     """One `students` model: its seed (default the run's), architecture, source and student settings; its captions
     and the ground truth. Every source validates on the ground truth (``validation``: distilled sources validated on
-    their teacher's val captions before). Settings left at their off value (``no_repeat_ngram`` 0, ``scst.epochs``
-    0) are left out, so that models trained before they existed stay up to date."""
+    their teacher's val captions before). Settings left at their off value (``no_repeat_ngram`` 0, ``max_steps``
+    None, ``scst.epochs`` 0) are left out, so that models trained before they existed stay up to date."""
     settings = config_slice(cfg, "students")["students"]
     for key in STUDENT_KEYS_IGNORED:
         settings.pop(key)
-    if not settings["no_repeat_ngram"]:
-        settings.pop("no_repeat_ngram")
+    for key in ("no_repeat_ngram", "max_steps"):
+        if not settings[key]:
+            settings.pop(key)
     if not settings["scst"]["epochs"]:
         settings.pop("scst")
     inputs = {**_source_inputs(rd, source), "encoder_weights": encoder_weights(cfg, arch)}
@@ -152,6 +164,25 @@ def student(cfg: Config, rd: RunDir, arch: str, source: str, seed: int | None = 
     if source != "gt":
         config["validation"] = "gt"
     return config, inputs
+
+
+def _train_rows(rd: RunDir, dataset: str) -> int:
+    folder = rd.distill(dataset)
+    require_stage(folder, "distill")
+    captions = load_captions(folder / "captions")
+    return len(captions["train"]) if "train" in captions else 0
+
+
+def sweep_student(cfg: Config, rd: RunDir, point: Point) -> tuple[Config, Path]:
+    """The config a sweep point's student trains with (:func:`~pipeline.sweep.points.point_config`; a step control's
+    with the step budget of its k point, from both datasets' training captions:
+    :func:`~pipeline.sweep.points.step_control`) and its folder. A step control needs the k point's dataset
+    distilled: a missing one raises :class:`StageInputError` naming it."""
+    pcfg = point_config(cfg, point)
+    if point.kind == STEPS:
+        k_dataset = Point(SAMPLES, point.temperature, point.samples).dataset
+        pcfg = step_control(pcfg, _train_rows(rd, k_dataset), _train_rows(rd, point.dataset))
+    return pcfg, student_folder(pcfg, rd, cfg.sweep.student, point.source, variant=point.variant)
 
 
 def _finished(folder: Path, stage: str, key: Depends) -> str:
@@ -174,10 +205,9 @@ def sweep(cfg: Config, rd: RunDir) -> Depends:
         points += extra_points(cfg.sweep, best["temperature"], best["samples_temperature"])
     inputs = {}
     for point in points:
-        pcfg = point_config(cfg, point)
+        pcfg, folder = sweep_student(cfg, rd, point)
         if point.dataset is not None:
             inputs[f"distill/{point.dataset}"] = _finished(rd.distill(point.dataset), "distill", distill(pcfg, rd))
-        folder = rd.students / f"{cfg.sweep.student}__{point.source}"
         inputs[f"students/{folder.name}"] = _finished(folder, "students",
                                                       student(pcfg, rd, cfg.sweep.student, point.source))
     return {"seed": cfg.seed, "sweep": config_slice(cfg, "sweep")["sweep"]}, inputs

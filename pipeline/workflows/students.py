@@ -94,36 +94,41 @@ def image_reliance(scores: dict, permuted: dict) -> dict:
 
 
 def score_checkpoint(folder: Path, rows: list[dict], scorer: CaptionScorer, decoder_inputs: Callable,
-                     beam_size: int) -> dict:
+                     beam_size: int, no_repeat_ngram: int | None = None) -> dict:
     """The student saved in ``folder`` (a ``best/``) captions the images of ``rows`` (a ground-truth split, one
     caption per image) with ``beam_size``: BLEU, ROUGE-L and CIDEr-D against their captions and attribute accuracy
-    (``{"scores", "attributes"}``). ``decoder_inputs`` is the one the student was trained with."""
+    and each image's (``per_image``: :func:`pipeline.evaluation.bootstrap.per_image_scores`), and the captions:
+    ``{"scores", "attributes", "per_image", "predictions"}``. ``decoder_inputs`` is the one the student was trained
+    with; ``no_repeat_ngram``: n-gram blocking other than the student's own (``student.json``)."""
     best = load_student(folder)
     arch = best.meta["arch"]
     feats, encoder = decoder_inputs(arch, {"split": [r["image_path"] for r in rows]})
     if encoder is not None:  # a fine-tuned encoder: the checkpoint's weights
         encoder.load_state_dict(best.encoder.state_dict())
     hyps = decode_split(best.decoder, feats, "split", len(rows), best.vocab, beam_size, best.meta["max_length"],
-                        no_repeat_ngram=best.meta.get("no_repeat_ngram", 0))
+                        no_repeat_ngram=best.meta.get("no_repeat_ngram", 0) if no_repeat_ngram is None
+                        else no_repeat_ngram)
     predictions = {r["image_id"]: h for r, h in zip(rows, hyps)}
     references = {r["image_id"]: r["caption"] for r in rows}
     return {"scores": scorer.score({k: [v] for k, v in references.items()}, predictions,
                                    only=("BLEU", "ROUGE-L", "CIDEr-D")),
-            "attributes": attribute_accuracy(references, predictions)}
+            "attributes": attribute_accuracy(references, predictions),
+            "per_image": per_image_scores(scorer, references, predictions), "predictions": predictions}
 
 
 def run_experiment(cfg: Config, rd: RunDir, *, arch: str, source: str, rows: dict[str, list[dict]],
                    test_rows: list[dict], scorer: CaptionScorer, decoder_inputs: DecoderInputs, force: bool,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, variant: str | None = None) -> dict:
     """Train ``arch`` on ``rows`` (:func:`source_rows`: every (image, caption) row of train is an example, so k
     captions of an image are k examples; val picks the checkpoint) with ``seed`` (default the run's), then SCST when
     ``students.scst.epochs`` > 0 (:mod:`pipeline.students.scst`: train rows and val captions only), score it on the
     ground-truth ``test_rows``; returns its metrics (also in ``metrics.json``; with SCST, the cross-entropy and the
     SCST checkpoints' test figures side by side, ``best/`` the one validation picks; ``per_image.json``: each
     test image's attribute agreement and CIDEr-D, for the paired bootstrap). An up-to-date output is read back
-    instead; ``decoder_inputs(arch, paths)`` gives (features, encoder being fine-tuned or None)."""
+    instead; ``decoder_inputs(arch, paths)`` gives (features, encoder being fine-tuned or None); ``variant``: a sweep
+    step control's folder (:func:`pipeline.workflows.depends.student_folder`)."""
     seed = cfg.seed if seed is None else seed
-    out = depends.student_folder(cfg, rd, arch, source, seed)
+    out = depends.student_folder(cfg, rd, arch, source, seed, variant)
     decoder_inputs.ensure_weights(ARCHS[arch].encoder)  # a demo stand-in is built first: the student depends on it
     config, inputs = depends.student(cfg, rd, arch, source, seed)
     if not force and is_up_to_date(out, config, inputs):

@@ -39,6 +39,8 @@ from pipeline.demo.standins import stand_in_weights
 from pipeline.reporting.plots import plot_sweep
 from pipeline.reporting.tables import csv_text
 from pipeline.sweep.points import (
+    SAMPLES,
+    STEPS,
     Point,
     extra_ids,
     extra_points,
@@ -114,10 +116,10 @@ class SweepRun:
 
     def train(self, point: Point) -> dict:
         """Train (or read back) ``point``'s student and measure it on the ground-truth validation split; its record."""
-        from pipeline.workflows.students import run_experiment, score_checkpoint, student_dir
+        from pipeline.workflows.students import run_experiment, score_checkpoint
 
-        rd, cfg = self.rd, point_config(self.cfg, point)
-        out = student_dir(rd, self.arch, point.source)
+        rd = self.rd
+        cfg, out = depends.sweep_student(self.cfg, rd, point)
         with claim_output(out, wait=self.wait):
             key = depends.student(cfg, rd, self.arch, point.source)
             wanted = stage_fingerprint(*key)
@@ -128,17 +130,21 @@ class SweepRun:
             inputs = self.decoder_inputs(rows)
             metrics = run_experiment(cfg, rd, arch=self.arch, source=point.source, rows=rows,
                                      test_rows=self.gt["test"], scorer=self.scorer, decoder_inputs=inputs,
-                                     force=self.force)
+                                     force=self.force, variant=point.variant)
             val = score_checkpoint(out / "best", self.gt["val"], self.scorer, inputs, cfg.students.beam_size)
+            test_per_image = json.loads((out / "per_image.json").read_text())["best"]
         record = {"point": point.id, "kind": point.kind, "temperature": point.temperature,
-                  "samples_per_image": point.samples, "dataset": point.dataset, "source": point.source,
-                  "student": self.arch,
+                  "samples_per_image": point.captions_per_image, "dataset": point.dataset,
+                  "source": point.source, "student": self.arch, "steps": metrics.get("steps"),
                   "val": {"attributes": val["attributes"]["macro"],
                           **{m: val["scores"][m] for m in VAL_METRICS[1:]}},
                   "test": {"attributes": metrics["attributes"]["macro"],
                            **{m: metrics["test"][m] for m in TEST_METRICS[1:] if m in metrics["test"]},
                            "attribute_reliance_drop": metrics["image_reliance"]["attribute_macro_drop"]},
                   "teacher": self.teacher_figures(point),
+                  "per_image": {"val": val["per_image"], "test": test_per_image},  # for the paired bootstrap
+                  **({"control_of": Point(SAMPLES, point.temperature, point.samples).id} if point.kind == STEPS
+                     else {}),
                   "fingerprints": {"student": wanted, "dataset": point.dataset and
                                    read_manifest(rd.distill(point.dataset))["fingerprint"]}}
         write_record(rd, point, record)
@@ -168,7 +174,7 @@ class SweepRun:
         (what the best temperature is chosen from); one line naming what to run when one is not."""
         records = []
         for point in first_points(self.cfg.sweep):
-            cfg = point_config(self.cfg, point)
+            cfg, _ = depends.sweep_student(self.cfg, self.rd, point)
             wanted = stage_fingerprint(*depends.student(cfg, self.rd, self.arch, point.source))
             record = read_record(self.rd, point, wanted)
             if record is None:
@@ -238,9 +244,24 @@ def run_sweep(cfg: Config, *, force: bool = False, wait: bool = False) -> Path:
         return write_summary(cfg, rd, records, started)
 
 
+def comparison_intervals(records: list[dict], comparisons: list[dict]) -> None:
+    """Each of ``comparisons`` (:func:`pipeline.sweep.summary.comparisons`) gets ``intervals``: split -> metric ->
+    the paired bootstrap (:func:`pipeline.evaluation.bootstrap.compare`) of the point against its baseline over the
+    ground-truth validation and test images (the records' ``per_image``)."""
+    from pipeline.evaluation.bootstrap import compare
+
+    by_point = {r["point"]: r["per_image"] for r in records}
+    for c in comparisons:
+        c["intervals"] = {split: compare([by_point[c["baseline"]][split]], [by_point[c["point"]][split]])
+                          for split in ("val", "test")}
+
+
 def write_summary(cfg: Config, rd: RunDir, records: list[dict], started: float) -> Path:
-    """``points.json``, ``sweep.csv``, ``best.json``, ``sweep.png``, then ``manifest.json``."""
+    """``points.json`` (the records without their per-image scores), ``sweep.csv``, ``best.json`` (its comparisons
+    with their intervals), ``sweep.png``, then ``manifest.json``."""
     best = best_summary(records, cfg.sweep)
+    comparison_intervals(records, best["comparisons"])
+    records = [{k: v for k, v in r.items() if k != "per_image"} for r in records]
     atomic_write_json(rd.sweep / "points.json", records)
     atomic_write_text(rd.sweep / "sweep.csv", csv_text(SWEEP_COLUMNS, sweep_rows(records, best)))
     atomic_write_json(rd.sweep / "best.json", best)
