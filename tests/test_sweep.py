@@ -268,7 +268,7 @@ def test_submit_plans_the_sweep_as_job_arrays_after_finetune(tmp_path):
     waits = {name: waiting_for(job, list(jobs.values())) for name, job in jobs.items()}
     assert waits == {**CHAIN, "sweep-distill": ["finetune"], "sweep-train": ["prepare", "sweep-distill"],
                      "sweep": ["sweep-distill", "sweep-train"], "report": [*CHAIN["report"], "sweep"]}
-    assert list(jobs)[-4:] == ["sweep-distill", "sweep-train", "sweep", "report"]
+    assert list(jobs)[-5:] == ["sweep-distill", "sweep-train", "sweep", "speed", "report"]
     distill, train = jobs["sweep-distill"], jobs["sweep-train"]
     assert (points(distill), points(train), jobs["sweep"].tasks) == (["t0.2", "t0.9"], ["gt", "t0.2", "t0.9"], None)
     assert "tasks=('--point t0.2' '--point t0.9')" in job_command(cfg, distill, path)
