@@ -25,7 +25,12 @@ class SlurmError(PipelineError):
 
 
 def _gpus(cfg: Config, job: Job) -> int:
-    return cfg.slurm.gpus_per_node if job.kind == "finetune" else min(cfg.slurm.gpus_per_node, 1) * (job.kind == "gpu")
+    """GPUs per node: every one for finetune; for a job that generates with vLLM, its tensor-parallel size; else one."""
+    if job.kind == "finetune":
+        return cfg.slurm.gpus_per_node
+    engine = cfg.distill.vllm.tensor_parallel_size if cfg.distill.engine == "vllm" and job.stage in (
+        "distill", "sweep") else 1
+    return min(cfg.slurm.gpus_per_node, engine) * (job.kind == "gpu")
 
 
 def _nodes(cfg: Config, job: Job) -> int:
