@@ -4,8 +4,9 @@
 [RUNTIME=torch|onnx]`` (``python -m stages.caption --student DIR --images PATH...``). Writes OUT (one JSON line per
 image: ``path``, ``caption``, ``attributes`` the caption states) and ``<OUT stem>.skipped.jsonl`` (files that could
 not be captioned, with the reason). A student needs no config; ``teacher`` is the config's run's fine-tuned teacher
-(greedy, on ``distill.engine``: ``ARGS=distill.engine=vllm`` serves it with vLLM). ``caption.batch_size`` and ``caption.max_pixels`` (larger images are skipped) come from the config. Exit
-status 0 when at least one image was captioned. ``RUNTIME=onnx`` (after ``make export``) never imports torch.
+(greedy, on ``distill.engine``: ``ARGS=distill.engine=vllm`` serves it with vLLM). ``caption.batch_size`` and
+``caption.max_pixels`` (larger images are skipped) come from the config. Exit status 0 when at least one image was
+captioned. ``RUNTIME=onnx`` (after ``make export``) never imports torch.
 """
 
 from __future__ import annotations
