@@ -93,6 +93,7 @@ def test_engine_key_is_checked_and_a_missing_engine_env_is_one_line(make_config,
     assert res.returncode == 1 and "make vllm-env" in last and str(tmp_path / "nope") in last, res.stderr
 
 
+@pytest.mark.slow
 @needs_engine
 def test_greedy_vllm_equals_hf_greedy_and_serves_the_fine_tuned_teacher(trained, tmp_path):
     cfg = load_config(trained, ["distill.temperature=0.0"])
@@ -129,6 +130,7 @@ def test_greedy_vllm_equals_hf_greedy_and_serves_the_fine_tuned_teacher(trained,
     assert not any(p.name.startswith("teacher-vllm") for p in cfg.teacher.model.iterdir())  # base only read
 
 
+@pytest.mark.slow
 @needs_engine
 def test_engine_in_meta_card_and_fingerprint(trained):
     cfg = _distill(trained, "distill.temperature=0.9", "distill.name=creative", VLLM)
@@ -158,6 +160,7 @@ def _samples(cfg, name) -> dict:
     return out
 
 
+@pytest.mark.slow
 @needs_engine
 def test_sampled_vllm_captions_do_not_depend_on_batch_shards_or_kill_9(trained):
     sample = ("distill.temperature=0.9", "distill.samples_per_image=2", VLLM)
@@ -198,6 +201,7 @@ def test_sampled_vllm_captions_do_not_depend_on_batch_shards_or_kill_9(trained):
     assert _samples(resumed, "vkill") == one and _dataset(resumed, "vkill") == dataset
 
 
+@pytest.mark.slow
 @needs_engine
 def test_caption_the_teacher_with_vllm_equals_hf(trained, tmp_path):
     cfg = load_config(trained)
@@ -211,6 +215,7 @@ def test_caption_the_teacher_with_vllm_equals_hf(trained, tmp_path):
     assert rows["hf"] == rows["vllm"] and any(r["caption"] for r in rows["hf"])
 
 
+@pytest.mark.slow
 @needs_engine
 def test_a_bad_checkpoint_or_an_engine_crash_is_one_line(trained, tmp_path):
     cfg = load_config(trained)
