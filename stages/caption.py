@@ -4,8 +4,9 @@
 [RUNTIME=torch|onnx]`` (``python -m stages.caption --student DIR --images PATH...``). Writes OUT (one JSON line per
 image: ``path``, ``caption``, ``attributes`` the caption states) and ``<OUT stem>.skipped.jsonl`` (files that could
 not be captioned, with the reason). A student needs no config; ``teacher`` is the config's run's fine-tuned teacher
-(greedy). ``caption.batch_size`` and ``caption.max_pixels`` (larger images are skipped) come from the config. Exit
-status 0 when at least one image was captioned. ``RUNTIME=onnx`` (after ``make export``) never imports torch.
+(greedy, on ``distill.engine``: ``ARGS=distill.engine=vllm`` serves it with vLLM). ``caption.batch_size`` and
+``caption.max_pixels`` (larger images are skipped) come from the config. Exit status 0 when at least one image was
+captioned. ``RUNTIME=onnx`` (after ``make export``) never imports torch.
 """
 
 from __future__ import annotations
@@ -39,15 +40,16 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
     if args.runtime == "torch":  # onnxruntime sizes its own thread pool
         set_torch_threads()
     if args.student == "teacher":
-        captioner = teacher_captioner(base=cfg.teacher.model, teacher_dir=RunDir(cfg.run_dir).teacher,
-                                      precision=cfg.teacher.precision,
-                                      attn_implementation=cfg.teacher.attn_implementation,
-                                      max_new_tokens=cfg.distill.max_new_tokens)
+        captioner = teacher_captioner(cfg, teacher_dir=RunDir(cfg.run_dir).teacher)
         beam = 1
     else:
         captioner, beam = student_captioner(Path(args.student), runtime=args.runtime)
-    result = caption_files(captioner, paths, out=Path(args.out), beam_size=args.beam or beam,
-                           batch_size=cfg.caption.batch_size, max_pixels=cfg.caption.max_pixels)
+    try:
+        result = caption_files(captioner, paths, out=Path(args.out), beam_size=args.beam or beam,
+                               batch_size=cfg.caption.batch_size, max_pixels=cfg.caption.max_pixels)
+    finally:
+        if args.student == "teacher":
+            captioner.engine.close()
     skipped = f", {len(result.skipped)} skipped (see {result.skipped_file})" if result.skipped else ""
     print(f"captioned {result.captioned} of {len(paths)} images -> {result.out}{skipped}")
     return result.out

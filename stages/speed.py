@@ -54,10 +54,7 @@ def run(cfg: Config, args: argparse.Namespace) -> Path:
         logging.getLogger(name).setLevel(logging.WARNING)
     settings = dataclasses.replace(QUICK, images=args.images, batch_sizes=sizes, repeats=args.repeats,
                                    threads=cpu_share())
-    speed = measure_run(rd, settings, base=cfg.teacher.model, precision=cfg.teacher.precision,
-                        attn_implementation=cfg.teacher.attn_implementation,
-                        max_new_tokens=cfg.distill.max_new_tokens,
-                        students=[rd.students / name for name in inputs if name != "teacher"])
+    speed = measure_run(rd, settings, cfg, students=[rd.students / name for name in inputs if name != "teacher"])
     path = write_speed(rd, {**speed, "measured_by": "the chain's quick speed step"}, started)
     log.info("%d models timed in %.1f s -> %s", len(speed["models"]), time.time() - started, path)
     return path

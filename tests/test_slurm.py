@@ -212,6 +212,17 @@ def test_multinode_finetune_uses_torchrun(tmp_path):
     assert "torchrun --nnodes=2 --nproc_per_node=8" in script and "--rdzv_backend=c10d" in script
 
 
+def test_vllm_distill_tasks_get_their_tensor_parallel_gpus(tmp_path):
+    cfg_path = slurm_config(tmp_path, slurm={"gpus_per_node": 8},
+                            distill={"engine": "vllm", "vllm": {"tensor_parallel_size": 2}})
+    folder = load_config(cfg_path).run_dir / "slurm"
+    res = run_stage("submit", "--config", str(cfg_path), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    scripts = {p.name.split("-", 1)[1]: p.read_text() for p in folder.glob("*.sbatch")}
+    assert "#SBATCH --gpus-per-node=2" in scripts["distill-precise.sbatch"]
+    assert "#SBATCH --gpus-per-node=1" in scripts["students-gt.sbatch"]
+
+
 @pytest.mark.slow
 def test_chain_runs_to_completion_then_resubmit_skips(tmp_path, slurm):
     cfg_path = slurm_config(tmp_path)

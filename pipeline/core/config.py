@@ -160,13 +160,26 @@ class TeacherConfig(Section):
     train: TeacherTrain = TeacherTrain()
 
 
+class VllmConfig(Section):
+    """The vLLM engine (``distill.engine: vllm``; docs/engines.md). ``dtype`` changes the captions and is part of a
+    dataset's fingerprint; the others only change speed and memory."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: teacher.precision
+    tensor_parallel_size: Positive = 1  # GPUs per engine (a Slurm distill task gets this many)
+    gpu_memory_utilization: StrictFloat = Field(0.9, gt=0.0, le=1.0)
+    max_model_len: Positive | None = None  # prompt (with the image tokens) + caption; None: the model's maximum
+    max_num_seqs: Positive = 256  # sequences decoded together
+    cpu_kv_cache_gb: Positive = 1  # GiB of KV cache of the CPU build (VLLM_CPU_KVCACHE_SPACE)
+
+
 class DistillConfig(Section):
     temperature: StrictFloat = Field(0.2, ge=0.0)
     name: Name | None = None  # dataset name; default "precise" for T<0.5, else "creative"
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)  # 1.0 = plain temperature sampling (LLaVA's own eval scripts)
     max_new_tokens: Positive = 200
-    batch_size: Positive = 16
-    backend: Literal["transformers"] = "transformers"  # batched HF generate (a vLLM backend is not built yet)
+    batch_size: Positive = 16  # images per generate call (vllm: per engine call, the unit appended to the JSONL)
+    engine: Literal["hf", "vllm"] = "hf"  # hf: transformers generate in-process; vllm: the vLLM engine (.venv-vllm)
+    vllm: VllmConfig = VllmConfig()
     # what `make demo` / `make submit` run
     temperatures: dict[Name, Annotated[StrictFloat, Field(ge=0.0)]] = {"precise": 0.2, "creative": 0.9}
     samples_per_image: Positive = 1  # k captions per train/val image; sample j seeded from (seed, image id, j)

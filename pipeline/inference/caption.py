@@ -28,7 +28,8 @@ from pipeline.evaluation.attributes import ABSENT, caption_labels
 from pipeline.students.runtime import Captioner, read_student_json
 
 if TYPE_CHECKING:
-    from pipeline.teacher.generate import TeacherCaptioner
+    from pipeline.core.config import Config
+    from pipeline.teacher.engines import EngineCaptioner
 
 log = logging.getLogger(__name__)
 Runtime = Literal["torch", "onnx"]
@@ -142,18 +143,14 @@ def student_captioner(folder: Path, *, runtime: Runtime) -> tuple[Captioner, int
     return load_student(folder), beam_size
 
 
-def teacher_captioner(*, base: Path, teacher_dir: Path, precision: str, attn_implementation: str,
-                      max_new_tokens: int, cpu: bool = False) -> TeacherCaptioner:
-    """The run's fine-tuned teacher (``teacher_dir``: the finetune stage's output over the ``base`` checkpoint),
-    captioning greedily; on the GPU where there is one, unless ``cpu``."""
-    import torch
-
+def teacher_captioner(cfg: Config, *, teacher_dir: Path, cpu: bool = False,
+                      threads: int | None = None) -> EngineCaptioner:
+    """The run's fine-tuned teacher (``teacher_dir``: the finetune stage's output over ``teacher.model``) on
+    ``distill.engine``, captioning greedily up to ``distill.max_new_tokens``; on the GPU where there is one, unless
+    ``cpu``. Close its ``engine`` when done."""
     from pipeline.core.rundir import require_stage
-    from pipeline.teacher.generate import TeacherCaptioner
-    from pipeline.teacher.loading import finetuned_teacher, load_processor, load_teacher
+    from pipeline.teacher.engines import EngineCaptioner, open_engine
 
     require_stage(teacher_dir, "finetune")
-    model_dir, adapter = finetuned_teacher(base, teacher_dir)
-    model = load_teacher(model_dir, adapter, precision=precision, attn_implementation=attn_implementation,
-                         device_map="auto" if torch.cuda.is_available() and not cpu else None, merge=True)
-    return TeacherCaptioner(model, load_processor(adapter or model_dir), max_new_tokens=max_new_tokens)
+    return EngineCaptioner(open_engine(cfg, teacher_dir, cpu=cpu, threads=threads),
+                           max_new_tokens=cfg.distill.max_new_tokens)

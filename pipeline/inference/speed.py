@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.core.config import Config
 from pipeline.core.errors import PipelineError
 from pipeline.core.rundir import (
     RunDir,
@@ -126,20 +128,35 @@ def _rates(captioner: Captioner, images: Sequence[Image.Image], beam_size: int,
                                             repeats=settings.repeats), 3) for b in settings.batch_sizes}
 
 
-def measure_teacher(rd: RunDir, images: Sequence[Image.Image], settings: SpeedSettings, *, base: Path,
-                    precision: str, attn_implementation: str, max_new_tokens: int) -> dict:
-    """The run's fine-tuned teacher (adapter merged in memory) on the CPU in PyTorch."""
+def measure_teacher(rd: RunDir, images: Sequence[Image.Image], settings: SpeedSettings, cfg: Config) -> dict:
+    """The run's fine-tuned teacher on the CPU on ``distill.engine`` (HF: adapter merged in memory; vLLM: the
+    merged checkpoint it serves)."""
     from pipeline.inference.caption import teacher_captioner
     from pipeline.teacher.loading import finetuned_teacher
 
-    captioner = teacher_captioner(base=base, teacher_dir=rd.teacher, precision=precision,
-                                  attn_implementation=attn_implementation, max_new_tokens=max_new_tokens, cpu=True)
-    model_dir, adapter = finetuned_teacher(base, rd.teacher)
+    captioner = teacher_captioner(cfg, teacher_dir=rd.teacher, cpu=True, threads=settings.threads)
+    engine = captioner.engine
+    model_dir, adapter = finetuned_teacher(cfg.teacher.model, rd.teacher)
     weights = [*model_dir.glob("*.safetensors"), *(adapter.glob("*.safetensors") if adapter else [])]
-    log.info("timing the teacher (%s)", model_dir)
+    log.info("timing the teacher (%s, %s %s)", model_dir, engine.name, engine.version)
+    try:
+        rates = _rates(captioner, images, 1, settings)
+    finally:
+        engine.close()
     return {"name": "teacher", "fingerprint": require_stage(rd.teacher, "finetune")["fingerprint"],
-            "parameters": sum(p.numel() for p in captioner.model.parameters()), "disk_bytes": file_bytes(weights),
-            "beam_size": 1, "images_per_s": {"torch": _rates(captioner, images, 1, settings)}}
+            "engine": {"name": engine.name, "version": engine.version},
+            "parameters": tensor_parameters(model_dir.glob("*.safetensors")),
+            "disk_bytes": file_bytes(weights), "beam_size": 1, "images_per_s": {"torch": rates}}
+
+
+def tensor_parameters(files: Iterable[Path]) -> int:
+    """Numbers in the tensors of the safetensors ``files`` (read from their headers)."""
+    total = 0
+    for path in files:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
 
 
 def measure_student(folder: Path, images: Sequence[Image.Image], settings: SpeedSettings) -> dict:
@@ -172,9 +189,8 @@ def measure_student(folder: Path, images: Sequence[Image.Image], settings: Speed
                                                 settings)} if exported else {})}}
 
 
-def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: str, attn_implementation: str,
-                max_new_tokens: int, students: Sequence[Path] | None = None) -> dict:
-    """Time the teacher (over the ``base`` checkpoint; see :func:`measure_teacher`) and the student folders
+def measure_run(rd: RunDir, settings: SpeedSettings, cfg: Config, students: Sequence[Path] | None = None) -> dict:
+    """Time the teacher (on ``cfg``'s ``distill.engine``; see :func:`measure_teacher`) and the student folders
     ``students`` (default: every finished student of the run) on the same test images; the content of
     ``speed.json``."""
     import torch
@@ -182,8 +198,7 @@ def measure_run(rd: RunDir, settings: SpeedSettings, *, base: Path, precision: s
     require_run(rd)
     torch.set_num_threads(settings.threads)
     images = timing_images(rd, settings.images)
-    models = [measure_teacher(rd, images, settings, base=base, precision=precision,
-                              attn_implementation=attn_implementation, max_new_tokens=max_new_tokens)]
+    models = [measure_teacher(rd, images, settings, cfg)]
     models += [measure_student(folder, images, settings)
                for folder in (finished_students(rd) if students is None else students)]
     return {"images": settings.images, "repeats": settings.repeats, "batch_sizes": list(settings.batch_sizes),

@@ -25,6 +25,15 @@ class SlurmError(PipelineError):
     pass
 
 
+def _gpus(cfg: Config, job: Job) -> int:
+    """GPUs per node: every one for finetune; for a job that generates with vLLM, its tensor-parallel size; else one."""
+    if job.kind == "finetune":
+        return cfg.slurm.gpus_per_node
+    engine = cfg.distill.vllm.tensor_parallel_size if cfg.distill.engine == "vllm" and job.stage in (
+        "distill", "sweep") else 1
+    return min(cfg.slurm.gpus_per_node, engine) * (job.kind == "gpu")
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one job asks Slurm for (per node)."""
@@ -41,7 +50,7 @@ def resources(cfg: Config, job: Job) -> Resources:
     finetune: every GPU of a node and ``cpus_per_task`` CPUs for each), then ``slurm.resources.<kind>``, then
     ``slurm.resources.<job name>`` (or of its first word, e.g. ``students``), each key it sets winning."""
     s = cfg.slurm
-    gpus = s.gpus_per_node if job.kind == "finetune" else min(s.gpus_per_node, 1) * (job.kind == "gpu")
+    gpus = _gpus(cfg, job)
     default = {"partition": (s.cpu_partition or s.partition) if job.kind == "cpu" else s.partition, "gpus": gpus,
                "cpus": s.cpus_per_task * max(gpus, 1) if job.kind == "finetune" else s.cpus_per_task,
                "mem": s.cpu_mem if job.kind == "cpu" else s.mem,

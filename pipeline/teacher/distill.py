@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from pipeline.core.config import Config
@@ -27,8 +26,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.rundir import record_entries
 from pipeline.data.formats import ORIGIN_UNLABELED
 from pipeline.data.images import load_rgb
-from pipeline.teacher.generate import generate_captions
-from pipeline.teacher.loading import load_processor, load_teacher
+from pipeline.teacher.engines import CaptionEngine, open_engine
 from pipeline.teacher.unlabeled import DatasetImages, screen
 
 log = logging.getLogger(__name__)
@@ -136,10 +134,11 @@ def screen_unlabeled(rows: list[dict[str, Any]], path: Path, dataset: DatasetIma
              len(skipped))
 
 
-def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, *, seed: int, temperature: float,
-                      top_p: float, max_new_tokens: int, batch_size: int, desc: str = "distill") -> dict[str, float]:
-    """Caption samples ``0 .. row["samples"]-1`` (default 1) of every row that are not yet in ``path`` and whose
-    image is not recorded as skipped; returns throughput figures for this call."""
+def generate_to_jsonl(engine: CaptionEngine, rows: list[dict[str, Any]], path: Path, *, seed: int,
+                      temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
+                      desc: str = "distill") -> dict[str, float]:
+    """Caption with ``engine`` samples ``0 .. row["samples"]-1`` (default 1) of every row that are not yet in
+    ``path`` and whose image is not recorded as skipped; returns throughput figures for this call."""
     done = read_generations(path)
     skipped = skipped_images(done)
     tasks = [(r, j) for r in rows if r["image_id"] not in skipped for j in range(r.get("samples", 1))]
@@ -153,9 +152,8 @@ def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, 
         for batch in _batches(todo, batch_size):
             loaded = {p: load_rgb(p) for p in dict.fromkeys(r["image_path"] for r, _ in batch)}  # once per batch
             images = [loaded[r["image_path"]] for r, _ in batch]
-            gens = generate_captions(model, processor, images, [r["image_id"] for r, _ in batch], seed=seed,
-                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                     samples=[j for _, j in batch])
+            gens = engine.generate(images, [r["image_id"] for r, _ in batch], samples=[j for _, j in batch],
+                                   seed=seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
             _append(fh, [{"image_id": r["image_id"], "sample": j, **asdict(g)} for (r, j), g in zip(batch, gens)])
             n += len(batch)
             bar.update(len(batch))
@@ -164,18 +162,20 @@ def generate_to_jsonl(model, processor, rows: list[dict[str, Any]], path: Path, 
     return {"generated": n, "seconds": round(seconds, 3), "captions_per_second": round(n / seconds, 3) if n else None}
 
 
-def generate_shard(cfg: Config, rows: list[dict[str, Any]], out: Path, *, shard: tuple[int, int], model_dir: Path,
-                   adapter: Path | None, dataset: DatasetImages | None) -> dict[str, float]:
-    """Caption shard ``(i, n)`` of ``rows`` with the teacher into its JSONL in ``out`` (resuming), its unlabelled
-    rows screened against the prepared ``dataset``'s images first (``None``: there are none); its throughput."""
+def generate_shard(cfg: Config, rows: list[dict[str, Any]], out: Path, *, shard: tuple[int, int], teacher_dir: Path,
+                   dataset: DatasetImages | None) -> dict[str, Any]:
+    """Caption shard ``(i, n)`` of ``rows`` with the fine-tuned teacher of ``teacher_dir`` on ``distill.engine`` into
+    its JSONL in ``out`` (resuming), its unlabelled rows screened against the prepared ``dataset``'s images first
+    (``None``: there are none); its throughput (and the engine's name and version)."""
     d = cfg.distill
     mine, path = shard_rows(rows, *shard), shard_file(out, *shard)
     if dataset is not None:
         screen_unlabeled(mine, path, dataset, cfg.data.check_images)
-    processor = load_processor(adapter or model_dir)
-    model = load_teacher(model_dir, adapter, precision=cfg.teacher.precision,
-                         attn_implementation=cfg.teacher.attn_implementation,
-                         device_map="auto" if torch.cuda.is_available() else None, merge=True)
-    return generate_to_jsonl(model, processor, mine, path, seed=cfg.seed, temperature=d.temperature, top_p=d.top_p,
-                             max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-                             desc=f"distill {d.dataset_name} T={d.temperature}")
+    engine = open_engine(cfg, teacher_dir)
+    try:
+        figures = generate_to_jsonl(engine, mine, path, seed=cfg.seed, temperature=d.temperature, top_p=d.top_p,
+                                    max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                                    desc=f"distill {d.dataset_name} T={d.temperature} ({engine.name})")
+    finally:
+        engine.close()
+    return {**figures, "engine": engine.name, "engine_version": engine.version}

@@ -38,6 +38,8 @@ from pipeline.sweep.points import (
     point_config,
     step_control,
 )
+from pipeline.teacher.loading import DTYPES
+from pipeline.teacher.vllm_engine import engine_version
 
 Depends = tuple[dict[str, Any], dict[str, str]]
 STUDENT_KEYS_IGNORED = ("archs", "sources", "num_workers", "seeds")  # which models run, how fast: not what one is
@@ -74,14 +76,26 @@ def distill(cfg: Config, rd: RunDir) -> Depends:
     folder; the data, the teacher and the unlabelled images (names, sizes, mtimes)."""
     d = cfg.distill
     config = {"seed": cfg.seed, "temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
-              "name": d.dataset_name, "prompt": INSTRUCTION, "backend": d.backend,
+              "name": d.dataset_name, "prompt": INSTRUCTION, "backend": "transformers",
               "precision": cfg.teacher.precision, "attn_implementation": cfg.teacher.attn_implementation,
               "samples_per_image": d.samples_per_image, "unlabeled": d.unlabeled and str(d.unlabeled)}
+    if d.engine != "hf":  # (the hf engine's slice is as it was before there were engines: its datasets stay current)
+        config["backend"] = engine(cfg)
     inputs = {"data": require_stage(rd.data, "prepare")["fingerprint"],
               "teacher": require_stage(rd.teacher, "finetune")["fingerprint"]}
     if d.unlabeled is not None:
         inputs["unlabeled"] = fingerprint_tree(d.unlabeled) if d.unlabeled.is_dir() else "missing"
     return config, inputs
+
+
+def engine(cfg: Config) -> dict[str, str]:
+    """The generation engine ``distill.engine`` names, as a dataset records it: name, version and (vLLM) dtype."""
+    if cfg.distill.engine == "hf":
+        import transformers
+
+        return {"name": "hf", "version": transformers.__version__}
+    dtype = cfg.distill.vllm.dtype
+    return {**engine_version(), "dtype": DTYPES[cfg.teacher.precision] if dtype == "auto" else dtype}
 
 
 def source_dataset(source: str) -> str | None:

@@ -86,7 +86,7 @@ def distill_dataset(cfg: Config, *, shard: tuple[int, int] = (0, 1), merge: bool
         else:  # the test images too: not part of the dataset, but the teacher's own test score and the gallery
             k = cfg.distill.samples_per_image
             todo = [{**r, "samples": k} for r in rows + unlabeled] + [{**r, "samples": 1} for r in test_rows]
-            throughput = generate_shard(cfg, todo, out, shard=(i, n), model_dir=teacher[0], adapter=teacher[1],
+            throughput = generate_shard(cfg, todo, out, shard=(i, n), teacher_dir=rd.teacher,
                                         dataset=DatasetImages.of(rows + test_rows) if unlabeled else None)
             if n > 1:
                 log.info("shard %d/%d done; run with --merge once every shard has finished", i, n)
@@ -174,7 +174,7 @@ def merge_shards(cfg: Config, out: Path, *, rows: list[dict], unlabeled: list[di
     model_dir, adapter = teacher
     meta = {**config, "teacher_fingerprint": inputs["teacher"], "teacher_dir": str(RunDir(cfg.run_dir).teacher),
             "teacher_model": str(model_dir), "adapter": adapter and str(adapter), "shards": shards,
-            "throughput": throughput}
+            "engine": depends.engine(cfg), "throughput": throughput}
     test = [{**r, "sample": 0, "origin": ORIGIN_DATASET} for r in test_rows]
     rejected += [{"image_id": r["image_id"], "path": r["image_path"], "reason": skipped[r["image_id"]]}
                  for r in unlabeled if r["image_id"] in skipped]
