@@ -97,16 +97,3 @@ def generate_captions(model, processor, images: Sequence, image_ids: Sequence[st
         text = tok.decode(row[:length], skip_special_tokens=True)
         results.append(Generation(clean_caption(text), length, truncated=not len(ended)))
     return results
-
-
-class TeacherCaptioner:
-    """The teacher as a :class:`pipeline.students.runtime.Captioner`: greedy captions (temperature 0)."""
-
-    def __init__(self, model, processor, *, max_new_tokens: int):
-        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
-
-    def caption(self, images: Sequence, beam_size: int) -> list[str]:
-        """One greedy caption per image; ``beam_size`` is not used (the teacher distils greedily or by sampling)."""
-        ids = [str(i) for i in range(len(images))]  # seeds only matter when sampling
-        return [g.caption for g in generate_captions(self.model, self.processor, images, ids, seed=0, temperature=0.0,
-                                                     top_p=1.0, max_new_tokens=self.max_new_tokens)]
