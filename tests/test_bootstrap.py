@@ -96,7 +96,7 @@ def test_seeds_are_one_row_each_with_their_mean_spread_and_count(tmp_path):
     from pipeline.core.config import load_config
     from pipeline.core.rundir import RunDir, atomic_write_json, write_manifest
     from pipeline.evaluation.attributes import ATTRIBUTES
-    from pipeline.evaluation.results import attribute_matrix, curve_label, finished_results, merge_seeds
+    from pipeline.evaluation.results import attribute_matrix, finished_results, merge_seeds
     from pipeline.reporting.tables import results_markdown
     from pipeline.workflows.students import write_summary
     from tests.helpers import write_config
@@ -127,4 +127,4 @@ def test_seeds_are_one_row_each_with_their_mean_spread_and_count(tmp_path):
     assert labels == ["VGG19 + GRU ← gt", "VGG19 + GRU ← precise"]
     merged = merge_seeds(results)
     assert [m["folder"].name for m in merged] == ["vgg19_gru__gt", "vgg19_gru__precise"]
-    assert [curve_label(m) for m in merged] == ["vgg19_gru←gt (seed 0)", "vgg19_gru←precise"]
+    assert [(m["seeds"], m["seed"]) for m in merged] == [(3, 0), (1, 0)]  # the curves plot shows the first seed's

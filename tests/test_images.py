@@ -74,5 +74,6 @@ def test_16_bit_rgb_is_scaled_not_clipped(tmp_path):
 def test_unreadable_images_name_the_file(tmp_path):
     (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
     for name in ("garbage.jpg", "missing.jpg"):
-        with pytest.raises(ImageError, match=f"^{tmp_path / name}: unreadable image"):
+        reason = "missing image file" if name == "missing.jpg" else "unreadable image"
+        with pytest.raises(ImageError, match=f"^{tmp_path / name}: {reason}"):
             load_rgb(tmp_path / name)

@@ -218,8 +218,8 @@ def test_prepare_students_report_and_export_killed_anywhere(make_config, tmp_pat
     _kills("report", [*args, "--force"], run / "report", run, tmp_path, capsys,
            lambda out: (out / "results.csv").read_text(), resume_args=args)
     best = student / "best"
-    _kills("export", [*args, "--student", str(best)], best / "onnx", run, tmp_path, capsys,
-           lambda out: sorted(p.name for p in out.iterdir()))
+    _kills("export", [*args, "--student", str(best), "--force"], best / "onnx", run, tmp_path, capsys,
+           lambda out: sorted(p.name for p in out.iterdir()), resume_args=[*args, "--student", str(best)])
     # finished, then edited by a user at any depth: refused, nothing touched
     for mine in (student / "tensorboard" / "mine.txt", best / "mine.txt", run / "data" / "captions" / "mine.txt"):
         mine.write_text("mine")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.core.archs import display_name
 from pipeline.core.config import EncoderSettings, StudentsConfig, load_config
 from pipeline.core.rundir import read_manifest, sha256_file
 from pipeline.evaluation.metrics import CaptionScorer
@@ -400,7 +401,8 @@ def test_students_stage_trains_scores_and_beats_baseline(make_config):
         assert (best / "encoder.safetensors").is_file()
     summary = (out / "summary.md").read_text()
     assert "constant caption (baseline)" in summary and "majority attributes (baseline)" in summary
-    assert "ViT-B/16 + Transformer" in summary
+    vit = json.loads((out / "vit_transformer__gt" / "best" / "student.json").read_text())["encoder"]["settings"]
+    assert display_name("vit_transformer", vit) in summary
     assert len(list((out / "features").glob("*.safetensors"))) == 2
     before = [(out / f / "metrics.json").stat().st_mtime_ns for f in ("vgg19_gru__gt", "baseline__gt")]
     students.run(cfg, Namespace(force=False))  # up to date: skipped, the baselines too
