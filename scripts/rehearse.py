@@ -23,15 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-CHAT_TEMPLATE = (  # pipeline/teacher/tiny.py's copy of llava-1.5-hf's template
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-INSTRUCTION = "Please describe this image in deepfashion dataset style."
+from pipeline.data.formats import INSTRUCTION
+from pipeline.demo.tiny_llava import CHAT_TEMPLATE  # llava-1.5-hf's template
+
 WORDS = ("the lady wears a long-sleeve shirt with pure color patterns its fabric is cotton and it has a round neckline "
          "the trousers are of long length denim solid color there is an accessory on her wrist she wears a hat the "
          "person is wearing a short-sleeve T-shirt with graphic patterns knitting chiffon leather stripe floral "
