@@ -248,14 +248,14 @@ class _Crash(Exception):
 
 
 def test_k_samples_do_not_depend_on_batch_size_shards_or_a_crash(trained, photos, mixed, monkeypatch):
-    from pipeline.teacher import distill
+    from pipeline.teacher import engines
     from pipeline.teacher.generate import image_seed, sample_seed
 
     assert sample_seed(7, "x", 0) == image_seed(7, "x") != sample_seed(7, "x", 1)  # k=1 datasets keep their seeds
     reference, _ = _generations(mixed.run_dir / "distill" / "mixed")
     args = (*K2, "distill.name=crashed", f"distill.unlabeled={photos}", "distill.batch_size=5")
     _distill(trained, *args, force=False, shard="0/2")
-    real, calls = distill.generate_captions, []
+    real, calls = engines.HfEngine.generate, []
 
     def crashing(*a, **k):  # the process dies in its 6th batch, after 5 batches were written
         calls.append(1)
@@ -263,7 +263,7 @@ def test_k_samples_do_not_depend_on_batch_size_shards_or_a_crash(trained, photos
             raise _Crash
         return real(*a, **k)
 
-    monkeypatch.setattr(distill, "generate_captions", crashing)
+    monkeypatch.setattr(engines.HfEngine, "generate", crashing)
     with pytest.raises(_Crash):
         _distill(trained, *args, force=False, shard="1/2")
     monkeypatch.undo()
