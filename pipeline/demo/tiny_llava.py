@@ -7,6 +7,7 @@ path a downloaded ``llava-1.5-13b-hf`` takes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -50,8 +51,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 RECORD = "tiny_llava.json"  # what a tiny LLaVA folder was built from, and its pretraining figures
 
 
-def tiny_settings(cfg: TinyTeacher, seed: int, pretraining_root: Path | None) -> dict:
-    """What the tiny LLaVA depends on: its shape, pretraining settings, seed and pretraining images."""
+def tiny_settings(cfg: TinyTeacher, seed: int, pretraining_root: Path | None, texts: list[str]) -> dict:
+    """What the tiny LLaVA depends on: its shape, pretraining settings, seed, pretraining images and the texts its
+    tokenizer learns from."""
     images = None
     if cfg.pretrain is not None and pretraining_root is not None:
         images = json.loads((Path(pretraining_root) / "README.json").read_text())
@@ -60,15 +62,23 @@ def tiny_settings(cfg: TinyTeacher, seed: int, pretraining_root: Path | None) ->
         from pipeline.demo.tiny_pretrain import RECIPE
 
         recipe = RECIPE
-    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images, "recipe": recipe}
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    return {"tiny": cfg.model_dump(mode="json"), "seed": seed, "pretraining_images": images, "recipe": recipe,
+            "tokenizer_texts": digest}
+
+
+def built_with(path: Path, settings: dict) -> bool:
+    """Whether ``path`` holds a tiny LLaVA built with these settings."""
+    record = path / RECORD
+    return (path / "config.json").is_file() and record.is_file() and \
+        json.loads(record.read_text()).get("settings") == settings
 
 
 def is_current(path: Path, settings: dict) -> bool:
     """A model folder to use as it is: one built here with these settings, or any checkpoint not built here."""
     if not (path / "config.json").is_file():
         return False
-    record = path / RECORD
-    return not record.is_file() or json.loads(record.read_text()).get("settings") == settings
+    return not (path / RECORD).is_file() or built_with(path, settings)
 
 
 def read_pretraining_images(root: Path) -> tuple[list, list[str]]:
@@ -94,7 +104,7 @@ def build_tiny_llava(out_dir: str | Path, cfg: TinyTeacher, texts: list[str], se
         LlavaProcessor,
     )
 
-    settings = tiny_settings(cfg, seed, pretraining_root)
+    settings = tiny_settings(cfg, seed, pretraining_root, texts)
     pretraining = None
     if cfg.pretrain is not None:
         from pipeline.demo.tiny_pretrain import QUESTION, attribute_list
