@@ -40,6 +40,7 @@ def write_config(tmp_path: Path, **sections) -> Path:
     base["teacher"]["lora"]["train_projector"] = True  # a random base: its projector must learn too
     base["students"]["encoder"] = {"pretrained": False, "width": 0.25, "image_size": 96}
     base["students"].update(epochs=6, val_every_epochs=3)  # the tests' tiny data: fewer rounds than the demo's
+    base["students"].pop("sources")  # gt and every distilled dataset
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(merge_trees(base, sections)))
     return path
