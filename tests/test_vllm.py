@@ -166,7 +166,11 @@ def test_sampled_vllm_captions_do_not_depend_on_batch_shards_or_kill_9(trained):
     sample = ("distill.temperature=0.9", "distill.samples_per_image=2", VLLM)
     cfg1 = _distill(trained, *sample, "distill.name=v1", "distill.batch_size=1")
     one, dataset = _samples(cfg1, "v1"), _dataset(cfg1, "v1")
-    assert one == _samples(_distill(trained, *sample, "distill.name=v8", "distill.batch_size=8"), "v8")
+    # 160: one call's prompts exceed the engine's token budget per step, so vLLM would split one over two steps and
+    # rewind its seeded generator, which fails on CPUs unless every prompt is prefilled whole (vllm_worker.py)
+    for batch in (8, 160):
+        assert one == _samples(_distill(trained, *sample, f"distill.name=v{batch}", f"distill.batch_size={batch}"),
+                               f"v{batch}")
     for i in range(2):
         _distill(trained, *sample, "distill.name=vsh", "distill.batch_size=3", force=False, shard=f"{i}/2")
     sharded = _distill(trained, *sample, "distill.name=vsh", force=False, merge=True)

@@ -53,7 +53,10 @@ def serve(inp, out) -> None:
     llm = LLM(model=settings["model"], dtype=settings["dtype"], max_model_len=settings["max_model_len"],
               max_num_seqs=settings["max_num_seqs"], tensor_parallel_size=settings["tensor_parallel_size"],
               gpu_memory_utilization=settings["gpu_memory_utilization"], seed=0, limit_mm_per_prompt={"image": 1},
-              enforce_eager=current_platform.is_cpu(), disable_log_stats=True)
+              enforce_eager=current_platform.is_cpu(), disable_log_stats=True,
+              # a prompt prefilled over two steps makes vLLM rewind its request's seeded generator, which a CPU
+              # generator cannot ("CPU Generator does not use offset"): on CPUs every prompt is prefilled whole
+              enable_chunked_prefill=False if current_platform.is_cpu() else None)
     _send(out, {"ready": True, "vllm": vllm.__version__, "start_s": round(time.perf_counter() - started, 2)})
     for line in inp:
         requests = json.loads(line)["requests"]
