@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -192,10 +195,15 @@ def cmd_train(a):
 
     torch.set_num_threads(a.threads)
     import torch.distributed as dist
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback, set_seed
 
     from pipeline.teacher.loading import load_base_model, load_processor
-    from pipeline.teacher.train import TeacherTrainer, build_peft_model, training_arguments
+    from pipeline.teacher.train import (
+        TeacherTrainer,
+        build_peft_model,
+        last_complete_checkpoint,
+        training_arguments,
+    )
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(a.out)
@@ -206,6 +214,7 @@ def cmd_train(a):
     log = {"rank": rank, "world": world, "ds": a.ds, "torch_threads": torch.get_num_threads()}
     processor = load_processor(a.model)
     rows = json.loads((Path(a.model) / "rows.json").read_text())
+    set_seed(42)  # as finetune() does first: the LoRA initialisation is the seed's, so runs can be compared
     t0 = time.time()
     model = load_base_model(a.model, cfg.precision, cfg.attn_implementation)  # as finetune() does: before the args
     model.config.use_cache = False
@@ -215,8 +224,14 @@ def cmd_train(a):
     log["trainable_params"] = sum(getattr(p, "ds_numel", p.numel()) for p in trainable.values())
     log["total_params"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     phases["after_peft"] = mem()
-    args = training_arguments(cfg, out / "checkpoints", 42, has_val=False, resuming=False)
-    args.report_to, args.logging_steps, args.save_strategy = [], 1, "no"
+    last = last_complete_checkpoint(out / "checkpoints") if a.resume else None  # as finetune() resumes
+    log["resumed_from"] = Path(last).name if last else None
+    args = training_arguments(cfg, out / "checkpoints", 42, has_val=False, resuming=last is not None)
+    args.report_to, args.logging_steps = [], 1
+    if a.save_steps:
+        args.save_steps = a.save_steps
+    else:
+        args.save_strategy = "no"
 
     steps = []
 
@@ -242,7 +257,7 @@ def cmd_train(a):
     log["image_tokens"] = int((sample["input_ids"] == 32000).sum())
     trainer = TeacherTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Probe()])
     t0 = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=last)
     log["train_s"] = round(time.time() - t0, 1)
     log["train_loss"] = result.training_loss
     log["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -263,6 +278,7 @@ def cmd_train(a):
     log["save_s"] = round(time.time() - t0, 1)
     phases["save"] = mem() | {"sampled_peak": round(sampler.peak, 3)}
     if trainer.is_world_process_zero():
+        processor.save_pretrained(adapter)  # as finetune() does: the adapter folder is a teacher of its own
         torch.save(logits[0, -8:].clone(), out / "trained_logits.pt")
 
     # every rank: its own view of the trained weights, gathered under ZeRO-3, and the file rank 0 wrote
@@ -333,6 +349,127 @@ def cmd_check(a):
     (run / "check.json").write_text(json.dumps(res, indent=1))
 
 
+# ------------------------------------------------------------------------------------------------------ kill -9
+def launcher(model: str, out: Path, zero: int, steps: int, port: int, *extra: str) -> list[str]:
+    """The command that runs ``train`` on 2 CPU ranks under DeepSpeed's launcher."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+            str(Path(__file__).resolve()), "train", "--model", model, "--zero", str(zero), "--steps", str(steps),
+            "--out", str(out), *extra]
+
+
+def tensors_differ(a: Path, b: Path) -> float:
+    """The largest absolute difference between two safetensors files with the same names (inf if names differ)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    if x.keys() != y.keys():
+        return float("inf")
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+
+def cmd_resume(a):
+    """``train`` checkpointing every step, killed with SIGKILL (launcher and both ranks) once checkpoint 1 is
+    complete, then rerun with ``--resume``; the result is compared with an uninterrupted run (``--reference``)."""
+    out = Path(a.out)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = launcher(a.model, out, a.zero, a.steps, a.port, "--save-steps", "1")
+    done = out / "checkpoints" / "checkpoint-1" / "trainer_state.json"  # the Trainer writes it last
+    t0 = time.time()
+    with open(out.parent / f"{out.name}-killed.log", "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        while not done.is_file() and proc.poll() is None:
+            time.sleep(1)
+        time.sleep(a.kill_delay)  # into step 2
+        alive = proc.poll() is None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if not alive or not done.is_file():
+        raise SystemExit(f"the run ended before it could be killed; see {out.parent / f'{out.name}-killed.log'}")
+    killed_s = round(time.time() - t0, 1)
+    with open(out.parent / f"{out.name}-resumed.log", "w") as logf:
+        subprocess.run(cmd + ["--resume"], env=env, stdout=logf, stderr=subprocess.STDOUT, check=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ref = json.loads((Path(a.reference) / "rank0.json").read_text())
+    res = {"killed_after_s": killed_s, "resumed_from": ranks[0]["resumed_from"],
+           "losses": ranks[0]["losses"], "reference_losses": ref["losses"],
+           "ranks_agree": all(r["ranks_agree"] for r in ranks),
+           "max|adapter-reference|": tensors_differ(out / "adapter" / "adapter_model.safetensors",
+                                                     Path(a.reference) / "adapter" / "adapter_model.safetensors"),
+           "resumed_peak_gib": max(max(s["VmHWM"] for s in r["steps"]) for r in ranks),
+           "resumed_step_s": [s["s"] for s in ranks[0]["steps"]]}
+    print(json.dumps(res))
+    (out / "resume.json").write_text(json.dumps(res, indent=1))
+
+
+# ------------------------------------------------------------------------------------------------------ distill
+def engine_captions(folder: Path, served: Path, images, ids, a) -> dict:
+    """Greedy captions of ``images`` by the HF engine on the model ``folder`` and by the vLLM engine on its copy
+    renamed as that engine serves it (made once in ``served``), in fp32, with the seconds each took."""
+    from pipeline.core.rundir import publish_dir
+    from pipeline.teacher.engines import HfEngine, VllmCaptionEngine
+    from pipeline.teacher.loading import load_processor, load_teacher
+    from pipeline.teacher.vllm_engine import EngineSettings, VllmEngine, convert_checkpoint
+
+    kw = dict(samples=[0] * len(ids), seed=0, temperature=0.0, top_p=1.0, max_new_tokens=a.max_new_tokens)
+    res, captions = {}, {}
+    t0 = time.time()
+    hf = HfEngine(load_teacher(folder, precision="fp32"), load_processor(folder))
+    captions["hf"] = [g.caption for g in hf.generate(images, ids, **kw)]
+    res["hf_s"] = round(time.time() - t0, 1)
+    del hf
+    if "vllm" in a.engines:
+        if not (served / "config.json").is_file():
+            with publish_dir(served) as tmp:
+                convert_checkpoint(folder, tmp)
+        settings = EngineSettings(model=str(served), dtype="float32", max_model_len=a.max_model_len,
+                                  max_num_seqs=len(images), cpu_kv_cache_gb=2, threads=a.threads)
+        t0 = time.time()
+        engine = VllmCaptionEngine(VllmEngine(settings), load_processor(served))
+        res["vllm_start_s"] = round(time.time() - t0, 1)
+        try:
+            t0 = time.time()
+            captions["vllm"] = [g.caption for g in engine.generate(images, ids, **kw)]
+            res["vllm_s"] = round(time.time() - t0, 1)
+        finally:
+            engine.close()
+        res["identical"] = sum(x == y for x, y in zip(captions["hf"], captions["vllm"]))
+    return res | {"captions": captions}
+
+
+def cmd_distill(a):
+    """Merge the run's adapter into the base (the project's ``merge_adapter``), check the merged model computes
+    what the trained one did, then caption the rehearsal images greedily with the distill engines (``hf``, and
+    ``vllm`` on the merged checkpoint renamed as the vLLM engine serves it). Two LoRA steps teach the model little
+    more than a frequent word, so ``--untrained-too`` also captions with the random base, whose greedy tokens vary:
+    the stronger check that both engines compute the same model."""
+    import torch
+    from PIL import Image
+
+    from pipeline.teacher.loading import load_processor, load_teacher, merge_adapter
+
+    torch.set_num_threads(a.threads)
+    run = Path(a.run)
+    merged = run / "merged"
+    res = {"run": str(run)}
+    t0 = time.time()
+    if not (merged / "config.json").is_file():
+        merge_adapter(Path(a.model), run / "adapter", merged, precision="fp32")
+    res["merge_s"] = round(time.time() - t0, 1)
+    rows = json.loads((Path(a.model) / "rows.json").read_text())[: a.images]
+    batch = Collator(load_processor(merged))(rows[:1])
+    batch.pop("labels")
+    with torch.no_grad():
+        logits = load_teacher(merged, precision="fp32")(**batch).logits.float()[0, -8:]
+    res["max|merged-trained(in DS)|"] = float((logits - torch.load(run / "trained_logits.pt")).abs().max())
+    images = [Image.open(r["image_path"]).convert("RGB") for r in rows]
+    ids = [r["image_id"] for r in rows]
+    res["fine-tuned"] = engine_captions(merged, run / "served", images, ids, a)
+    if a.untrained_too:
+        res["untrained"] = engine_captions(Path(a.model), run / "served-base", images, ids, a)
+    print(json.dumps(res))
+    (run / "distill.json").write_text(json.dumps(res, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--local_rank", type=int, default=-1)  # the deepspeed launcher passes it before the subcommand
@@ -351,13 +488,32 @@ def main():
     t.add_argument("--lr", type=float, default=1e-3, help="high, so that 3 steps change the logits visibly")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--precision", choices=("bf16", "fp32"), default="fp32")
+    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    t.add_argument("--resume", action="store_true", help="from the last complete checkpoint in OUT/checkpoints")
     c = sub.add_parser("check")
     c.add_argument("--model", required=True)
     c.add_argument("--run", required=True)
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--precision", choices=("bf16", "fp32"), default="fp32")
+    r = sub.add_parser("resume")
+    r.add_argument("--model", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--reference", required=True, help="an uninterrupted `train` run of the same settings")
+    r.add_argument("--zero", type=int, choices=(2, 3), default=3)
+    r.add_argument("--steps", type=int, default=2)
+    r.add_argument("--port", type=int, default=29521)
+    r.add_argument("--kill-delay", type=float, default=20.0, help="seconds after checkpoint 1 before the kill")
+    d = sub.add_parser("distill")
+    d.add_argument("--model", required=True)
+    d.add_argument("--run", required=True)
+    d.add_argument("--engines", nargs="+", choices=("hf", "vllm"), default=["hf", "vllm"])
+    d.add_argument("--images", type=int, default=4)
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--max-model-len", type=int, default=1024)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--untrained-too", action="store_true", help="also caption with the random base model")
     a = ap.parse_args()
-    {"build": cmd_build, "train": cmd_train, "check": cmd_check}[a.cmd](a)
+    {"build": cmd_build, "train": cmd_train, "check": cmd_check, "resume": cmd_resume, "distill": cmd_distill}[a.cmd](a)
 
 
 if __name__ == "__main__":

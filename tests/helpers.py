@@ -6,8 +6,11 @@ Fixtures stay in ``conftest.py``; tests import these names from here (never from
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,29 @@ WORDS = ["the", "lady", "gentleman", "wears", "a", "short-sleeve", "long-sleeve"
 END_BIAS = {"vgg19_gru": 0.1, "resnet101_gru": 0.3, "resnet101_attn_gru": 1.0, "vit_transformer": 0.6}
 SMALL = StudentsConfig(embed_dim=16, hidden_dim=32, transformer_heads=4, transformer_layers=2, max_length=12,
                        dropout=0.0, beam_size=3, encoder=EncoderSettings(width=0.125, image_size=32))
+
+
+def vllm_engine_missing() -> str | None:
+    """Why the vLLM engine's environment cannot be used here (one line), or None when it can."""
+    from pipeline.teacher.vllm_engine import EngineError, worker_python
+
+    try:
+        worker_python()
+    except EngineError as exc:
+        return str(exc)
+    return None
+
+
+def kill_stage_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Run ``python -m <args>`` in its own session and SIGKILL the whole group (the stage and any worker it started)
+    as soon as ``ready()`` holds (or after ``timeout`` seconds)."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def make_student(folder: Path, arch: str, cfg: StudentsConfig = SMALL, seed: int = 0) -> Path:

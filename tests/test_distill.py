@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from pipeline.reporting.cards import front_matter
 from pipeline.teacher.distill import parse_shard, read_generations
 from pipeline.workflows.distill import distill_dataset
 from stages import caption, finetune
-from tests.helpers import ROOT, run_stage
+from tests.helpers import ROOT, kill_stage_when, run_stage
 
 FAST_TEACHER = {"train": {"epochs": 1, "eval_generation_samples": 0}}
 
@@ -130,14 +127,8 @@ def test_kill_9_then_rerun_gives_identical_dataset(trained):
                          "ref")
     cfg = load_config(trained, ["distill.temperature=0.9", "distill.name=killed", "distill.batch_size=2"])
     jsonl = cfg.run_dir / "distill" / "killed" / "generations.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.distill", "--config", str(trained),
-                             "distill.temperature=0.9", "distill.name=killed", "distill.batch_size=2"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(read_generations(jsonl)) < 10:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_stage_when(["stages.distill", "--config", str(trained), "distill.temperature=0.9", "distill.name=killed",
+                     "distill.batch_size=2"], lambda: len(read_generations(jsonl)) >= 10)
     partial = len(read_generations(jsonl))
     assert 10 <= partial < sum(len(v) for v in reference.values())
     assert read_manifest(jsonl.parent) is None

@@ -1,8 +1,13 @@
 """The 13B fine-tune rehearsed at its true shape on 2 CPU ranks (scripts/rehearse.py), against the plan.
 
-Opt-in: it costs 15-25 minutes of 2 cores per ZeRO stage (build ~4 min; 2-5 min a step; the check ~3 min) and up to
-10 GB of memory a rank under ZeRO-3 (22 GB free for both ranks), too much for the CI's 45-minute budget beside the
-~20-minute suite. Run it with
+Per ZeRO stage: 2 LoRA steps; the adapter saved, reloaded on a fresh model and checked against the plan; the same
+steps checkpointed, killed with SIGKILL after step 1 and resumed to the uninterrupted run's result; the adapter
+merged and the images captioned greedily by both distill engines (vLLM where its environment is).
+
+Opt-in: it costs ~15-20 minutes of 2 quiet cores per ZeRO stage (build 30 s; 40-70 s a step; the killed and resumed
+run ~6 min; check, merge and captions ~6 min), up to 10 GB of memory a rank under ZeRO-3 (22 GB free for both
+ranks) and ~16 GB of disk a stage (the merged model and its two vLLM copies, fp32: 4 GB each), too much for the
+CI's 45-minute budget beside the ~20-minute suite. Run it with
 ``REHEARSAL=1 .venv/bin/python -m pytest tests/test_rehearsal.py``.
 """
 
@@ -14,7 +19,7 @@ import sys
 import pytest
 
 from pipeline.teacher import plan
-from tests.helpers import ROOT
+from tests.helpers import ROOT, vllm_engine_missing
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("REHEARSAL") != "1",
@@ -57,3 +62,27 @@ def test_rehearsal_adapter_reloads_and_plan_agrees(model, tmp_path, zero):
     predicted = plan.plan(arch, settings)["peak"] / plan.GIB + ranks[0]["phases"]["after_imports"]["VmRSS"]
     measured = max(max(s["VmHWM"] for s in r["steps"]) for r in ranks)
     assert abs(predicted - measured) / measured < 0.25, (predicted, measured)
+
+    # kill -9 after checkpoint 1 and resume: the uninterrupted run's losses and adapter
+    resumed = tmp_path / f"z{zero}-resumed"
+    subprocess.run([sys.executable, SCRIPT, "resume", "--model", str(model), "--out", str(resumed), "--reference",
+                    str(run), "--zero", str(zero), "--port", str(29550 + zero)], cwd=ROOT, env=env, check=True,
+                   timeout=2400)
+    res = json.loads((resumed / "resume.json").read_text())
+    assert res["resumed_from"] == "checkpoint-1" and res["ranks_agree"]
+    assert res["losses"] == pytest.approx(res["reference_losses"], rel=1e-4)
+    assert res["max|adapter-reference|"] < 1e-5
+
+    # merged, then greedy captions from both engines, of the fine-tuned model and of the random base (varied tokens)
+    engines = ["hf"] + (["vllm"] if vllm_engine_missing() is None else [])
+    subprocess.run([sys.executable, SCRIPT, "distill", "--model", str(model), "--run", str(run), "--untrained-too",
+                    "--engines", *engines], cwd=ROOT, check=True, timeout=1800)
+    out = json.loads((run / "distill.json").read_text())
+    assert out["max|merged-trained(in DS)|"] < 1e-3  # merging keeps what the trained model computed
+    for model_kind in ("fine-tuned", "untrained"):
+        captions = out[model_kind]["captions"]
+        assert all(captions["hf"])
+        if "vllm" in engines:
+            assert captions["vllm"] == captions["hf"]
+    assert len(set(out["untrained"]["captions"]["hf"])) > 1  # each image its own caption: the image is read
+

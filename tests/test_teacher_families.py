@@ -1,5 +1,6 @@
-"""Any image-text-to-text teacher: tiny LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Idefics3 checkpoints (and one of a shape
-the pipeline was not written against) through the teacher's code and, end to end, finetune -> distill -> a student."""
+"""Any image-text-to-text teacher: tiny LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Idefics3, LLaVA-OneVision and Gemma 3
+checkpoints (and one of a shape the pipeline was not written against) through the teacher's code and, end to end,
+finetune -> distill -> a student."""
 
 from argparse import Namespace
 
@@ -57,7 +58,7 @@ def test_collator_generation_and_lora_for_each_family(checkpoints, teacher_world
         assert answer[-1] in eos and sum(t in eos for t in answer) == 1  # exactly one end token, the last
         assert int((ids == image_token).sum()) == lengths.image_tokens[im.size]  # every image token is there
         assert processor.tokenizer.decode(answer, skip_special_tokens=True).strip() == caption
-    if family in ("llava_next", "qwen2_vl", "idefics3"):  # the image tokens depend on the image's size
+    if family in ("llava_next", "qwen2_vl", "idefics3", "llava_onevision"):  # image tokens depend on the image's size
         assert len(set(lengths.image_tokens.values())) > 1, lengths.image_tokens
     with torch.no_grad():
         loss = model(**batch).loss

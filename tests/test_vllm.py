@@ -5,11 +5,7 @@ saying so, where it is absent; CI creates it.
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from argparse import Namespace
 
 import pytest
@@ -27,23 +23,14 @@ from pipeline.teacher.vllm_engine import (
     convert_checkpoint,
     engine_version,
     vllm_key,
-    worker_python,
 )
 from pipeline.workflows import depends
 from pipeline.workflows.distill import distill_dataset
 from stages import caption, finetune
-from tests.helpers import ROOT, run_stage
+from tests.helpers import kill_stage_when, run_stage, vllm_engine_missing
 
-
-def _engine_missing() -> str | None:
-    try:
-        worker_python()
-    except EngineError as exc:
-        return str(exc)
-    return None
-
-
-needs_engine = pytest.mark.skipif(_engine_missing() is not None, reason=f"no vLLM engine: {_engine_missing()}")
+needs_engine = pytest.mark.skipif(vllm_engine_missing() is not None,
+                                  reason=f"no vLLM engine: {vllm_engine_missing()}")
 VLLM = "distill.engine=vllm"
 
 
@@ -83,6 +70,26 @@ def test_weight_names_become_the_hub_layout_vllm_loads():
     for kept in ("language_model.model.norm.weight", "multi_modal_projector.linear_1.bias",
                  "vision_tower.vision_model.post_layernorm.weight"):
         assert vllm_key(kept) == kept
+
+
+def test_llava_family_checkpoints_are_renamed_others_copied(tmp_path):
+    from safetensors import safe_open
+
+    from tests import tiny_vlms
+
+    texts = ["the lady wears a long-sleeve shirt with pure color patterns"] * 8
+    for family, renamed in (("llava_next", True), ("llava_onevision", True), ("qwen2_vl", False)):
+        src, dst = tiny_vlms.build(family, tmp_path / family, texts), tmp_path / f"{family}-served"
+        dst.mkdir()
+        changed = convert_checkpoint(src, dst)
+        with safe_open(dst / "model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        tower = [k for k in keys if k.startswith("vision_tower.")]
+        if renamed:  # vLLM reads the tower under vision_model. (it refused 'vision_tower.embeddings' before)
+            assert changed and tower and all(k.startswith("vision_tower.vision_model.") for k in tower), keys[:5]
+        else:
+            assert changed == 0 and not tower
+        assert (dst / "config.json").read_text() == (src / "config.json").read_text()
 
 
 def test_engine_key_is_checked_and_a_missing_engine_env_is_one_line(make_config, tmp_path):
@@ -190,13 +197,7 @@ def test_sampled_vllm_captions_do_not_depend_on_batch_shards_or_kill_9(trained):
     args = [*sample, "distill.name=vkill", "distill.batch_size=2"]
     cfg = load_config(trained, args)
     jsonl = cfg.run_dir / "distill" / "vkill" / "generations.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.distill", "--config", str(trained), *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(read_generations(jsonl)) < 20:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_stage_when(["stages.distill", "--config", str(trained), *args], lambda: len(read_generations(jsonl)) >= 20)
     partial = len(read_generations(jsonl))
     assert 20 <= partial < len(one) and read_manifest(jsonl.parent) is None
     with open(jsonl, "a") as fh:

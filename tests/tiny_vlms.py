@@ -1,4 +1,4 @@
-"""Tiny image-text-to-text checkpoints of four families, built locally (random weights, a BPE tokenizer trained on
+"""Tiny image-text-to-text checkpoints of six families, built locally (random weights, a BPE tokenizer trained on
 the given texts, each family's processor and a chat template like its real checkpoints'), and one of a shape the
 pipeline was not written against (:func:`build_foreign`).
 
@@ -42,6 +42,24 @@ IDEFICS3_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct (writes its BOS <|im_sta
     "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
     "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+ONEVISION_TEMPLATE = (  # llava-hf/llava-onevision-qwen2-*-ov-hf: its assistant turn starts "<|im_start|>assistant \n",
+    # not with its own generation prompt "<|im_start|>assistant\n"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+GEMMA3_TEMPLATE = (  # google/gemma-3-*-it without its system-turn folding
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}<start_of_turn>{{ role }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 FOREIGN_TEMPLATE = (  # a Gemma-like turn format none of the others uses, with a system line
     "<bos>{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else "
@@ -189,6 +207,69 @@ def build_idefics3(texts):
         chat_template=IDEFICS3_TEMPLATE)
 
 
+def _siglip(image_size: int, patch_size: int, hidden: int = 32):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+                              vision_use_head=False)
+
+
+def build_llava_onevision(texts):
+    """SigLIP tower, Qwen2 language model, anyres tiles (the image tokens depend on the image's size)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tok = train_tokenizer(texts, specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
+                          extra={"image_token": "<image>", "video_token": "<video>"})
+    ids = tok.convert_tokens_to_ids
+    size, patch, pinpoints = 32, 8, [[32, 64], [64, 32], [64, 64]]
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaOnevisionConfig(vision_config=_siglip(size, patch), text_config=text,
+                                  image_token_index=ids("<image>"), video_token_index=ids("<video>"),
+                                  image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+                                  vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    square = {"height": size, "width": size}
+    return LlavaOnevisionForConditionalGeneration(config), LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=pinpoints), tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size=square), num_image_tokens=(size // patch) ** 2,
+        vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE)
+
+
+def build_gemma3(texts):
+    """Gemma 3: the processor's ``image_token_id`` is its begin-of-image marker, each image becomes 4 soft tokens
+    (a pooled 4x4 patch grid), images go to the processor one list per prompt, ``<end_of_turn>`` ends an answer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    tok = train_tokenizer(texts, specials, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
+                          extra={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                 "eoi_token": "<end_of_image>"})
+    ids = tok.convert_tokens_to_ids
+    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                            sliding_window=64, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    size, patch, soft = 32, 8, 4
+    config = Gemma3Config(text_config=text, vision_config=_siglip(size, patch), mm_tokens_per_image=soft,
+                          boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                          image_token_index=ids("<image_soft_token>"))
+    ip = Gemma3ImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Gemma3ForConditionalGeneration(config), Gemma3Processor(image_processor=ip, tokenizer=tok,
+                                                                   image_seq_length=soft, chat_template=GEMMA3_TEMPLATE)
+
+
 def build_foreign(texts):
     """A LLaVA-architecture checkpoint unlike the others: a Unigram tokenizer whose template writes its own BOS,
     two end tokens (the generation config lists both), 40 px images in 10 px patches, three 96-wide text layers, a
@@ -214,8 +295,9 @@ def build_foreign(texts):
 
 
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2_vl": build_qwen2_vl,
-            "idefics3": build_idefics3, "foreign": build_foreign}
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
+            "idefics3": build_idefics3, "foreign": build_foreign, "llava_onevision": build_llava_onevision,
+            "gemma3": build_gemma3}
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "llava_onevision", "gemma3")
 
 
 def build(family: str, out_dir: Path, texts: Sequence[str], seed: int = 0) -> Path:
@@ -226,7 +308,7 @@ def build(family: str, out_dir: Path, texts: Sequence[str], seed: int = 0) -> Pa
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id = tok.pad_token_id, tok.bos_token_id
     gc.eos_token_id = tok.eos_token_id
-    if family == "foreign":  # the turn's end token ends an answer too (like Gemma 3's <end_of_turn>)
+    if family in ("foreign", "gemma3"):  # the turn's end token ends an answer too (Gemma 3's <end_of_turn>)
         gc.eos_token_id = [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -59,13 +59,21 @@ def eos_token_ids(processor, generation_config=None) -> list[int]:
 def answer_ids(processor, caption: str, eos_ids: Sequence[int], instruction: str = INSTRUCTION) -> list[int]:
     """Token ids of the answer as the model must produce it: what the chat template renders after the prompt, up to
     and including its first end token (what the template writes after it, ``\\n`` or a space, gets no label); a
-    template that writes no end token (llava-1.5-hf) gets the answer without its trailing space, then EOS."""
+    template that writes no end token (llava-1.5-hf) gets the answer without its trailing space, then EOS. A template
+    whose assistant turn does not start with its own generation prompt (llava-onevision-hf renders
+    ``<|im_start|>assistant \\n`` after ``<|im_start|>assistant\\n``) gives what it renders from the caption on: the
+    model is prompted with the generation prompt, so that is what it must write after it."""
+    caption = caption.strip()
     prompt = build_prompt(processor, instruction)
-    full = processor.apply_chat_template(messages(instruction, caption.strip()), tokenize=False)
-    if not full.startswith(prompt):
+    full = processor.apply_chat_template(messages(instruction, caption), tokenize=False)
+    if full.startswith(prompt):
+        suffix = full[len(prompt):]
+    elif caption and caption in full:
+        suffix = full[full.rindex(caption):]
+    else:
         raise ValueError(f"the chat template's generation prompt {prompt[-40:]!r} is not a prefix of the rendered "
-                         "conversation; this template cannot be used for answer-only training")
-    suffix = full[len(prompt):]
+                         "conversation, nor does it render the caption verbatim; this template cannot be used for "
+                         "answer-only training")
     tok = processor.tokenizer
     ids = tok(suffix, add_special_tokens=False)["input_ids"]
     ends = [j for j, i in enumerate(ids) if i in eos_ids]
@@ -80,19 +88,22 @@ class PromptLengths:
 
     def __init__(self, processor, instruction: str = INSTRUCTION):
         self.processor, self.prompt = processor, build_prompt(processor, instruction)
-        self.image_token_id = getattr(processor, "image_token_id", None)
+        # the ids the processor names as the image's: Gemma 3's image_token_id is its begin-of-image marker and its
+        # image_token_ids the soft tokens; Pixtral's and InternVL's image_token_ids add row breaks / start / end
+        ids = [getattr(processor, "image_token_id", None), *(getattr(processor, "image_token_ids", None) or [])]
+        self.image_token_candidates = [i for i in dict.fromkeys(ids) if isinstance(i, int)]
         self.cache: dict[tuple[int, int], int] = {}
         self.image_tokens: dict[tuple[int, int], int] = {}  # the image tokens among them, per size
 
     def __call__(self, size: tuple[int, int]) -> int:
         """Prompt tokens for an image of ``size`` (width, height)."""
         if size not in self.cache:
-            enc = self.processor(images=[Image.new("RGB", size)], text=[self.prompt], return_tensors="pt",
+            enc = self.processor(images=[[Image.new("RGB", size)]], text=[self.prompt], return_tensors="pt",
                                  **text_kwargs(self.processor, self.prompt))
             ids = enc["input_ids"][0]
             self.cache[size] = int(ids.shape[0])
-            if self.image_token_id is not None:
-                self.image_tokens[size] = int((ids == self.image_token_id).sum())
+            if self.image_token_candidates:  # the tokens that carry the image: the most numerous of those ids
+                self.image_tokens[size] = max(int((ids == i).sum()) for i in self.image_token_candidates)
         return self.cache[size]
 
 
@@ -117,7 +128,8 @@ class CaptionCollator:
         import torch
 
         tok = self.processor.tokenizer
-        enc = self.processor(images=[b["image"] for b in batch], text=[self.prompt] * len(batch),
+        # one list of images per prompt: Gemma 3's processor reads a flat list as all of one prompt's images
+        enc = self.processor(images=[[b["image"]] for b in batch], text=[self.prompt] * len(batch),
                              return_tensors="pt", padding=True, **text_kwargs(self.processor, self.prompt))
         shape = enc["input_ids"].shape
         per_token = [k for k, v in enc.items() if k != "input_ids" and getattr(v, "shape", None) == shape]

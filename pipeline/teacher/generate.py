@@ -74,7 +74,7 @@ def generate_captions(model, processor, images: Sequence, image_ids: Sequence[st
     tok = processor.tokenizer
     tok.padding_side = "left"
     prompt = build_prompt(processor)
-    enc = processor(images=list(images), text=[prompt] * len(images), return_tensors="pt", padding=True,
+    enc = processor(images=[[im] for im in images], text=[prompt] * len(images), return_tensors="pt", padding=True,
                     **text_kwargs(processor, prompt))
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype

@@ -52,7 +52,7 @@ def load_processor(path: str | Path, padding_side: str = "right"):
         raise TeacherError(f"processor folder {path} does not exist")
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, ImportError) as exc:  # ImportError: a package the processor needs
         raise TeacherError(f"cannot load the processor of {path}: {exc}") from exc
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise TeacherError(f"{path}: {type(processor).__name__} is not an image-text processor (no tokenizer and "

@@ -35,7 +35,9 @@ PYTHON_VAR = "FASHION_DISTILL_VLLM_PYTHON"
 DEFAULT_ENV = Path(__file__).resolve().parents[2] / ".venv-vllm"
 WORKER = Path(__file__).with_name("vllm_worker.py")
 SOURCE_FILE = "teacher-vllm.json"  # what the served checkpoint was built from
-LAYOUT = 1  # version of the conversion below: a change rebuilds every served checkpoint
+LAYOUT = 2  # version of the conversion below: a change rebuilds every served checkpoint
+# model types whose vLLM 0.32 classes read the llava-hf hub weight names (the CLIP/SigLIP tower under vision_model.)
+HUB_LAYOUT_TYPES = ("llava", "llava_next", "llava_onevision")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -82,11 +84,12 @@ def vllm_key(key: str) -> str:
 
 def convert_checkpoint(src: Path, dst: Path) -> int:
     """Copy the model folder ``src`` into the empty folder ``dst`` with LLaVA weight names renamed by
-    :func:`vllm_key` (other model types are copied unchanged); the number of names changed."""
+    :func:`vllm_key` for the :data:`HUB_LAYOUT_TYPES` (other model types are copied unchanged); the number of names
+    changed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    llava = json.loads((src / "config.json").read_text()).get("model_type") == "llava"
+    llava = json.loads((src / "config.json").read_text()).get("model_type") in HUB_LAYOUT_TYPES
     weights = sorted(src.glob("*.safetensors"))
     if not weights:
         raise EngineError(f"{src}: no *.safetensors weights to serve")
