@@ -1,4 +1,4 @@
-"""Tiny image-text-to-text checkpoints of six families, built locally (random weights, a BPE tokenizer trained on
+"""Tiny image-text-to-text checkpoints of nine families, built locally (random weights, a BPE tokenizer trained on
 the given texts, each family's processor and a chat template like its real checkpoints'), and one of a shape the
 pipeline was not written against (:func:`build_foreign`).
 
@@ -60,6 +60,11 @@ GEMMA3_TEMPLATE = (  # google/gemma-3-*-it without its system-turn folding
     "message['role'] %}<start_of_turn>{{ role }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
     "<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+PALIGEMMA_TEMPLATE = (  # made up: PaliGemma's checkpoints have none (without one the pipeline refuses them)
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+    "{% else %}{{ message['content'][0]['text'] }}<eos>{% endif %}{% endfor %}"
 )
 FOREIGN_TEMPLATE = (  # a Gemma-like turn format none of the others uses, with a system line
     "<bos>{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else "
@@ -152,34 +157,48 @@ def build_llava_next(texts):
         num_additional_image_tokens=1, chat_template=LLAVA_NEXT_TEMPLATE)
 
 
-def build_qwen2_vl(texts):
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
+def _qwen_tokenizer(texts):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<|video_pad|>"]
-    tok = train_tokenizer(texts, specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
-                          extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    return train_tokenizer(texts, specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
+                           extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+
+
+def _qwen_vl(model_cls, config_cls, processor_cls, texts, vision: dict):
+    """A Qwen2-VL-style model (M-RoPE text, patch-merging vision, 56-112 px images) and its processor."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tok = _qwen_tokenizer(texts)
     ids = tok.convert_tokens_to_ids
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
                 bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                           vision_end_token_id=ids("<|vision_end|>"))
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"))
     pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}  # min_pixels / max_pixels
     kw = dict(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
-    return Qwen2VLForConditionalGeneration(config), Qwen2VLProcessor(
+    return model_cls(config), processor_cls(
         image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**kw),
         chat_template=QWEN2_VL_TEMPLATE)
+
+
+def build_qwen2_vl(texts):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return _qwen_vl(Qwen2VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLProcessor, texts, vision)
+
+
+def build_qwen2_5_vl(texts):
+    """Qwen2.5-VL (the modern-teacher config's family): a windowed-attention vision tower with an MLP merger."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1])
+    return _qwen_vl(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, texts, vision)
 
 
 def build_idefics3(texts):
@@ -204,6 +223,33 @@ def build_idefics3(texts):
                                 do_image_splitting=True)
     return Idefics3ForConditionalGeneration(config), Idefics3Processor(
         image_processor=ip, tokenizer=tok, image_seq_len=(size // patch) ** 2 // scale**2,
+        chat_template=IDEFICS3_TEMPLATE)
+
+
+def build_smolvlm(texts):
+    """SmolVLM (Idefics3's successor; its processor needs the package num2words)."""
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = train_tokenizer(texts, specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>",
+                          unk="<|endoftext|>", extra={"image_token": "<image>"})
+    size, patch, scale = 32, 8, 2
+    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=size, patch_size=patch)
+    config = SmolVLMConfig(vision_config=vision, text_config=_llama(tok), scale_factor=scale,
+                           image_token_id=tok.convert_tokens_to_ids("<image>"))
+    sizes = dict(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
+    return SmolVLMForConditionalGeneration(config), SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(**sizes, do_image_splitting=True), tokenizer=tok,
+        video_processor=SmolVLMVideoProcessor(**sizes), image_seq_len=(size // patch) ** 2 // scale**2,
         chat_template=IDEFICS3_TEMPLATE)
 
 
@@ -270,6 +316,34 @@ def build_gemma3(texts):
                                                                    image_seq_length=soft, chat_template=GEMMA3_TEMPLATE)
 
 
+def build_paligemma(texts):
+    """PaliGemma: a prefix LM (the prompt's tokens, typed 0, see each other both ways; the answer's must be typed 1)
+    whose processor returns ``labels`` and ``token_type_ids`` of its own; embeddings untied, so that the random model
+    does not just repeat the prompt's last (special) token."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
+
+    tok = train_tokenizer(texts, ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>",
+                          pad="<pad>", unk="<unk>", extra={"image_token": "<image>"})
+    size, patch = 32, 8
+    ip = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip.image_seq_length = (size // patch) ** 2
+    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tok, chat_template=PALIGEMMA_TEMPLATE)
+    tok = processor.tokenizer  # the processor adds its <loc>/<seg> tokens
+    text = GemmaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = PaliGemmaConfig(vision_config=_siglip(size, patch), text_config=text, projection_dim=64, hidden_size=64,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=len(tok),
+                             tie_word_embeddings=False)
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
 def build_foreign(texts):
     """A LLaVA-architecture checkpoint unlike the others: a Unigram tokenizer whose template writes its own BOS,
     two end tokens (the generation config lists both), 40 px images in 10 px patches, three 96-wide text layers, a
@@ -295,9 +369,10 @@ def build_foreign(texts):
 
 
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2_vl": build_qwen2_vl,
+            "qwen2_5_vl": build_qwen2_5_vl, "smolvlm": build_smolvlm,
             "idefics3": build_idefics3, "foreign": build_foreign, "llava_onevision": build_llava_onevision,
-            "gemma3": build_gemma3}
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "llava_onevision", "gemma3")
+            "gemma3": build_gemma3, "paligemma": build_paligemma}
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "llava_onevision", "gemma3")
 
 
 def build(family: str, out_dir: Path, texts: Sequence[str], seed: int = 0) -> Path:

@@ -112,6 +112,20 @@ def prompt_length(processor, image) -> int:
     return PromptLengths(processor)(image.size)
 
 
+def answer_fill(processor, prompt: str) -> dict[str, int]:
+    """The value of each per-token output over an appended answer: :data:`ANSWER_FILL`, except the values the
+    processor itself gives an answer where it takes one as ``suffix`` (PaliGemma's: its prefix-LM attends
+    bidirectionally over the tokens of type 0, so an answer typed 0 would see its own future tokens)."""
+    import inspect
+
+    fill = dict(ANSWER_FILL)
+    if "suffix" in inspect.signature(processor.__call__).parameters:
+        enc = processor(images=[[Image.new("RGB", (32, 32))]], text=[prompt], suffix=["a"], return_tensors="pt",
+                        **text_kwargs(processor, prompt))
+        fill.update({k: int(enc[k][0, -1]) for k in fill if k in enc})
+    return fill
+
+
 class CaptionCollator:
     """Batch of ``{"image": PIL.Image, "caption": str, "image_id": str}`` -> model inputs with masked labels: the
     processor's outputs for the prompts (all of them), each per-token one extended over the answer."""
@@ -123,6 +137,7 @@ class CaptionCollator:
         self.instruction = instruction
         self.prompt = build_prompt(processor, instruction)
         self.eos_ids = list(eos_ids) if eos_ids else eos_token_ids(processor)
+        self.fill = answer_fill(processor, self.prompt)
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -131,9 +146,10 @@ class CaptionCollator:
         # one list of images per prompt: Gemma 3's processor reads a flat list as all of one prompt's images
         enc = self.processor(images=[[b["image"]] for b in batch], text=[self.prompt] * len(batch),
                              return_tensors="pt", padding=True, **text_kwargs(self.processor, self.prompt))
+        enc.pop("labels", None)  # PaliGemma's processor labels the prompt (all ignored): the labels are made here
         shape = enc["input_ids"].shape
         per_token = [k for k, v in enc.items() if k != "input_ids" and getattr(v, "shape", None) == shape]
-        unknown = set(per_token) - set(ANSWER_FILL)
+        unknown = set(per_token) - set(self.fill)
         if unknown:
             raise ValueError(f"the processor returns per-token outputs {sorted(unknown)} the collator cannot extend "
                              "over the answer")
@@ -148,7 +164,7 @@ class CaptionCollator:
                                    f"{len(answer)} answer tokens exceed teacher.train.max_length={self.max_length}")
             prompt["input_ids"] += answer
             for k in per_token:
-                prompt[k] += [ANSWER_FILL[k]] * len(answer)
+                prompt[k] += [self.fill[k]] * len(answer)
             rows.append(prompt)
             labels.append([IGNORE_INDEX] * (n - len(answer)) + answer)
         width = max(len(r["input_ids"]) for r in rows)

@@ -78,7 +78,8 @@ def generate_captions(model, processor, images: Sequence, image_ids: Sequence[st
                     **text_kwargs(processor, prompt))
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
+    enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()
+           if k != "labels"}  # PaliGemma's processor labels the prompt
     processors = LogitsProcessorList()
     if temperature > 0:
         samples = samples or [0] * len(image_ids)

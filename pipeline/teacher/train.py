@@ -185,6 +185,17 @@ def zero_stage(deepspeed: Path | None) -> int | None:
         raise TeacherError(f"teacher.train.deepspeed {deepspeed}: no zero_optimization.stage ({exc})") from None
 
 
+def leave_process_group() -> None:
+    """All ranks leave the process group together (the other ranks then exit while rank 0 goes on to evaluate and
+    merge): a process that exits with a gloo group still up can abort at shutdown ("terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], out_dir: Path, seed: int) -> dict:
     """Train LoRA adapters; returns figures (losses, throughput). Checkpoints go to ``out_dir/checkpoints``."""
     from transformers import GenerationConfig, set_seed
@@ -244,6 +255,7 @@ def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], o
         unset_hf_deepspeed_config()  # later from_pretrained calls (evaluation, merge) must not build ZeRO-3 shards
     # every evaluation, the one before training first (restored from the checkpoint on resume)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    leave_process_group()
     return {
         "train_samples": len(train_rows), "val_samples": len(val_rows),
         "too_long": too_long + val_too_long, "resumed_from": Path(last).name if last else None,
