@@ -92,6 +92,74 @@ def test_llava_family_checkpoints_are_renamed_others_copied(tmp_path):
         assert (dst / "config.json").read_text() == (src / "config.json").read_text()
 
 
+def test_caption_tokens_leave_out_whichever_end_token_stopped_it(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.teacher.collator import eos_token_ids
+    from pipeline.teacher.engines import VllmCaptionEngine
+    from pipeline.teacher.loading import load_generation_config, load_processor
+    from tests import tiny_vlms
+
+    folder = tiny_vlms.build("gemma3", tmp_path / "gemma3", ["a lady in a long denim skirt"] * 8)
+    processor = load_processor(folder)
+    end_of_turn, eos = processor.tokenizer.convert_tokens_to_ids(["<end_of_turn>", "<eos>"])
+    ends = eos_token_ids(processor, load_generation_config(folder))
+    assert ends == [end_of_turn, eos]  # the generation config's list (vLLM stops at either), then the tokenizer's
+    worker = SimpleNamespace(version="a stand-in: only the token count is checked")
+    engine = VllmCaptionEngine(worker, processor, ends)
+    assert [engine.caption_tokens(t) for t in ([7, 8, end_of_turn], [7, 8, eos], [7, 8, 9], [])] == [2, 2, 3, 0]
+    assert VllmCaptionEngine(worker, processor).caption_tokens([7, 8, end_of_turn]) == 3  # tokenizer EOS only
+
+
+def hf_greedy(model, processor, image, max_new_tokens: int) -> tuple[list[int], int]:
+    """HF's greedy tokens for one image, and how many of them lead by more than a near-tie (top two logits over
+    1e-3 apart: a near-tie may go either way in another engine's arithmetic)."""
+    import torch
+
+    from pipeline.teacher.collator import build_prompt, text_kwargs
+
+    prompt = build_prompt(processor)
+    enc = processor(images=[[image]], text=[prompt], return_tensors="pt", **text_kwargs(processor, prompt))
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, output_scores=True,
+                             return_dict_in_generate=True)
+    gaps = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in out.scores)]
+    decided = next((i for i, g in enumerate(gaps) if g < 1e-3), len(gaps))
+    return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), decided
+
+
+@needs_engine
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ("llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "smolvlm"))
+def test_each_served_family_gives_hf_greedy_tokens(tmp_path, family):
+    from PIL import Image
+
+    from pipeline.core.cpus import cpu_share
+    from pipeline.teacher.collator import build_prompt
+    from pipeline.teacher.loading import load_processor, load_teacher
+    from tests import tiny_vlms
+
+    texts = ["the lady wears a long-sleeve shirt with pure color patterns and a long denim skirt"] * 8
+    folder = tiny_vlms.build(family, tmp_path / family, texts, wide_heads=True)
+    served = tmp_path / "served"
+    served.mkdir()
+    convert_checkpoint(folder, served)
+    processor, model = load_processor(folder), load_teacher(folder, precision="fp32")
+    images = [Image.new("RGB", s, (40 * i + 30, 90, 200 - 50 * i)) for i, s in enumerate([(40, 64), (120, 30),
+                                                                                            (48, 48)])]
+    hf = [hf_greedy(model, processor, im, 8) for im in images]
+    engine = VllmEngine(EngineSettings(model=str(served), dtype="float32", max_model_len=1024, max_num_seqs=4,
+                                       threads=cpu_share()))
+    try:
+        outs = engine.generate(images, [build_prompt(processor)] * len(images), seeds=[None] * len(images),
+                               temperature=0.0, top_p=1.0, max_tokens=8)
+    finally:
+        engine.close()
+    for (tokens, decided), out in zip(hf, outs):
+        assert decided >= 4, (family, tokens, decided)  # most of each caption is decided, or the check says little
+        assert out.token_ids[:decided] == tokens[:decided], (family, out.token_ids, tokens)
+
+
 def test_engine_key_is_checked_and_a_missing_engine_env_is_one_line(make_config, tmp_path):
     with pytest.raises(ConfigError, match="distill.engine"):
         load_config(make_config(), ["distill.engine=tgi"])

@@ -375,10 +375,33 @@ BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2_vl": bu
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "llava_onevision", "gemma3")
 
 
-def build(family: str, out_dir: Path, texts: Sequence[str], seed: int = 0) -> Path:
-    """Build the tiny ``family`` checkpoint (tokenizer trained on ``texts``) and save it to ``out_dir``."""
+def with_32_wide_heads(model):
+    """A model of the same family with 32-wide attention heads in both towers, new random weights (vLLM's CPU build
+    has no attention kernel for the 16-wide heads of the builders above)."""
+    config = model.config
+    text, vision = config.text_config, config.vision_config
+    text.hidden_size, text.num_attention_heads, text.num_key_value_heads = 128, 4, 2
+    if getattr(text, "head_dim", None):
+        text.head_dim = 32
+    rope = getattr(text, "rope_parameters", None) or {}
+    if "mrope_section" in rope:
+        rope["mrope_section"] = [4, 6, 6]  # Qwen's M-RoPE sections add up to half a head
+    if hasattr(vision, "embed_dim"):  # Qwen2-VL's tower
+        vision.embed_dim, vision.num_heads, vision.hidden_size = 64, 2, 128
+    elif hasattr(vision, "out_hidden_size"):  # Qwen2.5-VL's
+        vision.hidden_size, vision.num_heads, vision.intermediate_size, vision.out_hidden_size = 64, 2, 128, 128
+    else:  # CLIP, SigLIP, Idefics3
+        vision.hidden_size, vision.num_attention_heads, vision.intermediate_size = 64, 2, 128
+    return type(model)(config)
+
+
+def build(family: str, out_dir: Path, texts: Sequence[str], seed: int = 0, wide_heads: bool = False) -> Path:
+    """Build the tiny ``family`` checkpoint (tokenizer trained on ``texts``; 32-wide attention heads with
+    ``wide_heads``) and save it to ``out_dir``."""
     torch.manual_seed(seed)
     model, processor = BUILDERS[family](list(texts))
+    if wide_heads:
+        model = with_32_wide_heads(model)
     tok = processor.tokenizer
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id = tok.pad_token_id, tok.bos_token_id

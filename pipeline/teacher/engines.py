@@ -14,9 +14,15 @@ from typing import Protocol
 
 from pipeline.core.config import Config
 from pipeline.core.cpus import cpu_share
-from pipeline.teacher.collator import build_prompt
+from pipeline.teacher.collator import build_prompt, eos_token_ids
 from pipeline.teacher.generate import Generation, clean_caption, generate_captions, sample_seed
-from pipeline.teacher.loading import DTYPES, finetuned_teacher, load_processor, load_teacher
+from pipeline.teacher.loading import (
+    DTYPES,
+    finetuned_teacher,
+    load_generation_config,
+    load_processor,
+    load_teacher,
+)
 from pipeline.teacher.vllm_engine import EngineSettings, VllmEngine, served_checkpoint
 
 
@@ -53,17 +59,22 @@ class VllmCaptionEngine:
 
     name = "vllm"
 
-    def __init__(self, engine: VllmEngine, processor):
+    def __init__(self, engine: VllmEngine, processor, eos_ids: Sequence[int] = ()):
+        """``eos_ids``: the tokens that end an answer (:func:`eos_token_ids`; default the tokenizer's EOS)."""
         self.engine, self.processor, self.version = engine, processor, engine.version
         self.prompt = build_prompt(processor)
+        self.eos_ids = list(eos_ids) or eos_token_ids(processor)
 
     def generate(self, images, image_ids, *, samples, seed, temperature, top_p, max_new_tokens):
         seeds = [sample_seed(seed, i, j) if temperature > 0 else None for i, j in zip(image_ids, samples)]
         outputs = self.engine.generate(images, [self.prompt] * len(images), seeds=seeds, temperature=temperature,
                                        top_p=top_p, max_tokens=max_new_tokens)
-        eos = self.processor.tokenizer.eos_token_id
-        return [Generation(clean_caption(o.text), len(o.token_ids) - (o.token_ids[-1:] == [eos]),
+        return [Generation(clean_caption(o.text), self.caption_tokens(o.token_ids),
                            truncated=o.finish_reason == "length") for o in outputs]
+
+    def caption_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens of a caption without the end token that stopped it (as :class:`HfEngine` counts them)."""
+        return len(token_ids) - (len(token_ids) > 0 and token_ids[-1] in self.eos_ids)
 
     def close(self) -> None:
         self.engine.close()
@@ -88,7 +99,9 @@ def open_engine(cfg: Config, teacher_dir: Path, *, cpu: bool = False, threads: i
                               tensor_parallel_size=v.tensor_parallel_size,
                               gpu_memory_utilization=v.gpu_memory_utilization, cpu_kv_cache_gb=v.cpu_kv_cache_gb,
                               threads=threads or cpu_share())
-    return VllmCaptionEngine(VllmEngine(settings), load_processor(served))
+    processor = load_processor(served)
+    return VllmCaptionEngine(VllmEngine(settings), processor,
+                             eos_token_ids(processor, load_generation_config(served)))
 
 
 class EngineCaptioner:

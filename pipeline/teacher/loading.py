@@ -43,6 +43,16 @@ def finetuned_teacher(base: Path, teacher_dir: Path) -> tuple[Path, Path | None]
     return base, teacher_dir / "adapter"
 
 
+def load_generation_config(path: str | Path):
+    """The checkpoint's ``generation_config.json`` (its end tokens, one or a list), or None where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        return None
+
+
 def load_processor(path: str | Path, padding_side: str = "right"):
     """The checkpoint's processor (tokenizer + image processor + chat template) from a local folder."""
     from transformers import AutoProcessor

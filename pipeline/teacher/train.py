@@ -198,17 +198,13 @@ def leave_process_group() -> None:
 
 def finetune(cfg: TeacherConfig, train_rows: list[dict], val_rows: list[dict], out_dir: Path, seed: int) -> dict:
     """Train LoRA adapters; returns figures (losses, throughput). Checkpoints go to ``out_dir/checkpoints``."""
-    from transformers import GenerationConfig, set_seed
+    from transformers import set_seed
 
-    from pipeline.teacher.loading import load_processor
+    from pipeline.teacher.loading import load_generation_config, load_processor
 
     set_seed(seed)
     processor = load_processor(cfg.model)
-    try:
-        generation = GenerationConfig.from_pretrained(cfg.model, local_files_only=True)
-    except OSError:  # no generation_config.json: the tokenizer's EOS ends an answer
-        generation = None
-    eos_ids = eos_token_ids(processor, generation)
+    eos_ids = eos_token_ids(processor, load_generation_config(cfg.model))  # none: the tokenizer's EOS
     train_rows, too_long = split_too_long(train_rows, processor, cfg.train.max_length, eos_ids)
     val_rows, val_too_long = split_too_long(val_rows, processor, cfg.train.max_length, eos_ids)
     if too_long or val_too_long:
