@@ -1,6 +1,10 @@
 """The plan (pipeline/teacher/plan.py) against a hand count on a toy LLaVA config (every expected number worked out in
 the comments), and `make plan` on a config."""
 
+import json
+
+import pytest
+
 from pipeline.teacher import plan
 
 TOY = {
@@ -168,3 +172,25 @@ def test_make_plan_reads_the_config(tmp_path, make_config, capsys):
     (tmp_path / "toy" / "config.json").unlink()
     assert plan_stage.stage_main("plan", plan_stage.run, plan_stage.add_args, ["--config", str(path)], False) == 1
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "foreign"))
+def test_parameters_are_those_of_the_built_model(tmp_path, family):
+    from pipeline.teacher.collator import PromptLengths
+    from pipeline.teacher.loading import load_base_model, load_processor
+    from tests import tiny_vlms
+
+    folder = tiny_vlms.build(family, tmp_path / family, ["the lady wears a long denim skirt"] * 8)
+    arch = plan.arch_from_config(json.loads((folder / "config.json").read_text()))
+    assert arch.total == sum(p.numel() for p in load_base_model(folder, "fp32").parameters())
+    if family in ("llava", "gemma3", "foreign"):  # a fixed number of image tokens (Gemma 3: the pooled soft tokens)
+        lengths = PromptLengths(load_processor(folder))
+        lengths((64, 40))
+        assert arch.image_tokens == lengths.image_tokens[(64, 40)]
+
+
+def test_a_family_the_plan_does_not_model_is_approximated_and_says_so():
+    cfg = {**TOY, "model_type": "llava_onevision"}
+    assert any("approximate" in n and "plan.image_tokens" in n for n in plan.arch_from_config(cfg).notes)
+    with pytest.raises(plan.PipelineError, match="mistral3"):
+        plan.arch_from_config({**TOY, "model_type": "mistral3", "vision_config": {"model_type": "pixtral"}})

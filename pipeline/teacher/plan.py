@@ -118,6 +118,7 @@ class Text:
     tied: bool
     gated: bool = True
     qkv_bias: bool = False
+    extra_norms: int = 0  # norm weights a layer has beyond its two RMSNorms (Gemma 3: two more, and q/k norms)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:  # name -> (in, out)
         h, i, a, kv, d = self.h, self.i, self.a, self.kv, self.d
@@ -131,7 +132,7 @@ class Text:
         n = sum(x * y for x, y in self.linear_shapes().values())
         if self.qkv_bias:
             n += (self.a + 2 * self.kv) * self.d
-        return n + 2 * self.h  # two RMSNorm weights
+        return n + 2 * self.h + self.extra_norms  # two RMSNorm weights
 
     def layer_matmul_params(self) -> int:
         return sum(x * y for x, y in self.linear_shapes().values())
@@ -192,8 +193,9 @@ def _text(cfg: dict) -> Text:
     d = full.get("head_dim") or full["hidden_size"] // a
     tied = bool(full.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
     qkv_bias = bool(full.get("attention_bias", mt.startswith("qwen2")))
+    extra_norms = 2 * full["hidden_size"] + 2 * d if mt.startswith("gemma3") else 0
     return Text(full["hidden_size"], full["intermediate_size"], full["num_hidden_layers"], a, kv, d,
-                full["vocab_size"], tied, True, qkv_bias)
+                full["vocab_size"], tied, True, qkv_bias, extra_norms)
 
 
 def _clip_like(vc: dict, cls: bool, pre_norm: bool, patch_bias: bool) -> Vision:
@@ -224,6 +226,11 @@ def arch_from_config(cfg: dict, image_tokens: int | None = None, tiles: int | No
         proj = pin * text.h + text.h * text.h + (2 * text.h if bias else 0)
         drops_cls = cfg.get("vision_feature_select_strategy", "default") == "default" and not siglip
         per_img = cfg.get("image_seq_length") or (vis.n_tokens - (1 if drops_cls else 0))
+        if mt == "gemma3":  # patches pooled to mm_tokens_per_image soft tokens; an RMSNorm and one projection
+            per_img, proj = cfg.get("mm_tokens_per_image", 256), pin + pin * text.h
+        elif mt not in ("llava", "llava_next"):
+            notes.append(f"{mt}: counted as a LLaVA-1.5-like model (its CLIP/SigLIP tower + a 2-layer MLP "
+                         f"projector); image tokens ({per_img}) and projector are approximate: set plan.image_tokens")
         if mt == "llava_next":
             proj += text.h  # image_newline
             side = (vc.get("image_size", 336) // vc.get("patch_size", 14))
@@ -269,7 +276,8 @@ def arch_from_config(cfg: dict, image_tokens: int | None = None, tiles: int | No
                      "(up to 16 + 1 global at the default longest_edge 1456; plan.image_tokens sets the total)")
         arch = Arch(mt, text, vis, proj, pin, per_tile * nt, notes)
     else:
-        raise PipelineError(f"model_type {mt!r}: the plan knows llava, llava_next, qwen2_vl, qwen2_5_vl and idefics3")
+        raise PipelineError(f"model_type {mt!r}: the plan knows llava, llava_next, gemma3, qwen2_vl, qwen2_5_vl and "
+                            "idefics3 (and approximates other CLIP/SigLIP-tower models as LLaVA-1.5-like)")
     if image_tokens is not None and not mt.startswith("qwen2"):
         arch.image_tokens = image_tokens
     return arch
