@@ -201,6 +201,25 @@ def build_qwen2_5_vl(texts):
     return _qwen_vl(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, texts, vision)
 
 
+def _idefics3_like(texts, model_cls, config_cls, vision_cls, processor_cls, image_processor_cls, **processors):
+    """An Idefics3-style model (pixel-shuffle connector, image split into 32 px tiles + a global one) and its
+    processor; ``processors``: further processor parts, each given the image sizes."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = train_tokenizer(texts, specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>",
+                          unk="<|endoftext|>", extra={"image_token": "<image>"})
+    size, patch, scale = 32, 8, 2
+    vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=size, patch_size=patch)
+    config = config_cls(vision_config=vision, text_config=_llama(tok), scale_factor=scale,
+                        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    sizes = dict(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
+    return model_cls(config), processor_cls(
+        image_processor=image_processor_cls(**sizes, do_image_splitting=True), tokenizer=tok,
+        image_seq_len=(size // patch) ** 2 // scale**2, chat_template=IDEFICS3_TEMPLATE,
+        **{k: cls(**sizes) for k, cls in processors.items()})
+
+
 def build_idefics3(texts):
     from transformers import (
         Idefics3Config,
@@ -210,20 +229,8 @@ def build_idefics3(texts):
         Idefics3VisionConfig,
     )
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tok = train_tokenizer(texts, specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>",
-                          unk="<|endoftext|>", extra={"image_token": "<image>"})
-    size, patch, scale = 32, 8, 2
-    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=size, patch_size=patch)
-    config = Idefics3Config(vision_config=vision, text_config=_llama(tok), scale_factor=scale,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"))
-    ip = Idefics3ImageProcessor(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size},
-                                do_image_splitting=True)
-    return Idefics3ForConditionalGeneration(config), Idefics3Processor(
-        image_processor=ip, tokenizer=tok, image_seq_len=(size // patch) ** 2 // scale**2,
-        chat_template=IDEFICS3_TEMPLATE)
+    return _idefics3_like(texts, Idefics3ForConditionalGeneration, Idefics3Config, Idefics3VisionConfig,
+                          Idefics3Processor, Idefics3ImageProcessor)
 
 
 def build_smolvlm(texts):
@@ -237,20 +244,8 @@ def build_smolvlm(texts):
     )
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tok = train_tokenizer(texts, specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>",
-                          unk="<|endoftext|>", extra={"image_token": "<image>"})
-    size, patch, scale = 32, 8, 2
-    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=size, patch_size=patch)
-    config = SmolVLMConfig(vision_config=vision, text_config=_llama(tok), scale_factor=scale,
-                           image_token_id=tok.convert_tokens_to_ids("<image>"))
-    sizes = dict(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
-    return SmolVLMForConditionalGeneration(config), SmolVLMProcessor(
-        image_processor=SmolVLMImageProcessor(**sizes, do_image_splitting=True), tokenizer=tok,
-        video_processor=SmolVLMVideoProcessor(**sizes), image_seq_len=(size // patch) ** 2 // scale**2,
-        chat_template=IDEFICS3_TEMPLATE)
+    return _idefics3_like(texts, SmolVLMForConditionalGeneration, SmolVLMConfig, SmolVLMVisionConfig,
+                          SmolVLMProcessor, SmolVLMImageProcessor, video_processor=SmolVLMVideoProcessor)
 
 
 def _siglip(image_size: int, patch_size: int, hidden: int = 32):
