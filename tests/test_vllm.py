@@ -116,10 +116,9 @@ def hf_greedy(model, processor, image, max_new_tokens: int) -> tuple[list[int], 
     1e-3 apart: a near-tie may go either way in another engine's arithmetic)."""
     import torch
 
-    from pipeline.teacher.collator import build_prompt, text_kwargs
+    from pipeline.teacher.collator import build_prompt, encode_prompts
 
-    prompt = build_prompt(processor)
-    enc = processor(images=[[image]], text=[prompt], return_tensors="pt", **text_kwargs(processor, prompt))
+    enc = encode_prompts(processor, build_prompt(processor), [image])
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, output_scores=True,
                              return_dict_in_generate=True)

@@ -47,6 +47,16 @@ def text_kwargs(processor, text: str) -> dict[str, bool]:
     return {"add_special_tokens": not (bos and text.startswith(bos))}
 
 
+def encode_prompts(processor, prompt: str, images: Sequence, **kwargs):
+    """One processor call: ``prompt`` once per image, each image in a list of its own (Gemma 3's processor reads a
+    flat list as all of one prompt's images), as tensors; the processor's own ``labels`` (PaliGemma labels the
+    prompt) dropped, as labels are the collator's to make. ``kwargs``: ``padding``, ``suffix``, ..."""
+    enc = processor(images=[[im] for im in images], text=[prompt] * len(images), return_tensors="pt",
+                    **text_kwargs(processor, prompt), **kwargs)
+    enc.pop("labels", None)
+    return enc
+
+
 def eos_token_ids(processor, generation_config=None) -> list[int]:
     """The tokens that end an answer: the generation config's (an id or a list; Qwen2-VL has two) then the
     tokenizer's."""
@@ -98,8 +108,7 @@ class PromptLengths:
     def __call__(self, size: tuple[int, int]) -> int:
         """Prompt tokens for an image of ``size`` (width, height)."""
         if size not in self.cache:
-            enc = self.processor(images=[[Image.new("RGB", size)]], text=[self.prompt], return_tensors="pt",
-                                 **text_kwargs(self.processor, self.prompt))
+            enc = encode_prompts(self.processor, self.prompt, [Image.new("RGB", size)])
             ids = enc["input_ids"][0]
             self.cache[size] = int(ids.shape[0])
             if self.image_token_candidates:  # the tokens that carry the image: the most numerous of those ids
@@ -120,8 +129,7 @@ def answer_fill(processor, prompt: str) -> dict[str, int]:
 
     fill = dict(ANSWER_FILL)
     if "suffix" in inspect.signature(processor.__call__).parameters:
-        enc = processor(images=[[Image.new("RGB", (32, 32))]], text=[prompt], suffix=["a"], return_tensors="pt",
-                        **text_kwargs(processor, prompt))
+        enc = encode_prompts(processor, prompt, [Image.new("RGB", (32, 32))], suffix=["a"])
         fill.update({k: int(enc[k][0, -1]) for k in fill if k in enc})
     return fill
 
@@ -143,10 +151,7 @@ class CaptionCollator:
         import torch
 
         tok = self.processor.tokenizer
-        # one list of images per prompt: Gemma 3's processor reads a flat list as all of one prompt's images
-        enc = self.processor(images=[[b["image"]] for b in batch], text=[self.prompt] * len(batch),
-                             return_tensors="pt", padding=True, **text_kwargs(self.processor, self.prompt))
-        enc.pop("labels", None)  # PaliGemma's processor labels the prompt (all ignored): the labels are made here
+        enc = encode_prompts(self.processor, self.prompt, [b["image"] for b in batch], padding=True)
         shape = enc["input_ids"].shape
         per_token = [k for k, v in enc.items() if k != "input_ids" and getattr(v, "shape", None) == shape]
         unknown = set(per_token) - set(self.fill)

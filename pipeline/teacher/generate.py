@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pipeline.teacher.collator import build_prompt, eos_token_ids, text_kwargs
+from pipeline.teacher.collator import build_prompt, encode_prompts, eos_token_ids
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -74,12 +74,10 @@ def generate_captions(model, processor, images: Sequence, image_ids: Sequence[st
     tok = processor.tokenizer
     tok.padding_side = "left"
     prompt = build_prompt(processor)
-    enc = processor(images=[[im] for im in images], text=[prompt] * len(images), return_tensors="pt", padding=True,
-                    **text_kwargs(processor, prompt))
+    enc = encode_prompts(processor, prompt, images, padding=True)
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()
-           if k != "labels"}  # PaliGemma's processor labels the prompt
+    enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
     processors = LogitsProcessorList()
     if temperature > 0:
         samples = samples or [0] * len(image_ids)

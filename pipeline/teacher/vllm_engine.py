@@ -89,7 +89,7 @@ def convert_checkpoint(src: Path, dst: Path) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    llava = json.loads((src / "config.json").read_text()).get("model_type") in HUB_LAYOUT_TYPES
+    hub_layout = json.loads((src / "config.json").read_text()).get("model_type") in HUB_LAYOUT_TYPES
     weights = sorted(src.glob("*.safetensors"))
     if not weights:
         raise EngineError(f"{src}: no *.safetensors weights to serve")
@@ -99,7 +99,7 @@ def convert_checkpoint(src: Path, dst: Path) -> int:
     renamed = 0
     for shard in weights:
         with safe_open(shard, "pt") as reader:
-            names = {k: vllm_key(k) if llava else k for k in reader.keys()}
+            names = {k: vllm_key(k) if hub_layout else k for k in reader.keys()}
             tensors = {new: reader.get_tensor(old) for old, new in names.items()}
             metadata = reader.metadata() or {}
         renamed += sum(old != new for old, new in names.items())
@@ -107,7 +107,7 @@ def convert_checkpoint(src: Path, dst: Path) -> int:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         spec = json.loads(index.read_text())
-        spec["weight_map"] = {(vllm_key(k) if llava else k): v for k, v in spec["weight_map"].items()}
+        spec["weight_map"] = {(vllm_key(k) if hub_layout else k): v for k, v in spec["weight_map"].items()}
         atomic_write_json(dst / index.name, spec)
     return renamed
 
